@@ -1,0 +1,20 @@
+//! The contract between the kata-lifecycle-manager agent and coordinator: every user-facing
+//! name, the run record they share through the trigger ConfigMap, and the pure decisions both
+//! binaries drive (node procedure, run lifecycle, verification verdicts, Lease arithmetic).
+//! Nothing here performs I/O, so every branch is unit-tested.
+
+pub mod drain;
+pub mod duration;
+pub mod keys;
+pub mod lease;
+pub mod lifecycle;
+pub mod params;
+pub mod plan;
+pub mod procedure;
+pub mod run;
+pub mod selector;
+pub mod status;
+pub mod verification;
+
+pub use run::{Evidence, RunRecord, Turn, TurnKind};
+pub use status::{NodeStatus, RunPhase};

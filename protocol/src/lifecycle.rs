@@ -1,0 +1,462 @@
+//! The run lifecycle as a pure reducer: given the run record, what the Nodes and the upgrade
+//! Lease say, and the time, it advances the record (grant the next turn, record a node's
+//! outcome, fail over to rollback, finish) and returns the effects for the driver to perform.
+//!
+//! Invariants enforced here (and property-tested below): at most one turn at a time; upgrade
+//! turns follow the plan order; no upgrade turn after a failure; only nodes this run touched
+//! are restored.
+use crate::lease::LeaseView;
+use crate::run::{Evidence, RunFailure, RunKind, RunRecord, Turn, TurnKind};
+use crate::status::{NodeStatus, RunPhase};
+
+/// What the coordinator observes of one planned node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedNode {
+    pub exists: bool,
+    pub status: Option<NodeStatus>,
+    pub run_id: Option<String>,
+    pub turn: Option<TurnKind>,
+    pub evidence: Option<Evidence>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How long an agent has to take its turn before the node counts as failed.
+    pub turn_start_timeout_ms: i64,
+    /// Extra time after the Lease expired before the node counts as lost.
+    pub expiry_grace_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Publish a Kubernetes Event (on the node when given, and on the trigger ConfigMap).
+    Event {
+        node: Option<String>,
+        warning: bool,
+        reason: &'static str,
+        message: String,
+    },
+    /// Run `helm rollback <release> <recorded revision> --wait`, then set `release.rolled_back`.
+    HelmRollback,
+    /// The agent cannot report (lost): mark the node `failed` ourselves.
+    MarkNodeFailed { node: String, reason: String },
+    /// Call `reduce` again at this time even if nothing changes.
+    WakeAt(i64),
+}
+
+fn event(node: Option<&str>, warning: bool, reason: &'static str, message: String) -> Effect {
+    Effect::Event {
+        node: node.map(str::to_string),
+        warning,
+        reason,
+        message,
+    }
+}
+
+/// Advances a run in phase Running or RollingBack. Other phases are driven by I/O steps.
+pub fn reduce(
+    run: &mut RunRecord,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    lease: &LeaseView,
+    now_ms: i64,
+    timing: Timing,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    // Each iteration either returns or makes progress (a turn ends or the queue shrinks),
+    // so the loop is bounded by the number of nodes.
+    for _ in 0..=(run.plan.len() * 2 + 2) {
+        let turn = match &run.turn {
+            Some(t) => t.clone(),
+            None => match run.phase {
+                RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
+                    Some(t) => t,
+                    None => {
+                        finish_success(run, now_ms, &mut effects);
+                        return effects;
+                    }
+                },
+                RunPhase::RollingBack => {
+                    if !run.release.as_ref().is_some_and(|r| r.rolled_back) {
+                        return effects; // the driver runs helm rollback first
+                    }
+                    match next_restore(run, observe, now_ms, &mut effects) {
+                        Some(t) => t,
+                        None => {
+                            finish_rollback(run, now_ms, &mut effects);
+                            return effects;
+                        }
+                    }
+                }
+                _ => return effects,
+            },
+        };
+        let obs = observe(&turn.node);
+        let ours = obs.run_id.as_deref() == Some(run.id.as_str()) && obs.turn == Some(turn.kind);
+        let report = run.nodes.entry(turn.node.clone()).or_default();
+        if ours && obs.status.is_some() {
+            report.status = obs.status;
+            if obs.evidence.as_ref().is_some_and(|e| e.run_id == run.id) {
+                report.evidence = obs.evidence.clone();
+            }
+        }
+        if !obs.exists {
+            let reason = format!("node {} was deleted during its turn", turn.node);
+            node_lost(run, &turn, reason, now_ms, &mut effects);
+            continue;
+        }
+        match (turn.kind, ours, obs.status) {
+            (TurnKind::Upgrade, true, Some(NodeStatus::Completed)) => {
+                report.finished_at_ms = Some(now_ms);
+                run.turn = None;
+                effects.push(event(
+                    Some(&turn.node),
+                    false,
+                    "NodeUpgraded",
+                    format!(
+                        "node {} upgraded to {} and verified",
+                        turn.node, run.target_version
+                    ),
+                ));
+                continue;
+            }
+            (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed)) => {
+                let evidence = obs.evidence.filter(|e| e.run_id == run.id);
+                let reason = evidence
+                    .as_ref()
+                    .and_then(|e| e.failure.as_ref())
+                    .map(|f| {
+                        format!(
+                            "{} at {}: {}",
+                            f.reason,
+                            evidence.as_ref().map(|e| e.step.as_str()).unwrap_or("?"),
+                            f.message
+                        )
+                    })
+                    .unwrap_or_else(|| "the agent reported a failure".into());
+                start_rollback(
+                    run,
+                    &turn.node,
+                    reason,
+                    evidence,
+                    observe,
+                    now_ms,
+                    &mut effects,
+                );
+                continue;
+            }
+            (TurnKind::Restore, true, Some(s @ (NodeStatus::RolledBack | NodeStatus::Failed))) => {
+                report.finished_at_ms = Some(now_ms);
+                run.turn = None;
+                effects.push(event(
+                    Some(&turn.node),
+                    s == NodeStatus::Failed,
+                    if s == NodeStatus::Failed {
+                        "NodeRestoreFailed"
+                    } else {
+                        "NodeRolledBack"
+                    },
+                    format!(
+                        "node {} {}",
+                        turn.node,
+                        if s == NodeStatus::Failed {
+                            "could not be restored; left cordoned for inspection"
+                        } else {
+                            "restored to the recorded revision and uncordoned"
+                        }
+                    ),
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        // The turn is in flight: is its agent alive?
+        let deadline = liveness_deadline(&turn, ours, lease, timing);
+        if now_ms >= deadline {
+            let reason = if lease.holder.as_deref() == Some(turn.node.as_str()) {
+                format!(
+                    "the agent on {} stopped renewing the upgrade Lease (agent or node lost)",
+                    turn.node
+                )
+            } else {
+                format!(
+                    "the agent on {} did not take its turn within {}s; check that the agent pod runs on that node",
+                    turn.node,
+                    timing.turn_start_timeout_ms / 1000
+                )
+            };
+            node_lost(run, &turn, reason, now_ms, &mut effects);
+            continue;
+        }
+        effects.push(Effect::WakeAt(deadline));
+        return effects;
+    }
+    effects
+}
+
+/// When the node in turn counts as lost if nothing changes.
+fn liveness_deadline(turn: &Turn, started: bool, lease: &LeaseView, timing: Timing) -> i64 {
+    let start_deadline = turn.granted_at_ms + timing.turn_start_timeout_ms;
+    if lease.holder.as_deref() == Some(turn.node.as_str())
+        && let Some(exp) = lease.expires_at_ms()
+    {
+        return (exp + timing.expiry_grace_ms).max(start_deadline);
+    }
+    // Not (or no longer) holding the Lease: it has the start timeout to (re)take it. An agent
+    // that had started and released the Lease is judged the same way.
+    let _ = started;
+    start_deadline
+}
+
+fn next_upgrade(
+    run: &mut RunRecord,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) -> Option<Turn> {
+    let plan = run.plan.clone();
+    for node in plan {
+        let report = run.nodes.entry(node.clone()).or_default();
+        if report.status.is_some() || report.note.is_some() {
+            continue; // done (or skipped)
+        }
+        if !observe(&node).exists {
+            report.note = Some("node was deleted before its turn; skipped".into());
+            effects.push(event(
+                None,
+                true,
+                "NodeSkipped",
+                format!("node {node} no longer exists; skipped (not upgraded)"),
+            ));
+            continue;
+        }
+        report.started_at_ms = Some(now_ms);
+        let turn = Turn {
+            node: node.clone(),
+            kind: TurnKind::Upgrade,
+            granted_at_ms: now_ms,
+        };
+        run.turn = Some(turn.clone());
+        effects.push(event(
+            Some(&node),
+            false,
+            "TurnGranted",
+            format!(
+                "node {node}: upgrade to {} started ({} of {})",
+                run.target_version,
+                run.completed() + 1,
+                run.plan.len()
+            ),
+        ));
+        return Some(turn);
+    }
+    None
+}
+
+fn next_restore(
+    run: &mut RunRecord,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) -> Option<Turn> {
+    while !run.restore_queue.is_empty() {
+        let node = run.restore_queue.remove(0);
+        if !observe(&node).exists {
+            run.nodes.entry(node.clone()).or_default().note =
+                Some("node was deleted; nothing to restore".into());
+            continue;
+        }
+        let turn = Turn {
+            node: node.clone(),
+            kind: TurnKind::Restore,
+            granted_at_ms: now_ms,
+        };
+        run.turn = Some(turn.clone());
+        effects.push(event(
+            Some(&node),
+            true,
+            "RestoreGranted",
+            format!("node {node}: restoring kata-deploy to the recorded revision"),
+        ));
+        return Some(turn);
+    }
+    None
+}
+
+/// A node failed or was lost during its turn.
+fn node_lost(
+    run: &mut RunRecord,
+    turn: &Turn,
+    reason: String,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) {
+    match turn.kind {
+        TurnKind::Upgrade => {
+            let report = run.nodes.entry(turn.node.clone()).or_default();
+            report.status = Some(NodeStatus::Failed);
+            report.finished_at_ms = Some(now_ms);
+            effects.push(Effect::MarkNodeFailed {
+                node: turn.node.clone(),
+                reason: reason.clone(),
+            });
+            // A lost node cannot restore itself; restore the others.
+            let node = turn.node.clone();
+            start_rollback(
+                run,
+                &node,
+                reason,
+                None,
+                &|_| ObservedNode::default(),
+                now_ms,
+                effects,
+            );
+        }
+        TurnKind::Restore => {
+            let report = run.nodes.entry(turn.node.clone()).or_default();
+            report.status = Some(NodeStatus::Failed);
+            report.finished_at_ms = Some(now_ms);
+            report.note = Some(reason.clone());
+            run.turn = None;
+            effects.push(Effect::MarkNodeFailed {
+                node: turn.node.clone(),
+                reason: reason.clone(),
+            });
+            effects.push(event(Some(&turn.node), true, "NodeRestoreFailed", reason));
+        }
+    }
+}
+
+/// First failure: stop granting upgrade turns, roll the release back, restore touched nodes.
+#[allow(clippy::too_many_arguments)]
+fn start_rollback(
+    run: &mut RunRecord,
+    failed: &str,
+    reason: String,
+    evidence: Option<Evidence>,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) {
+    let report = run.nodes.entry(failed.to_string()).or_default();
+    report.finished_at_ms.get_or_insert(now_ms);
+    if report.status.is_none() {
+        report.status = Some(NodeStatus::Failed);
+    }
+    run.failure = Some(RunFailure {
+        node: Some(failed.to_string()),
+        reason: reason.clone(),
+        evidence,
+    });
+    run.turn = None;
+    run.phase = RunPhase::RollingBack;
+    // The failed node first (if its agent is there to restore it), then the nodes this run
+    // completed, most recent first. Nodes never reached are not touched.
+    let mut queue = Vec::new();
+    if observe(failed).exists && run.nodes[failed].status != Some(NodeStatus::Failed) {
+        queue.push(failed.to_string());
+    }
+    for node in run.plan.iter().rev() {
+        if node != failed
+            && run.nodes.get(node).and_then(|r| r.status) == Some(NodeStatus::Completed)
+        {
+            queue.push(node.clone());
+        }
+    }
+    run.restore_queue = queue;
+    run.message = format!("node {failed} failed: {reason}; rolling back");
+    effects.push(event(
+        Some(failed),
+        true,
+        "NodeFailed",
+        format!("node {failed} failed: {reason}"),
+    ));
+    effects.push(Effect::HelmRollback);
+}
+
+fn finish_success(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) {
+    let skipped: Vec<&String> = run
+        .plan
+        .iter()
+        .filter(|n| {
+            run.nodes
+                .get(*n)
+                .is_some_and(|r| r.note.is_some() && r.status.is_none())
+        })
+        .collect();
+    let mut msg = format!(
+        "upgraded {} node(s) to {}",
+        run.completed(),
+        run.target_version
+    );
+    if !skipped.is_empty() {
+        msg.push_str(&format!(
+            "; skipped (deleted before their turn): {}",
+            skipped
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    run.finish(RunPhase::Succeeded, msg.clone(), now_ms);
+    effects.push(event(None, false, "RunSucceeded", msg));
+}
+
+fn finish_rollback(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) {
+    let restored: Vec<String> = run
+        .plan
+        .iter()
+        .filter(|n| run.nodes.get(*n).and_then(|r| r.status) == Some(NodeStatus::RolledBack))
+        .cloned()
+        .collect();
+    let release = run.release.clone().unwrap_or_default();
+    match run.kind {
+        RunKind::ManualRollback => {
+            let node = run.plan.first().cloned().unwrap_or_default();
+            let ok = restored.contains(&node);
+            let msg = format!(
+                "node {node} {} (release rolled back to revision {}, version {})",
+                if ok {
+                    "rolled back"
+                } else {
+                    "could not be rolled back"
+                },
+                release.recorded_revision,
+                release.recorded_version
+            );
+            run.finish(
+                if ok {
+                    RunPhase::Succeeded
+                } else {
+                    RunPhase::Failed
+                },
+                msg.clone(),
+                now_ms,
+            );
+            effects.push(event(None, !ok, "ManualRollbackFinished", msg));
+        }
+        RunKind::Upgrade => {
+            let failure = run.failure.clone();
+            let msg = format!(
+                "node {} failed: {}; release rolled back to revision {} ({}); restored: {}",
+                failure
+                    .as_ref()
+                    .and_then(|f| f.node.clone())
+                    .unwrap_or_default(),
+                failure.map(|f| f.reason).unwrap_or_default(),
+                release.recorded_revision,
+                release.recorded_version,
+                if restored.is_empty() {
+                    "none".into()
+                } else {
+                    restored.join(", ")
+                }
+            );
+            run.finish(RunPhase::Failed, msg.clone(), now_ms);
+            effects.push(event(None, true, "RunFailed", msg));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,313 @@
+use super::*;
+use crate::run::ReleaseState;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+const TIMING: Timing = Timing {
+    turn_start_timeout_ms: 60_000,
+    expiry_grace_ms: 10_000,
+};
+
+struct World {
+    nodes: RefCell<BTreeMap<String, ObservedNode>>,
+    lease: LeaseView,
+}
+
+impl World {
+    fn new(names: &[&str]) -> Self {
+        World {
+            nodes: RefCell::new(
+                names
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.to_string(),
+                            ObservedNode {
+                                exists: true,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            lease: LeaseView {
+                duration_seconds: 30,
+                ..Default::default()
+            },
+        }
+    }
+    fn observe(&self) -> impl Fn(&str) -> ObservedNode + '_ {
+        |n| self.nodes.borrow().get(n).cloned().unwrap_or_default()
+    }
+    fn set(&self, run: &RunRecord, node: &str, kind: TurnKind, status: NodeStatus) {
+        let mut nodes = self.nodes.borrow_mut();
+        let o = nodes.get_mut(node).unwrap();
+        o.run_id = Some(run.id.clone());
+        o.turn = Some(kind);
+        o.status = Some(status);
+        if matches!(status, NodeStatus::RollingBack | NodeStatus::Failed)
+            && kind == TurnKind::Upgrade
+        {
+            o.evidence = Some(Evidence {
+                run_id: run.id.clone(),
+                node: node.into(),
+                step: "verifying".into(),
+                failure: Some(crate::verification::FailureCause {
+                    reason: "NonZeroExit".into(),
+                    message: "container verify exited with code 1".into(),
+                    exit_code: Some(1),
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    fn hold(&mut self, node: &str, now: i64) {
+        self.lease.holder = Some(node.into());
+        self.lease.renew_ms = Some(now);
+    }
+}
+
+fn running(plan: &[&str]) -> RunRecord {
+    let mut r = RunRecord::new("r1".into(), "t".into(), "3.28.0".into(), 0);
+    r.phase = RunPhase::Running;
+    r.plan = plan.iter().map(|s| s.to_string()).collect();
+    r.release = Some(ReleaseState {
+        recorded_revision: 3,
+        recorded_version: "3.27.0".into(),
+        old_hash: "old".into(),
+        upgraded_revision: Some(4),
+        new_hash: Some("new".into()),
+        on_delete: Some(true),
+        rolled_back: false,
+    });
+    r
+}
+
+fn turn_of(r: &RunRecord) -> Option<(String, TurnKind)> {
+    r.turn.as_ref().map(|t| (t.node.clone(), t.kind))
+}
+
+#[test]
+fn happy_path_grants_turns_in_plan_order_and_succeeds() {
+    let w = World::new(&["n1", "n2", "n3"]);
+    let mut r = running(&["n1", "n2", "n3"]);
+    for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
+        reduce(&mut r, &w.observe(), &w.lease, i as i64, TIMING);
+        assert_eq!(turn_of(&r), Some((n.to_string(), TurnKind::Upgrade)));
+        w.set(&r, n, TurnKind::Upgrade, NodeStatus::Verifying);
+        reduce(&mut r, &w.observe(), &w.lease, i as i64, TIMING);
+        assert_eq!(r.nodes[*n].status, Some(NodeStatus::Verifying));
+        w.set(&r, n, TurnKind::Upgrade, NodeStatus::Completed);
+    }
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 10, TIMING);
+    assert_eq!(r.phase, RunPhase::Succeeded);
+    assert_eq!(r.progress(), "3/3");
+    assert!(r.turn.is_none());
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            reason: "RunSucceeded",
+            ..
+        }
+    )));
+}
+
+#[test]
+fn zero_nodes_succeeds_at_once() {
+    let w = World::new(&[]);
+    let mut r = running(&[]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    assert_eq!(r.phase, RunPhase::Succeeded);
+}
+
+#[test]
+fn failure_on_node_two_of_four_rolls_back_touched_nodes_only() {
+    let w = World::new(&["n1", "n2", "n3", "n4"]);
+    let mut r = running(&["n1", "n2", "n3", "n4"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Completed);
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    assert_eq!(turn_of(&r), Some(("n2".into(), TurnKind::Upgrade)));
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::RollingBack);
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(effects.contains(&Effect::HelmRollback));
+    assert_eq!(r.restore_queue, ["n2", "n1"]);
+    assert!(r.turn.is_none(), "no turn before helm rollback is done");
+    let f = r.failure.clone().unwrap();
+    assert_eq!(f.node.as_deref(), Some("n2"));
+    assert!(f.reason.contains("NonZeroExit"), "{}", f.reason);
+    assert_eq!(f.evidence.unwrap().failure.unwrap().exit_code, Some(1));
+
+    // Until the driver reports the helm rollback, nothing moves.
+    reduce(&mut r, &w.observe(), &w.lease, 3, TIMING);
+    assert!(r.turn.is_none());
+    r.release.as_mut().unwrap().rolled_back = true;
+    reduce(&mut r, &w.observe(), &w.lease, 4, TIMING);
+    assert_eq!(turn_of(&r), Some(("n2".into(), TurnKind::Restore)));
+    w.set(&r, "n2", TurnKind::Restore, NodeStatus::RolledBack);
+    reduce(&mut r, &w.observe(), &w.lease, 5, TIMING);
+    assert_eq!(turn_of(&r), Some(("n1".into(), TurnKind::Restore)));
+    w.set(&r, "n1", TurnKind::Restore, NodeStatus::RolledBack);
+    reduce(&mut r, &w.observe(), &w.lease, 6, TIMING);
+    assert_eq!(r.phase, RunPhase::Failed);
+    assert!(r.message.contains("node n2 failed"), "{}", r.message);
+    assert!(r.message.contains("revision 3"), "{}", r.message);
+    assert!(r.nodes.get("n3").and_then(|n| n.status).is_none());
+    assert!(r.nodes.get("n4").and_then(|n| n.status).is_none());
+}
+
+#[test]
+fn an_agent_that_never_takes_its_turn_fails_the_node() {
+    let w = World::new(&["n1", "n2"]);
+    let mut r = running(&["n1", "n2"]);
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    assert!(effects.contains(&Effect::WakeAt(60_000)));
+    reduce(&mut r, &w.observe(), &w.lease, 59_999, TIMING);
+    assert_eq!(r.phase, RunPhase::Running);
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 60_000, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::MarkNodeFailed { node, .. } if node == "n1"))
+    );
+    assert!(r.failure.unwrap().reason.contains("did not take its turn"));
+    assert!(r.restore_queue.is_empty());
+}
+
+#[test]
+fn lease_expiry_mid_node_is_a_failure_after_the_grace() {
+    let mut w = World::new(&["n1"]);
+    let mut r = running(&["n1"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.hold("n1", 1_000);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Verifying);
+    // Renewed at 1s, expires at 31s, grace 10s: lost at 41s (but never before the start timeout).
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 2_000, TIMING);
+    assert!(effects.contains(&Effect::WakeAt(60_000)));
+    w.hold("n1", 50_000);
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 55_000, TIMING);
+    assert!(effects.contains(&Effect::WakeAt(90_000)));
+    reduce(&mut r, &w.observe(), &w.lease, 90_000, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(r.failure.unwrap().reason.contains("stopped renewing"));
+}
+
+#[test]
+fn deleted_nodes() {
+    let w = World::new(&["n1", "n2", "n3"]);
+    let mut r = running(&["n1", "n2", "n3"]);
+    w.nodes.borrow_mut().get_mut("n1").unwrap().exists = false;
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    assert_eq!(turn_of(&r), Some(("n2".into(), TurnKind::Upgrade)));
+    assert!(r.nodes["n1"].note.as_ref().unwrap().contains("skipped"));
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::Upgrading);
+    w.nodes.borrow_mut().get_mut("n2").unwrap().exists = false;
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(
+        r.failure
+            .clone()
+            .unwrap()
+            .reason
+            .contains("deleted during its turn")
+    );
+    r.release.as_mut().unwrap().rolled_back = true;
+    reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
+    assert_eq!(r.phase, RunPhase::Failed);
+    assert!(r.nodes.get("n3").and_then(|n| n.status).is_none());
+}
+
+#[test]
+fn statuses_of_other_runs_are_ignored() {
+    let w = World::new(&["n1"]);
+    let mut r = running(&["n1"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    let mut old = r.clone();
+    old.id = "old-run".into();
+    w.set(&old, "n1", TurnKind::Upgrade, NodeStatus::Completed);
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    assert_eq!(r.phase, RunPhase::Running);
+    assert_eq!(r.nodes["n1"].status, None);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What an agent does when it gets a turn, per node.
+    #[derive(Debug, Clone, Copy)]
+    enum Agent {
+        Succeeds,
+        FailsVerification,
+        Absent,
+        DiesMidTurn,
+    }
+
+    fn agent() -> impl Strategy<Value = Agent> {
+        prop_oneof![
+            6 => Just(Agent::Succeeds),
+            2 => Just(Agent::FailsVerification),
+            1 => Just(Agent::Absent),
+            1 => Just(Agent::DiesMidTurn),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_for_any_agent_behaviour(agents in proptest::collection::vec(agent(), 0..7)) {
+            let names: Vec<String> = (1..=agents.len()).map(|i| format!("n{i}")).collect();
+            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let mut w = World::new(&refs);
+            let mut r = running(&refs);
+            let mut now = 0i64;
+            let mut upgrade_turns: Vec<String> = Vec::new();
+            let mut restore_turns: Vec<String> = Vec::new();
+            let mut failed_seen = false;
+            for _ in 0..200 {
+                let effects = reduce(&mut r, &w.observe(), &w.lease, now, TIMING);
+                if effects.contains(&Effect::HelmRollback) {
+                    r.release.as_mut().unwrap().rolled_back = true;
+                }
+                if r.phase == RunPhase::RollingBack { failed_seen = true; }
+                if r.phase.is_finished() { break; }
+                match r.turn.clone() {
+                    Some(t) => {
+                        let list = if t.kind == TurnKind::Upgrade { &mut upgrade_turns } else { &mut restore_turns };
+                        if list.last() != Some(&t.node) { list.push(t.node.clone()); }
+                        prop_assert!(!(failed_seen && t.kind == TurnKind::Upgrade), "upgrade turn after a failure");
+                        let i: usize = t.node[1..].parse::<usize>().unwrap() - 1;
+                        match (t.kind, agents[i]) {
+                            (_, Agent::Absent) => now += TIMING.turn_start_timeout_ms,
+                            (TurnKind::Upgrade, Agent::DiesMidTurn) => {
+                                w.hold(&t.node, now);
+                                w.set(&r, &t.node, t.kind, NodeStatus::Upgrading);
+                                now += 100_000;
+                            }
+                            (TurnKind::Upgrade, Agent::FailsVerification) => w.set(&r, &t.node, t.kind, NodeStatus::RollingBack),
+                            (TurnKind::Upgrade, _) => w.set(&r, &t.node, t.kind, NodeStatus::Completed),
+                            (TurnKind::Restore, _) => w.set(&r, &t.node, t.kind, NodeStatus::RolledBack),
+                        }
+                    }
+                    None => now += 1,
+                }
+            }
+            prop_assert!(r.phase.is_finished(), "run did not finish: {:?}", r.phase);
+            // Upgrade turns follow the plan order, each node at most once.
+            let expected: Vec<String> = names.iter().take(upgrade_turns.len()).cloned().collect();
+            prop_assert_eq!(&upgrade_turns, &expected);
+            // Only nodes that had an upgrade turn are restored, each at most once.
+            for n in &restore_turns {
+                prop_assert!(upgrade_turns.contains(n));
+            }
+            let mut dedup = restore_turns.clone();
+            dedup.sort();
+            dedup.dedup();
+            prop_assert_eq!(dedup.len(), restore_turns.len());
+            // Success iff every agent succeeded.
+            let all_ok = agents.iter().all(|a| matches!(a, Agent::Succeeds));
+            prop_assert_eq!(r.phase == RunPhase::Succeeded, all_ok);
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The run record: the single source of truth for a run, stored as JSON in the trigger
+//! ConfigMap (`data["run.json"]`). The coordinator writes it; agents read their turn from it.
+use crate::params::RunParams;
+use crate::status::{NodeStatus, RunPhase};
+use crate::verification::FailureCause;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TurnKind {
+    /// cordon → (drain) → restart kata-deploy at the new revision → verify → uncordon.
+    Upgrade,
+    /// after the release was rolled back: restart kata-deploy at the old revision → uncordon.
+    Restore,
+}
+
+impl TurnKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnKind::Upgrade => "upgrade",
+            TurnKind::Restore => "restore",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "upgrade" => Some(TurnKind::Upgrade),
+            "restore" => Some(TurnKind::Restore),
+            _ => None,
+        }
+    }
+}
+
+/// Why a run exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    #[default]
+    Upgrade,
+    /// `rollback-node=<node>`: roll the release back and restore one node.
+    ManualRollback,
+}
+
+/// The node whose turn it is. Only this node's agent may take the upgrade Lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Turn {
+    pub node: String,
+    pub kind: TurnKind,
+    /// Unix milliseconds when the coordinator granted the turn.
+    pub granted_at_ms: i64,
+}
+
+/// What we know about the kata-deploy release and its DaemonSet revisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseState {
+    /// Helm revision deployed before the run: the rollback target.
+    pub recorded_revision: u32,
+    pub recorded_version: String,
+    /// `controller-revision-hash` of the DaemonSet before the upgrade (pods restored to it).
+    pub old_hash: String,
+    /// Helm revision our upgrade produced (set once the upgrade is done or adopted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded_revision: Option<u32>,
+    /// `controller-revision-hash` of the DaemonSet after the upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_hash: Option<String>,
+    /// Whether the upgraded DaemonSet honours `updateStrategy.type=OnDelete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_delete: Option<bool>,
+    /// Set once `helm rollback` to `recorded_revision` has completed.
+    #[serde(default)]
+    pub rolled_back: bool,
+}
+
+/// Evidence of a node's outcome, written by its agent to the Node and copied into the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    pub run_id: String,
+    pub node: String,
+    /// The step the outcome belongs to (e.g. `verifying`, `draining`, `upgrading`).
+    pub step: String,
+    pub succeeded: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureCause>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
+    /// Time from pod creation to its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_ms: Option<u64>,
+    /// Time the kata-deploy pod restart took (delete → new revision Ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_ms: Option<u64>,
+    /// Whole node turn, Lease taken → turn finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ms: Option<u64>,
+    /// Free-form notes (e.g. "node was already cordoned by someone else; left cordoned").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// The coordinator's view of one planned node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunFailure {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    pub id: String,
+    #[serde(default)]
+    pub kind: RunKind,
+    pub phase: RunPhase,
+    /// Fingerprint of the trigger annotations that started this run.
+    pub trigger: String,
+    /// `None` when the inputs were rejected before they could be resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<RunParams>,
+    pub target_version: String,
+    /// Nodes in the order they get their turn.
+    #[serde(default)]
+    pub plan: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<Turn>,
+    /// Nodes still to restore, in order, while rolling back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_queue: Vec<String>,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeReport>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<RunFailure>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    pub started_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+}
+
+impl RunRecord {
+    pub fn new(id: String, trigger: String, target: String, now_ms: i64) -> Self {
+        RunRecord {
+            id,
+            kind: RunKind::Upgrade,
+            phase: RunPhase::Pending,
+            trigger,
+            params: None,
+            target_version: target,
+            plan: Vec::new(),
+            release: None,
+            turn: None,
+            restore_queue: Vec::new(),
+            nodes: BTreeMap::new(),
+            message: String::new(),
+            failure: None,
+            warnings: Vec::new(),
+            started_at_ms: now_ms,
+            finished_at_ms: None,
+        }
+    }
+
+    /// Nodes whose upgrade turn completed.
+    pub fn completed(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|r| r.status == Some(NodeStatus::Completed))
+            .count()
+    }
+
+    /// "2/4": completed nodes over planned nodes.
+    pub fn progress(&self) -> String {
+        format!("{}/{}", self.completed(), self.plan.len())
+    }
+
+    /// Ends the run with `phase` and a message.
+    pub fn finish(&mut self, phase: RunPhase, message: impl Into<String>, now_ms: i64) {
+        self.phase = phase;
+        self.message = message.into();
+        self.turn = None;
+        self.finished_at_ms = Some(now_ms);
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("run record serializes")
+    }
+
+    pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+/// A short, sortable, unique run id: `<target>-<unix seconds base36>-<random>`.
+pub fn new_run_id(target: &str, now_ms: i64, rng: &mut impl rand::Rng) -> String {
+    let mut secs = (now_ms / 1000).max(0) as u64;
+    let mut b36 = Vec::new();
+    loop {
+        b36.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(secs % 36) as usize]);
+        secs /= 36;
+        if secs == 0 {
+            break;
+        }
+    }
+    b36.reverse();
+    let target: String = target
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(30)
+        .collect();
+    format!(
+        "{}-{}-{:04x}",
+        target.trim_matches('-'),
+        String::from_utf8(b36).expect("ascii"),
+        rng.random::<u16>()
+    )
+}
+
+/// Fingerprint of the run-defining trigger annotations (order-independent, stable).
+pub fn trigger_fingerprint(annotations: &BTreeMap<String, String>) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    let mut any = false;
+    for key in crate::keys::trigger::RUN_DEFINING {
+        if let Some(v) = annotations.get(key) {
+            any = true;
+            (key, v.trim()).hash(&mut h);
+        }
+    }
+    if !annotations.contains_key(crate::keys::trigger::TARGET_VERSION) || !any {
+        return String::new();
+    }
+    format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_are_label_safe_and_unique() {
+        let mut rng = rand::rng();
+        let a = new_run_id("3.28.0", 1_764_000_000_000, &mut rng);
+        let b = new_run_id("3.28.0", 1_764_000_000_000, &mut rng);
+        assert!(a.starts_with("3-28-0-"), "{a}");
+        assert!(a.len() <= 63);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn fingerprint_ignores_unrelated_annotations() {
+        let mut a = BTreeMap::new();
+        assert_eq!(trigger_fingerprint(&a), "");
+        a.insert(
+            crate::keys::trigger::TARGET_VERSION.to_string(),
+            "3.28.0".to_string(),
+        );
+        let f1 = trigger_fingerprint(&a);
+        a.insert("kubectl.kubernetes.io/last-applied".into(), "x".into());
+        a.insert(crate::keys::trigger::ROLLBACK_NODE.into(), "n1".into());
+        assert_eq!(trigger_fingerprint(&a), f1);
+        a.insert(crate::keys::trigger::DRAIN_ENABLED.into(), "true".into());
+        assert_ne!(trigger_fingerprint(&a), f1);
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let mut r = RunRecord::new("id".into(), "t".into(), "3.28.0".into(), 5);
+        r.plan = vec!["a".into(), "b".into()];
+        r.nodes.insert(
+            "a".into(),
+            NodeReport {
+                status: Some(NodeStatus::Completed),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.progress(), "1/2");
+        assert_eq!(RunRecord::from_json(&r.to_json()).unwrap(), r);
+    }
+}

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the pinned control-plane tools the end-to-end tests and the demo need:
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm and kwok.
+#
+# Binaries are cached OUTSIDE the checkout, keyed by version, so a clean clone on the same
+# machine reuses them:   ${KLM_TOOLS_CACHE:-$HOME/.cache/kata-lifecycle-manager/tools}/<tool>-<version>/
+# Users who already have these binaries can point KLM_TOOLS_DIR at a directory holding them;
+# nothing is built then.
+#
+# Prints the directory holding all six binaries (as symlinks) on its last stdout line.
+set -euo pipefail
+
+K8S_VERSION=v1.36.3        # kube-apiserver, kube-controller-manager, kube-scheduler
+K8S_STAGING_VERSION=v0.36.3
+ETCD_VERSION=v3.6.16
+# helm 3: the CLI every kata-deploy document and our users' pipelines use; its
+# --reset-then-reuse-values and `rollback <rev> --wait` behave as the design expects.
+HELM_VERSION=v3.22.0
+KWOK_VERSION=v0.8.0
+
+log() { printf '[tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if [[ -n "${KLM_TOOLS_DIR:-}" ]]; then
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler helm kwok; do
+    [[ -x "$KLM_TOOLS_DIR/$b" ]] || { log "KLM_TOOLS_DIR=$KLM_TOOLS_DIR has no executable '$b'; unset it to build the pinned tools"; exit 1; }
+  done
+  echo "$KLM_TOOLS_DIR"
+  exit 0
+fi
+
+CACHE="${KLM_TOOLS_CACHE:-$HOME/.cache/kata-lifecycle-manager/tools}"
+mkdir -p "$CACHE"
+export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--buildvcs=false}"
+# Go's own parallelism follows the cores; keep memory well inside a 2-core/24 GiB machine.
+export GOMAXPROCS="${GOMAXPROCS:-$(nproc)}"
+
+# Each tool lands in <cache>/<name>-<version>/ and is marked complete by a .done file,
+# so an interrupted build is redone rather than trusted.
+done_marker() { echo "$CACHE/$1/.done"; }
+
+scratch_module() {
+  local dir
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/klm-tools-XXXXXX")"
+  (cd "$dir" && go mod init klm-tools-build >/dev/null 2>&1)
+  echo "$dir"
+}
+
+build_kubernetes() {
+  local key="kubernetes-$K8S_VERSION" out="$CACHE/kubernetes-$K8S_VERSION"
+  [[ -f "$(done_marker "$key")" ]] && { log "kubernetes $K8S_VERSION: cached"; return; }
+  log "kubernetes $K8S_VERSION: building kube-apiserver, kube-controller-manager, kube-scheduler (cold: tens of minutes)"
+  local mod; mod="$(scratch_module)"
+  pushd "$mod" >/dev/null
+  # k8s.io/kubernetes replaces its staging modules with local folders, which `go install`
+  # refuses. Read that replace list from its own go.mod and point each at the published version.
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  local staged
+  staged="$(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod")"
+  [[ -n "$staged" ]] || { log "found no staging replaces in $gomod"; exit 1; }
+  go mod edit -require "k8s.io/kubernetes@$K8S_VERSION"
+  for m in $staged; do go mod edit -replace "$m=$m@$K8S_STAGING_VERSION"; done
+  log "kubernetes: resolving modules ($(echo "$staged" | wc -l) staging replaces)"
+  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
+         "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
+         "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" >&2
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  mkdir -p "$out"
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+    log "kubernetes: compiling $cmd"
+    go build -trimpath -ldflags "$ldflags" -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+  done
+  popd >/dev/null; rm -rf "$mod"
+  touch "$(done_marker "$key")"
+  log "kubernetes $K8S_VERSION: done"
+}
+
+build_etcd() {
+  local key="etcd-$ETCD_VERSION" out="$CACHE/etcd-$ETCD_VERSION"
+  [[ -f "$(done_marker "$key")" ]] && { log "etcd $ETCD_VERSION: cached"; return; }
+  log "etcd $ETCD_VERSION: building"
+  local mod; mod="$(scratch_module)"
+  pushd "$mod" >/dev/null
+  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+  mkdir -p "$out"
+  go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
+  popd >/dev/null; rm -rf "$mod"
+  touch "$(done_marker "$key")"
+}
+
+build_go_install() { # name version package ldflags
+  local name="$1" version="$2" pkg="$3" ldflags="$4"
+  local key="$name-$version" out="$CACHE/$name-$version"
+  [[ -f "$(done_marker "$key")" ]] && { log "$name $version: cached"; return; }
+  log "$name $version: building"
+  mkdir -p "$out"
+  GOBIN="$out" go install -trimpath -ldflags "$ldflags" "$pkg@$version"
+  touch "$(done_marker "$key")"
+}
+
+build_etcd
+build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
+  "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+build_go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
+  "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+build_kubernetes
+
+# One directory of symlinks per version set, so callers need a single PATH entry.
+set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-kwok$KWOK_VERSION"
+bin="$CACHE/$set_key"
+mkdir -p "$bin"
+ln -sf "$CACHE/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
+for c in kube-apiserver kube-controller-manager kube-scheduler; do
+  ln -sf "$CACHE/kubernetes-$K8S_VERSION/$c" "$bin/$c"
+done
+ln -sf "$CACHE/helm-$HELM_VERSION/helm" "$bin/helm"
+ln -sf "$CACHE/kwok-$KWOK_VERSION/kwok" "$bin/kwok"
+echo "$bin"
