@@ -1,1 +1,10 @@
-//! placeholder
+//! Thin kube-rs glue shared by the agent and the coordinator: logging setup, the health
+//! endpoint, Event publishing, Node patch helpers and wall-clock time. Decisions live in
+//! `klm-protocol`; this crate only performs I/O.
+
+pub mod events;
+pub mod health;
+pub mod lease;
+pub mod logging;
+pub mod nodes;
+pub mod time;
