@@ -1,1 +1,109 @@
-fn main() {}
+//! klm-coordinator: one per cluster (leader-elected). Owns the run and the helm release;
+//! grants node turns through the run record in the trigger ConfigMap.
+mod config;
+mod daemonset;
+mod driver;
+mod helm;
+mod leader;
+mod status;
+mod status_data;
+
+use clap::Parser;
+use config::{Cli, Command, RunArgs};
+use k8s_openapi::api::coordination::v1::Lease;
+use klm_kube::time::now_ms;
+use klm_protocol::lifecycle::Timing;
+use kube::api::Api;
+use std::sync::Arc;
+use tokio::sync::{Notify, watch};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(*args).await,
+        Command::Status(args) => status::show(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    klm_kube::logging::init(args.log_format);
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot reach the Kubernetes API ({e}); in a cluster check the ServiceAccount, locally set KUBECONFIG")
+    })?;
+    let (ready_tx, ready_rx) = watch::channel(false);
+    if let Some(addr) = klm_kube::health::serve(&args.health_addr, ready_rx).await? {
+        tracing::info!(%addr, "health endpoint listening");
+    }
+    let ns = args.common.namespace.clone();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let me = args.identity.clone();
+    tokio::select! {
+        r = leader::acquire(&leases, &args.leader_lease_name, &me, args.lease_duration_seconds) => r?,
+        _ = shutdown_signal() => return Ok(()),
+    }
+    let keep = tokio::spawn(leader::keep(
+        leases.clone(),
+        args.leader_lease_name.clone(),
+        me.clone(),
+        args.lease_duration_seconds,
+    ));
+    let settings = driver::Settings {
+        namespace: ns.clone(),
+        trigger_configmap: args.common.trigger_configmap.clone(),
+        lease_name: args.lease_name.clone(),
+        lease_duration_seconds: args.lease_duration_seconds,
+        timing: Timing {
+            turn_start_timeout_ms: args.turn_start_timeout.as_millis() as i64,
+            expiry_grace_ms: i64::from(args.lease_duration_seconds) * 1000 / 3,
+        },
+        rollout_observe_timeout: args.rollout_observe_timeout,
+        rollback_timeout: args.rollback_timeout,
+        helm: helm::Helm {
+            bin: args.helm_bin.clone(),
+            chart_ref: args.chart_ref.clone(),
+            chart_repo: Some(args.chart_repo.clone()).filter(|s| !s.is_empty()),
+        },
+        defaults: args.defaults.load(),
+    };
+    let notify = Arc::new(Notify::new());
+    let mut coordinator =
+        driver::Coordinator::start(client, settings, me.clone(), notify.clone()).await?;
+    let _ = ready_tx.send(true);
+    tracing::info!(namespace = %ns, "coordinator ready");
+    let mut keep = keep;
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let wake = match coordinator.reconcile().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed; retrying on the next change");
+                Some(now_ms() + 2_000)
+            }
+        };
+        let sleep_ms = wake
+            .map(|w| (w - now_ms()).max(0) as u64)
+            .unwrap_or(3_600_000);
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {}
+            _ = &mut keep => {
+                anyhow::bail!("lost the leader Lease; exiting so a fresh leader takes over from cluster state");
+            }
+            _ = &mut shutdown => {
+                tracing::info!("shutting down; releasing the leader Lease");
+                let _ = leader::release(&leases, &args.leader_lease_name, &me).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

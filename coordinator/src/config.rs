@@ -1,0 +1,138 @@
+//! Command line and environment (the chart sets the environment from its values).
+use clap::{Args, Parser, Subcommand};
+use klm_kube::logging::LogFormat;
+use klm_protocol::duration::parse_duration;
+use klm_protocol::keys::defaults;
+use klm_protocol::params::Defaults;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "klm-coordinator",
+    version,
+    about = "Upgrades kata-deploy node by node (coordinator)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator (leader-elected).
+    Run(Box<RunArgs>),
+    /// Show the current run: phase, progress, node table, failure evidence.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Namespace of the trigger ConfigMap and the Leases.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    #[arg(long, env = "KLM_TRIGGER_CONFIGMAP", default_value = defaults::TRIGGER_CONFIGMAP)]
+    pub trigger_configmap: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Keep refreshing as the run changes.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print the raw run record (JSON) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Identity in the leader Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "klm-coordinator")]
+    pub identity: String,
+    #[arg(long, env = "KLM_LEASE_NAME", default_value = defaults::UPGRADE_LEASE)]
+    pub lease_name: String,
+    #[arg(long, env = "KLM_LEADER_LEASE_NAME", default_value = defaults::LEADER_LEASE)]
+    pub leader_lease_name: String,
+    #[arg(long, env = "KLM_LEASE_DURATION_SECONDS", default_value_t = defaults::LEASE_DURATION_SECONDS)]
+    pub lease_duration_seconds: i32,
+    /// How long an agent has to take its turn before its node counts as failed.
+    #[arg(long, env = "KLM_TURN_START_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub turn_start_timeout: Duration,
+    /// How long to wait for the DaemonSet controller to observe a new template.
+    #[arg(long, env = "KLM_ROLLOUT_OBSERVE_TIMEOUT", default_value = "120s", value_parser = duration)]
+    pub rollout_observe_timeout: Duration,
+    /// `helm rollback --wait` timeout.
+    #[arg(long, env = "KLM_ROLLBACK_TIMEOUT", default_value = "300s", value_parser = duration)]
+    pub rollback_timeout: Duration,
+    #[arg(long, env = "KLM_CHART_REF", default_value = defaults::CHART_REF)]
+    pub chart_ref: String,
+    /// `--repo` URL for classic chart repositories (empty for OCI references).
+    #[arg(long, env = "KLM_CHART_REPO", default_value = "")]
+    pub chart_repo: String,
+    #[arg(long = "helm", env = "KLM_HELM_BIN", default_value = "helm")]
+    pub helm_bin: String,
+    #[arg(long, env = "KLM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: String,
+    #[arg(long, env = "KLM_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub defaults: DefaultArgs,
+}
+
+/// The chart's `defaults.*` values.
+#[derive(Debug, Args)]
+pub struct DefaultArgs {
+    #[arg(long, env = "KLM_DEFAULT_HELM_RELEASE", default_value = defaults::HELM_RELEASE)]
+    pub default_helm_release: String,
+    #[arg(long, env = "KLM_DEFAULT_HELM_NAMESPACE", default_value = defaults::HELM_NAMESPACE)]
+    pub default_helm_namespace: String,
+    #[arg(long, env = "KLM_DEFAULT_NODE_SELECTOR", default_value = "")]
+    pub default_node_selector: String,
+    #[arg(long, env = "KLM_DEFAULT_NODE_TAINT_KEY", default_value = "")]
+    pub default_node_taint_key: String,
+    #[arg(long, env = "KLM_DEFAULT_NODE_TAINT_VALUE", default_value = "")]
+    pub default_node_taint_value: String,
+    #[arg(long, env = "KLM_DEFAULT_VERIFICATION_NAMESPACE", default_value = defaults::VERIFICATION_NAMESPACE)]
+    pub default_verification_namespace: String,
+    /// File holding the default verification pod YAML (the chart mounts it).
+    #[arg(long, env = "KLM_DEFAULT_VERIFICATION_POD_FILE")]
+    pub default_verification_pod_file: Option<String>,
+    #[arg(long, env = "KLM_DEFAULT_DRAIN_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub default_drain_enabled: bool,
+    #[arg(long, env = "KLM_DEFAULT_DRAIN_TIMEOUT", default_value = "300s", value_parser = duration)]
+    pub default_drain_timeout: Duration,
+    #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
+    pub default_verification_timeout: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl DefaultArgs {
+    /// Reads the verification pod file now; a missing file is reported per run, not at start,
+    /// so a coordinator installed without one still reports *why* runs cannot start.
+    pub fn load(&self) -> Defaults {
+        let verification_pod = self
+            .default_verification_pod_file
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        Defaults {
+            helm_release: self.default_helm_release.clone(),
+            helm_namespace: self.default_helm_namespace.clone(),
+            node_selector: self.default_node_selector.clone(),
+            node_taint_key: self.default_node_taint_key.clone(),
+            node_taint_value: self.default_node_taint_value.clone(),
+            verification_namespace: self.default_verification_namespace.clone(),
+            verification_pod,
+            drain_enabled: self.default_drain_enabled,
+            drain_timeout: self.default_drain_timeout,
+            verification_timeout: self.default_verification_timeout,
+        }
+    }
+}

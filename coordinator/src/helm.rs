@@ -1,0 +1,180 @@
+//! The helm CLI, always as an argv array (never through a shell), with its stderr kept for
+//! error messages. One upgrade per run and one rollback on failure: no helm call per node.
+use serde::Deserialize;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::Command;
+
+#[derive(Debug, Clone)]
+pub struct Helm {
+    pub bin: String,
+    pub chart_ref: String,
+    /// `--repo` URL for classic (non-OCI) chart repositories and mirrors.
+    pub chart_repo: Option<String>,
+}
+
+/// `helm get metadata -o json` of the latest revision.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ReleaseMetadata {
+    pub name: String,
+    pub chart: String,
+    pub version: String,
+    pub namespace: String,
+    pub revision: u32,
+    pub status: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelmError {
+    #[error(
+        "release {release:?} not found in namespace {namespace:?}: install kata-deploy with helm first, or set lifecycle.katacontainers.io/helm-release / helm-namespace"
+    )]
+    NotFound { release: String, namespace: String },
+    #[error("`helm {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+    #[error(
+        "could not run helm ({bin}): {source}; is helm installed and on PATH (or KLM_HELM_BIN set)?"
+    )]
+    Spawn { bin: String, source: std::io::Error },
+    #[error("unexpected output from helm: {0}")]
+    Output(String),
+}
+
+impl Helm {
+    async fn run(&self, args: &[String]) -> Result<String, HelmError> {
+        tracing::info!(helm = %self.bin, args = ?args, "running helm");
+        let out = Command::new(&self.bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| HelmError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(HelmError::Failed {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    pub async fn metadata(
+        &self,
+        release: &str,
+        namespace: &str,
+    ) -> Result<ReleaseMetadata, HelmError> {
+        let args = strings(&["get", "metadata", release, "-n", namespace, "-o", "json"]);
+        match self.run(&args).await {
+            Ok(out) => {
+                serde_json::from_str(&out).map_err(|e| HelmError::Output(format!("{e}: {out}")))
+            }
+            Err(HelmError::Failed { stderr, .. }) if stderr.contains("not found") => {
+                Err(HelmError::NotFound {
+                    release: release.into(),
+                    namespace: namespace.into(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The argv of the run's single upgrade (kept separate so it is unit-tested).
+    pub fn upgrade_args(&self, release: &str, namespace: &str, version: &str) -> Vec<String> {
+        let mut args = strings(&[
+            "upgrade",
+            release,
+            &self.chart_ref,
+            "-n",
+            namespace,
+            "--version",
+            version,
+        ]);
+        if let Some(repo) = &self.chart_repo {
+            args.extend(strings(&["--repo", repo]));
+        }
+        args.extend(strings(&[
+            "--reset-then-reuse-values",
+            // Nothing moves until each agent deletes its own node's pod.
+            "--set",
+            "updateStrategy.type=OnDelete",
+            // kata-deploy's own verification is cluster-wide with a fixed pod name.
+            "--set",
+            "verification.pod=",
+        ]));
+        args
+    }
+
+    pub async fn upgrade(
+        &self,
+        release: &str,
+        namespace: &str,
+        version: &str,
+    ) -> Result<(), HelmError> {
+        self.run(&self.upgrade_args(release, namespace, version))
+            .await
+            .map(|_| ())
+    }
+
+    pub fn rollback_args(
+        release: &str,
+        namespace: &str,
+        revision: u32,
+        timeout: Duration,
+    ) -> Vec<String> {
+        strings(&[
+            "rollback",
+            release,
+            &revision.to_string(),
+            "-n",
+            namespace,
+            "--wait",
+            "--timeout",
+            &format!("{}s", timeout.as_secs().max(1)),
+        ])
+    }
+
+    pub async fn rollback(
+        &self,
+        release: &str,
+        namespace: &str,
+        revision: u32,
+        timeout: Duration,
+    ) -> Result<(), HelmError> {
+        self.run(&Self::rollback_args(release, namespace, revision, timeout))
+            .await
+            .map(|_| ())
+    }
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_argv_is_exact() {
+        let h = Helm {
+            bin: "helm".into(),
+            chart_ref: "kata-deploy".into(),
+            chart_repo: Some("http://127.0.0.1:1".into()),
+        };
+        assert_eq!(
+            h.upgrade_args("kata-deploy", "kube-system", "3.28.0")
+                .join(" "),
+            "upgrade kata-deploy kata-deploy -n kube-system --version 3.28.0 --repo http://127.0.0.1:1 \
+             --reset-then-reuse-values --set updateStrategy.type=OnDelete --set verification.pod="
+        );
+        assert_eq!(
+            Helm::rollback_args("kd", "ns", 3, Duration::from_secs(300)).join(" "),
+            "rollback kd 3 -n ns --wait --timeout 300s"
+        );
+    }
+}
