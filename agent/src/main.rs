@@ -1,1 +1,91 @@
-fn main() {}
+//! kata-lifecycle-manager agent: runs on every node (DaemonSet) and does the node-local work of
+//! an upgrade for its own node only — cordon, drain, restart kata-deploy, verify, uncordon, or
+//! restore — when the coordinator's run record gives this node its turn and the upgrade Lease
+//! is ours. See DESIGN.md, "The per-node procedure" and "The Lease protocol".
+//!
+//! Modules: `config` (flags), `turn` (reads the run record), `driver` (watches the trigger
+//! ConfigMap, starts turns), `runner` (one turn: resume point, Lease, release), `steps` (the
+//! walk and each step), `node_patch` (Node bookkeeping patches), `ctx` (fencing, interruption,
+//! patches and Events shared by the steps).
+mod config;
+mod ctx;
+mod driver;
+mod node_patch;
+mod runner;
+mod steps;
+mod turn;
+
+use anyhow::Context;
+use clap::Parser;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = config::Config::parse();
+    klm_kube::logging::init(config.log_format);
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: config::Config) -> anyhow::Result<()> {
+    info!(
+        node = %config.node_name,
+        namespace = %config.namespace,
+        version = env!("CARGO_PKG_VERSION"),
+        "kata-lifecycle-manager agent starting"
+    );
+    let (ready_tx, ready_rx) = watch::channel(false);
+    if let Some(addr) = klm_kube::health::serve(&config.health_addr, ready_rx)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the health endpoint on {:?} (set --health-addr, or empty to disable)",
+                config.health_addr
+            )
+        })?
+    {
+        info!(%addr, "health endpoint listening (/healthz, /readyz)");
+    }
+    let client = kube::Client::try_default().await.context(
+        "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
+    )?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+
+    let agent = Arc::new(ctx::Agent::new(client, config));
+    driver::run(agent, shutdown, ready_tx).await;
+    info!("agent stopped");
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: stop between steps. A second signal exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping between steps"),
+        _ = int.recv() => info!("SIGINT: stopping between steps"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    error!("second signal: exiting now");
+    std::process::exit(130);
+}

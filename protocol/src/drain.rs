@@ -35,6 +35,21 @@ pub fn decide(pod: &Pod) -> DrainDecision {
     }
 }
 
+/// The PodDisruptionBudget named by an eviction refusal (HTTP 429). The API server says
+/// "The disruption budget <name> needs <n> healthy pods and has <m> currently" in the
+/// `DisruptionBudget` cause; older servers put it in the message.
+pub fn blocking_budget(message: &str) -> Option<String> {
+    const PREFIX: &str = "disruption budget ";
+    let lower = message.to_ascii_lowercase();
+    let at = lower.find(PREFIX)? + PREFIX.len();
+    let name: String = message[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .collect();
+    let name = name.trim_end_matches('.');
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +84,23 @@ mod tests {
         let mut gone = owned("ReplicaSet");
         gone.metadata.deletion_timestamp = Some(Time(Default::default()));
         assert_eq!(decide(&gone), DrainDecision::Skip("already terminating"));
+    }
+
+    #[test]
+    fn budget_names_from_eviction_refusals() {
+        let cases = [
+            (
+                "The disruption budget web-pdb needs 2 healthy pods and has 2 currently",
+                Some("web-pdb"),
+            ),
+            (
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+                None,
+            ),
+            ("too many requests", None),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(blocking_budget(msg).as_deref(), want, "{msg}");
+        }
     }
 }

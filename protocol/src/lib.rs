@@ -3,6 +3,7 @@
 //! binaries drive (node procedure, run lifecycle, verification verdicts, Lease arithmetic).
 //! Nothing here performs I/O, so every branch is unit-tested.
 
+pub mod backoff;
 pub mod drain;
 pub mod duration;
 pub mod keys;

@@ -122,6 +122,49 @@ pub fn pod_restart(pods: &[KataPod], want_hash: &str) -> PodRestart {
     PodRestart::Wait
 }
 
+/// How a kata-deploy pod looks to [`pod_restart`]: revision from its `controller-revision-hash`
+/// label, readiness from its `Ready` condition, terminating once it has a deletion timestamp.
+pub fn kata_pod_of(pod: &k8s_openapi::api::core::v1::Pod) -> KataPod {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    KataPod {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        revision_hash: pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::keys::kata_deploy::REVISION_HASH_LABEL))
+            .cloned()
+            .unwrap_or_default(),
+        ready,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Where a kata-deploy restart stands, for the evidence of a restart that timed out.
+pub fn describe_kata_pods(pods: &[KataPod], want_hash: &str) -> String {
+    if pods.is_empty() {
+        return "no kata-deploy pod on the node (is the DaemonSet scheduling here?)".into();
+    }
+    pods.iter()
+        .map(|p| {
+            let mut s = format!("pod {} at revision {}", p.name, p.revision_hash);
+            if p.revision_hash != want_hash {
+                s.push_str(&format!(" (want {want_hash})"));
+            }
+            s.push_str(if p.ready { ", Ready" } else { ", not Ready" });
+            if p.terminating {
+                s.push_str(", terminating");
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +308,33 @@ mod tests {
         for (pods, want) in cases {
             assert_eq!(pod_restart(&pods, "new"), want, "{pods:?}");
         }
+    }
+
+    #[test]
+    fn kata_pods_are_read_from_labels_conditions_and_deletion() {
+        use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let mut p = Pod::default();
+        p.metadata.name = Some("kata-deploy-x".into());
+        p.metadata.labels =
+            Some([("controller-revision-hash".to_string(), "h1".to_string())].into());
+        assert_eq!(kata_pod_of(&p), pod("kata-deploy-x", "h1", false, false));
+        p.status = Some(PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        p.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_eq!(kata_pod_of(&p), pod("kata-deploy-x", "h1", true, true));
+        let text = describe_kata_pods(&[kata_pod_of(&p)], "h2");
+        assert!(
+            text.contains("want h2") && text.contains("terminating"),
+            "{text}"
+        );
+        assert!(describe_kata_pods(&[], "h2").contains("no kata-deploy pod"));
     }
 
     proptest::proptest! {

@@ -98,8 +98,83 @@ impl PodTemplate {
     }
 }
 
+/// The taint a cordoned node carries (`spec.unschedulable` makes the control plane add it).
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+/// Lets the verification pod schedule onto its node while we keep that node cordoned: the
+/// scheduler refuses a cordoned node to pods that do not tolerate the unschedulable taint, so a
+/// template that pins the node with `nodeSelector`/affinity would otherwise stay Pending until
+/// the timeout. Idempotent; a template that already tolerates it is left as is. (Templates
+/// using `nodeName` bypass the scheduler and are unaffected.)
+pub fn tolerate_cordon(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::Toleration;
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let tolerations = spec.tolerations.get_or_insert_with(Vec::new);
+    let covered = tolerations.iter().any(|t| {
+        let op_exists = t.operator.as_deref() == Some("Exists");
+        let key_ok =
+            t.key.as_deref() == Some(UNSCHEDULABLE_TAINT) || (t.key.is_none() && op_exists);
+        let effect_ok = matches!(t.effect.as_deref(), None | Some("") | Some("NoSchedule"));
+        key_ok && op_exists && effect_ok
+    });
+    if !covered {
+        tolerations.push(Toleration {
+            key: Some(UNSCHEDULABLE_TAINT.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+    }
+}
+
+/// The container whose log best explains a verdict: the first one that terminated non-zero,
+/// else the first one waiting, else the first container of the spec.
+pub fn log_container(pod: &Pod) -> Option<String> {
+    let statuses: Vec<&ContainerStatus> = pod
+        .status
+        .as_ref()
+        .map(|s| {
+            s.init_container_statuses
+                .iter()
+                .flatten()
+                .chain(s.container_statuses.iter().flatten())
+                .collect()
+        })
+        .unwrap_or_default();
+    let failed = statuses.iter().find(|cs| {
+        cs.state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.exit_code != 0)
+    });
+    let waiting = statuses
+        .iter()
+        .find(|cs| cs.state.as_ref().is_some_and(|s| s.waiting.is_some()));
+    failed.or(waiting).map(|cs| cs.name.clone()).or_else(|| {
+        pod.spec
+            .as_ref()?
+            .containers
+            .first()
+            .map(|c| c.name.clone())
+    })
+}
+
+/// The last `max_bytes` of a log (cut on a character boundary), so evidence stays small enough
+/// for a Node annotation.
+pub fn log_tail(log: &str, max_bytes: usize) -> String {
+    let log = log.trim_end();
+    if log.len() <= max_bytes {
+        return log.to_string();
+    }
+    let mut start = log.len() - max_bytes;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &log[start..])
+}
+
 /// Label values are ≤ 63 chars; node names may be longer (DNS subdomains).
-fn label_safe(s: &str) -> String {
+pub fn label_safe(s: &str) -> String {
     let t: String = s.chars().take(63).collect();
     t.trim_end_matches(['-', '.', '_']).to_string()
 }
@@ -289,6 +364,56 @@ mod tests {
             PodTemplate::parse(&POD.replace("Never", "OnFailure")),
             Err(TemplateError::RestartPolicy(_))
         ));
+    }
+
+    #[test]
+    fn cordon_toleration_is_added_once() {
+        let t = PodTemplate::parse(POD).unwrap();
+        let mut pod = t.render("w", "p", "ns", "r").unwrap();
+        tolerate_cordon(&mut pod);
+        tolerate_cordon(&mut pod);
+        let tol = pod.spec.as_ref().unwrap().tolerations.clone().unwrap();
+        assert_eq!(tol.len(), 1);
+        assert_eq!(tol[0].key.as_deref(), Some(UNSCHEDULABLE_TAINT));
+        // A template that tolerates everything is left alone.
+        let mut all = t.render("w", "p", "ns", "r").unwrap();
+        all.spec.as_mut().unwrap().tolerations =
+            Some(vec![k8s_openapi::api::core::v1::Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]);
+        tolerate_cordon(&mut all);
+        assert_eq!(all.spec.unwrap().tolerations.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn log_container_prefers_the_failed_one() {
+        let mut p = pod("Failed", exited(2));
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![
+                k8s_openapi::api::core::v1::Container {
+                    name: "sidecar".into(),
+                    ..Default::default()
+                },
+                k8s_openapi::api::core::v1::Container {
+                    name: "verify".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(log_container(&p).as_deref(), Some("verify"));
+        p.status = None;
+        assert_eq!(log_container(&p).as_deref(), Some("sidecar"));
+        assert_eq!(log_container(&Pod::default()), None);
+    }
+
+    #[test]
+    fn log_tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(log_tail("ok\n", 10), "ok");
+        let t = log_tail("ééééé", 3);
+        assert!(t.starts_with('…') && t.ends_with('é'), "{t}");
+        assert_eq!(log_tail("abcdef", 3), "…def");
     }
 
     #[test]

@@ -1,0 +1,90 @@
+//! Command-line flags, each with an environment variable (the chart sets the variables; tests
+//! and humans may use either).
+use clap::Parser;
+use klm_kube::logging::LogFormat;
+use klm_protocol::duration::parse_duration;
+use klm_protocol::keys::defaults;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "klm-agent",
+    version,
+    about = "kata-lifecycle-manager agent: upgrades, verifies and restores kata-deploy on its own node, one node at a time"
+)]
+pub struct Config {
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Namespace of the trigger ConfigMap and the upgrade Lease (the chart's release namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+
+    /// The trigger ConfigMap whose data["run.json"] carries the run record.
+    #[arg(long, env = "KLM_TRIGGER_CONFIGMAP", default_value = defaults::TRIGGER_CONFIGMAP)]
+    pub trigger_configmap: String,
+
+    /// The upgrade Lease (created by the coordinator).
+    #[arg(long, env = "KLM_LEASE_NAME", default_value = defaults::UPGRADE_LEASE)]
+    pub lease_name: String,
+
+    /// Address for /healthz and /readyz; empty disables the endpoint.
+    #[arg(long, env = "KLM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: String,
+
+    /// Log format: json (clusters) or text (humans).
+    #[arg(long, env = "KLM_LOG_FORMAT", default_value = "json", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
+
+    /// How long the restarted kata-deploy pod on this node may take to be Ready at the wanted
+    /// revision (e.g. 300s, 5m).
+    #[arg(long, env = "KLM_POD_READY_TIMEOUT", default_value = "300s", value_parser = parse_timeout)]
+    pub pod_ready_timeout: Duration,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::try_parse_from(["klm-agent", "--node-name", "n1", "--namespace", "klm"])
+            .unwrap();
+        assert_eq!(c.trigger_configmap, "kata-lifecycle-manager");
+        assert_eq!(c.lease_name, "kata-lifecycle-manager-upgrade");
+        assert_eq!(c.health_addr, "0.0.0.0:8080");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.pod_ready_timeout, Duration::from_secs(300));
+
+        let c = Config::try_parse_from([
+            "klm-agent",
+            "--node-name=n1",
+            "--namespace=klm",
+            "--health-addr=",
+            "--log-format=text",
+            "--pod-ready-timeout=90s",
+        ])
+        .unwrap();
+        assert_eq!(c.health_addr, "");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.pod_ready_timeout, Duration::from_secs(90));
+        assert!(
+            Config::try_parse_from([
+                "klm-agent",
+                "--node-name=n1",
+                "--namespace=k",
+                "--log-format=xml"
+            ])
+            .is_err()
+        );
+    }
+}

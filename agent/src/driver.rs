@@ -1,0 +1,158 @@
+//! The agent's main loop: one watch on the trigger ConfigMap. When the run record names this
+//! node for a turn, a turn task runs it; the task is told when the record stops naming it.
+//! Idle cost: that single watch.
+use crate::ctx::Agent;
+use crate::runner::{self, TurnEnd};
+use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+struct Running {
+    key: TurnKey,
+    revoked: watch::Sender<bool>,
+    task: JoinHandle<TurnEnd>,
+}
+
+/// Runs until `shutdown`; then waits for a turn in progress to stop between steps.
+pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::Sender<bool>) {
+    let cfg = &agent.config;
+    let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", cfg.trigger_configmap));
+    let mut events = watcher(api, wc).default_backoff().boxed();
+    info!(
+        configmap = %cfg.trigger_configmap,
+        namespace = %cfg.namespace,
+        lease = %cfg.lease_name,
+        "watching the trigger ConfigMap for this node's turn"
+    );
+
+    let mut reading = Reading::Idle;
+    let mut listing: Option<Option<ConfigMap>> = None;
+    let mut listed = false;
+    let mut running: Option<Running> = None;
+    // The last turn a task ran to its end: not started again for the same record.
+    let mut ended: Option<TurnKey> = None;
+    let mut swept = false;
+    let mut said = String::new();
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            end = async { (&mut running.as_mut().expect("guarded").task).await }, if running.is_some() => {
+                let r = running.take().expect("guarded");
+                match end {
+                    Ok(end) => info!(run = %r.key.0, turn = r.key.1.as_str(), ?end, "turn task ended"),
+                    Err(e) => error!(run = %r.key.0, error = %e, "turn task panicked"),
+                }
+                ended = Some(r.key);
+            }
+            ev = events.next() => {
+                let changed = match ev {
+                    Some(Ok(watcher::Event::Init)) => { listing = Some(None); false }
+                    Some(Ok(watcher::Event::InitApply(cm))) => { listing = Some(Some(cm)); false }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        reading = match listing.take().flatten() {
+                            Some(cm) => read_configmap(&cm, &agent.config.node_name),
+                            None => Reading::Idle,
+                        };
+                        if !listed {
+                            listed = true;
+                            let _ = ready.send(true);
+                        }
+                        true
+                    }
+                    Some(Ok(watcher::Event::Apply(cm))) => {
+                        reading = read_configmap(&cm, &agent.config.node_name);
+                        true
+                    }
+                    Some(Ok(watcher::Event::Delete(_))) => { reading = Reading::Idle; true }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "watch on the trigger ConfigMap failed; retrying (the agent needs get/list/watch on configmaps in its namespace)");
+                        false
+                    }
+                    None => false,
+                };
+                if !changed {
+                    continue;
+                }
+            }
+        }
+
+        let assignment: Option<&Assignment> = match &reading {
+            Reading::Turn(a) => Some(a),
+            Reading::Unusable(msg) => {
+                if *msg != said {
+                    error!("{msg}");
+                    said = msg.clone();
+                }
+                None
+            }
+            Reading::Idle => None,
+        };
+        let want = assignment.map(Assignment::key);
+
+        // Tell a running turn whether it is still ours.
+        if let Some(r) = &running {
+            r.revoked.send_if_modified(|v| {
+                let revoked = want.as_ref() != Some(&r.key);
+                let changed = *v != revoked;
+                *v = revoked;
+                changed
+            });
+        }
+        if ended.is_some() && ended != want {
+            ended = None;
+        }
+        if running.is_none()
+            && let Some(a) = assignment
+            && ended.as_ref() != Some(&a.key())
+        {
+            running = Some(spawn_turn(agent.clone(), a.clone(), shutdown.clone()));
+        }
+        // Once, after start: a Lease this node still holds while no turn is ours is left over
+        // from an earlier process (e.g. stopped with SIGTERM after which the run moved on).
+        if listed && !swept && assignment.is_none() && running.is_none() {
+            swept = true;
+            runner::release_stale(&agent).await;
+        }
+    }
+
+    let _ = ready.send(false);
+    if let Some(r) = running {
+        info!(
+            "shutting down: stopping the turn between steps (the upgrade Lease is kept for the restarted agent)"
+        );
+        match r.task.await {
+            Ok(end) => info!(?end, "turn stopped"),
+            Err(e) => error!(error = %e, "turn task panicked"),
+        }
+    }
+}
+
+fn spawn_turn(agent: Arc<Agent>, a: Assignment, shutdown: CancellationToken) -> Running {
+    let (tx, rx) = watch::channel(false);
+    let key = a.key();
+    let span = info_span!(
+        "turn",
+        node = %agent.config.node_name,
+        run = %a.run_id,
+        turn = a.kind.as_str(),
+    );
+    info!(run = %a.run_id, turn = a.kind.as_str(), target = %a.target_version, "this node's turn");
+    let task = tokio::spawn(
+        async move { runner::run_turn(&agent, a, rx, shutdown).await }.instrument(span),
+    );
+    Running {
+        key,
+        revoked: tx,
+        task,
+    }
+}
