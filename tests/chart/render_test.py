@@ -593,6 +593,26 @@ def extra_rules_are_appended():
                   "clusterroles", "bind", "kata-deploy-role-x")
 
 
+VAP = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+@test
+def agent_may_change_only_its_own_node_where_admission_policies_exist():
+    r = template("--api-versions", VAP)
+    policy = r.get("ValidatingAdmissionPolicy", f"{RELEASE}-agent-own-node")
+    binding = r.get("ValidatingAdmissionPolicyBinding", f"{RELEASE}-agent-own-node")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    (cond,) = policy["spec"]["matchConditions"]
+    assert f'"system:serviceaccount:{NAMESPACE}:{RELEASE}-agent"' in cond["expression"], cond
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["nodes"] and rule["operations"] == ["UPDATE"], rule
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    # Not on clusters without ValidatingAdmissionPolicy v1, nor when turned off.
+    assert not template().all("ValidatingAdmissionPolicy")
+    assert not template("--api-versions", VAP, "--set", "agent.restrictToOwnNode=false").all("ValidatingAdmissionPolicy")
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main():

@@ -13,14 +13,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use klm_testkit::Cluster;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -523,6 +525,93 @@ async fn coordinator_can_upgrade_and_roll_back_kata_deploy_and_the_agent_cannot(
 
     helm.run(&["uninstall", "kata-deploy", "-n", KD_NS, "--wait"])?;
     Ok(())
+}
+
+/// RBAC lets every agent patch every Node; the chart's admission policy narrows that to the
+/// agent's own Node. Checked with a real agent credential: a token bound to the agent pod on
+/// node 1, as the kubelet would mount it.
+#[tokio::test]
+async fn agent_token_may_change_only_its_own_node() -> Result<()> {
+    let inst = installed().await;
+    let client = inst.cluster.client().await?;
+    let (own, other) = (NODES[0], NODES[1]);
+    let pods = Api::<Pod>::namespaced(client.clone(), NS)
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/component=agent")
+                .fields(&format!("spec.nodeName={own}")),
+        )
+        .await?;
+    let pod = pods
+        .items
+        .first()
+        .context("no agent pod on our first node")?;
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": 600,
+            "boundObjectRef": {
+                "apiVersion": "v1", "kind": "Pod",
+                "name": pod.metadata.name, "uid": pod.metadata.uid,
+            }
+        }
+    }))?;
+    let token = Api::<ServiceAccount>::namespaced(client, NS)
+        .create_token_request(&agent_sa(), &PostParams::default(), &request)
+        .await?
+        .status
+        .context("TokenRequest without status")?
+        .token
+        .context("TokenRequest without a token")?;
+    let agent = client_with_token(inst.cluster.kubeconfig_path(), &token).await?;
+    let nodes: Api<Node> = Api::all(agent);
+    let mark =
+        |v: &str| Patch::Merge(json!({"metadata": {"labels": {"klm.test/agent-touched": v}}}));
+
+    nodes
+        .patch(own, &PatchParams::default(), &mark("own"))
+        .await
+        .with_context(|| format!("the agent on {own} could not patch its own Node"))?;
+    // The policy is live once its informer has seen it: allow a short settling time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match nodes
+            .patch(other, &PatchParams::default(), &mark("other"))
+            .await
+        {
+            Err(kube::Error::Api(e))
+                if e.code == 403 && e.message.contains("may only change its own Node") =>
+            {
+                break;
+            }
+            Err(e) => bail!("patching {other} failed, but not by the policy: {e}"),
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(_) => {
+                bail!("the agent on {own} could patch {other}: the own-node policy is not enforced")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A client for the test cluster authenticating with a bearer token.
+async fn client_with_token(admin_kubeconfig: &Path, token: &str) -> Result<kube::Client> {
+    let admin = Kubeconfig::read_from(admin_kubeconfig)?;
+    let cluster = admin
+        .clusters
+        .first()
+        .context("kubeconfig has no cluster")?;
+    let mut kubeconfig = serde_json::to_value(&admin)?;
+    kubeconfig["users"] = json!([{"name": "agent", "user": {"token": token}}]);
+    kubeconfig["contexts"] =
+        json!([{"name": "agent", "context": {"cluster": cluster.name, "user": "agent"}}]);
+    kubeconfig["current-context"] = json!("agent");
+    let kubeconfig = Kubeconfig::from_yaml(&kubeconfig.to_string())?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// `helm upgrade` of our chart must not wipe a run: the trigger is rendered without `data`, so
