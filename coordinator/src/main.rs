@@ -38,6 +38,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ns = args.common.namespace.clone();
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let me = args.identity.clone();
+    // Standby replicas are healthy and ready too (a Deployment rollout waits for them); being
+    // ready means "reached the API", not "is the leader".
+    leader::ensure_lease(
+        &leases,
+        &args.leader_lease_name,
+        args.lease_duration_seconds,
+    )
+    .await?;
+    let _ = ready_tx.send(true);
     tokio::select! {
         r = leader::acquire(&leases, &args.leader_lease_name, &me, args.lease_duration_seconds) => r?,
         _ = shutdown_signal() => return Ok(()),
@@ -69,8 +78,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let notify = Arc::new(Notify::new());
     let mut coordinator =
         driver::Coordinator::start(client, settings, me.clone(), notify.clone()).await?;
-    let _ = ready_tx.send(true);
-    tracing::info!(namespace = %ns, "coordinator ready");
+    tracing::info!(namespace = %ns, "coordinator ready (leader)");
     let mut keep = keep;
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
