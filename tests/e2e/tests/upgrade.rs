@@ -217,21 +217,20 @@ async fn manual_rollback_of_one_node() -> anyhow::Result<()> {
 async fn agent_killed_mid_verification_resumes() -> anyhow::Result<()> {
     let mut p = Product::start("agentkill", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
-    // Hold node-1's verification pod Pending while we kill its agent, then let it succeed.
-    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
     let before = p.current_run().await?.map(|r| r.id);
     p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))]).await?;
     let n1 = p.node("node-1");
     p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
+    // SIGKILL mid-verification: the verification pod's name is already on the Node, so the
+    // restarted agent adopts that pod (whatever it did meanwhile) instead of starting over.
     p.kill_agent(&n1);
-    // The pod the dead agent created stays Pending; the restarted agent adopts it. Let the
-    // next pod decision succeed and delete the stuck one so the adopted pod is replaced.
-    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Succeed);
     p.start_agent(&n1)?;
     let run = p.wait_finished_after(before).await?;
-    // Either the adopted Pending pod times out (60s) — a failure — or the agent recreated it.
-    // Both are safe; what must hold is that the node was not left half-done and the run ended.
-    assert!(run.phase.is_finished());
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(p.node_labels("node-1").await?, (Some("completed".into()), Some("3.28.0".into())));
+    let pods = p.slice.verification_decisions();
+    let on_n1 = pods.iter().filter(|d| d.node == n1).count();
+    assert_eq!(on_n1, 1, "one verification pod for node-1, adopted after the restart: {pods:?}");
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
@@ -264,6 +263,103 @@ async fn chart_ignoring_update_strategy_is_reported() -> anyhow::Result<()> {
     let run = p.run("3.26.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     assert!(run.warnings.iter().any(|w| w.contains("ignores updateStrategy")), "{:?}", run.warnings);
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// A plain workload pod pinned to `node` (kwok runs it), labelled `app=<app>`.
+async fn workload(p: &Product, node: &str, name: &str, app: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"nodeName": p.node(node), "tolerations": [{"operator": "Exists"}],
+                 "containers": [{"name": "c", "image": "registry.example/web:1"}]}
+    }))?;
+    pods.create(&Default::default(), &pod).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_evicts_workloads_and_a_blocking_pdb_fails_the_node_by_name() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let p = Product::start("drain", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let id = p.slice.id().to_string();
+    let (evictable, guarded) = (format!("web-{id}"), format!("db-{id}"));
+    workload(&p, "node-1", &evictable, &evictable).await?;
+    let run = p.run("3.28.0", &[(trigger::DRAIN_ENABLED, "true")]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
+    assert!(pods.get_opt(&evictable).await?.is_none_or(|x| x.metadata.deletion_timestamp.is_some()), "drain evicted the workload");
+    let drained = p.observed.lock().unwrap().transitions.iter().any(|(_, s)| s == "draining");
+    assert!(drained, "nodes went through draining");
+
+    // Now a PDB that allows no disruption guards a pod on node-1: the drain must time out,
+    // name the pod, and the run must roll back.
+    workload(&p, "node-1", &guarded, &guarded).await?;
+    let pdbs: kube::Api<PodDisruptionBudget> = kube::Api::namespaced(p.slice.client(), "default");
+    let pdb: PodDisruptionBudget = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": guarded},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": guarded}}}
+    }))?;
+    pdbs.create(&Default::default(), &pdb).await?;
+    let run = p.run("3.29.0", &[(trigger::DRAIN_ENABLED, "true"), (trigger::DRAIN_TIMEOUT, "8s")]).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    let f = run.failure.clone().expect("failure");
+    assert!(f.reason.contains("DrainTimeout") && f.reason.contains(&guarded), "{}", f.reason);
+    assert!(pods.get_opt(&guarded).await?.is_some_and(|x| x.metadata.deletion_timestamp.is_none()), "the guarded pod survived");
+    assert_eq!(p.release().await?.1, "3.28.0", "rolled back to the recorded revision (3.28.0)");
+    assert_eq!(p.node_labels("node-2").await?.0.as_deref(), Some("completed"), "node-2 untouched by the failed run");
+    p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
+    pods.delete(&evictable, &Default::default()).await.ok();
+    pdbs.delete(&guarded, &Default::default()).await.ok();
+    pods.delete(&guarded, &Default::default()).await.ok();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_trigger_during_a_run_is_reported_not_interleaved() -> anyhow::Result<()> {
+    let p = Product::start("second", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0")), (trigger::VERIFICATION_TIMEOUT, Some("6s"))]).await?;
+    let n1 = p.node("node-1");
+    let first = p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.29.0"))]).await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.id, first.id, "the running run continued");
+    assert_eq!(run.target_version, "3.28.0");
+    assert!(run.warnings.iter().any(|w| w.contains("still in progress")), "{:?}", run.warnings);
+    // The ignored trigger does not start by itself afterwards.
+    let now = p.current_run().await?.unwrap();
+    assert_eq!(now.id, first.id);
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_before_its_turn_is_skipped_and_reported() -> anyhow::Result<()> {
+    let mut p = Product::start("vanish", 3, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2", "node-3"]).await?;
+    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0")), (trigger::VERIFICATION_TIMEOUT, Some("5s"))]).await?;
+    let n1 = p.node("node-1");
+    p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
+    // A new node opting in mid-run is not added to the plan; a planned node that vanishes is skipped.
+    p.slice.add_node("node-4").await?;
+    p.opt_in(&["node-4"]).await?;
+    let n3 = p.node("node-3");
+    p.kill_agent(&n3);
+    p.slice.delete_node(&n3).await?;
+    let run = p.wait_finished_after(before).await?;
+    // node-1 timed out (Pending) → the run failed and rolled back; node-3 never got a turn.
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert!(!run.plan.contains(&p.node("node-4")), "plan is fixed at start");
+    assert_eq!(p.node_labels("node-4").await?, (None, None));
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
