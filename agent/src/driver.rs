@@ -119,7 +119,7 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
         }
         // Once, after start: a Lease this node still holds while no turn is ours is left over
         // from an earlier process (e.g. stopped with SIGTERM after which the run moved on).
-        if listed && !swept && assignment.is_none() && running.is_none() {
+        if listed && !swept && reading == Reading::Idle && running.is_none() {
             swept = true;
             runner::release_stale(&agent).await;
         }

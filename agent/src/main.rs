@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let config = config::Config::parse();
     klm_kube::logging::init(config.log_format);
@@ -54,7 +54,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     {
         info!(%addr, "health endpoint listening (/healthz, /readyz)");
     }
-    let client = kube::Client::try_default().await.context(
+    let client = client().await.context(
         "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
     )?;
 
@@ -65,6 +65,17 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     driver::run(agent, shutdown, ready_tx).await;
     info!("agent stopped");
     Ok(())
+}
+
+/// The API client, from KUBECONFIG or the in-cluster service account, with kube's built-in
+/// retry layer turned off: it retries 429/503/504 up to 15 times with backoff growing to
+/// 1000 s inside one call, which would hide a PodDisruptionBudget's refusal (429) from the drain
+/// and its deadline, and stall a Lease renewal past the fence. Every caller here retries on
+/// its own terms (jittered backoff, bounded by its step's deadline or the fence).
+async fn client() -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer().await?;
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// SIGTERM/SIGINT: stop between steps. A second signal exits at once.

@@ -488,10 +488,22 @@ async fn renew_loop(
     let period = (fence.duration_ms / 3).max(100);
     let mut next = mono_instant(fence.renewed_at_ms + period);
     let mut failures = 0u32;
+    // Watch the Lease while we hold it: a takeover (holder or leaseTransitions changed) is
+    // noticed at once instead of at the next renewal.
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", lease.name));
+    let mut events = watcher(lease.api.clone(), cfg).default_backoff().boxed();
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => return current,
+            ev = events.next() => {
+                if let Some(reason) = takeover(ev, &lease.identity, fence.transitions) {
+                    warn!(lease = %lease.name, %reason, "lost the upgrade Lease");
+                    state.send_modify(|s| s.lost = Some(reason));
+                    return current;
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(next) => {}
         }
         let sent = mono_ms();
@@ -524,6 +536,29 @@ async fn renew_loop(
                 next = Instant::now() + wait;
             }
         }
+    }
+}
+
+/// A watch event that shows the Lease is no longer ours.
+fn takeover(
+    ev: Option<Result<watcher::Event<Lease>, watcher::Error>>,
+    me: &str,
+    transitions: i32,
+) -> Option<String> {
+    match ev {
+        Some(Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l))) => {
+            let v = view_of(&l);
+            (v.holder.as_deref() != Some(me) || v.transitions != transitions).then(|| {
+                format!(
+                    "it is now held by {:?} (leaseTransitions {} -> {})",
+                    v.holder.unwrap_or_default(),
+                    transitions,
+                    v.transitions
+                )
+            })
+        }
+        Some(Ok(watcher::Event::Delete(_))) => Some("the Lease was deleted".into()),
+        _ => None,
     }
 }
 
@@ -690,6 +725,22 @@ mod tests {
         let lost = waiter.await.unwrap();
         assert!(lost.0.contains("n2"));
         assert_eq!(guard.check(), Err(lost));
+    }
+
+    #[test]
+    fn takeovers_seen_on_the_watch() {
+        let ev = |l: Lease| Some(Ok(watcher::Event::Apply(l)));
+        assert_eq!(takeover(ev(lease(Some("n1"), 4)), "n1", 4), None);
+        assert!(
+            takeover(ev(lease(Some("n2"), 5)), "n1", 4)
+                .unwrap()
+                .contains("\"n2\"")
+        );
+        // Same holder but another transition: someone took it and we re-took it elsewhere.
+        assert!(takeover(ev(lease(Some("n1"), 5)), "n1", 4).is_some());
+        assert!(takeover(ev(lease(None, 4)), "n1", 4).is_some());
+        assert!(takeover(Some(Ok(watcher::Event::Delete(lease(None, 4)))), "n1", 4).is_some());
+        assert_eq!(takeover(Some(Ok(watcher::Event::InitDone)), "n1", 4), None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     ctx.patch_node("cordoning the node", &patch).await?;
     let note = match plan {
         CordonPlan::Cordon => "cordoned the node",
-        CordonPlan::AlreadyOurs => "node already cordoned by us (resumed turn)",
+        CordonPlan::AlreadyOurs => "node already cordoned by us",
         CordonPlan::Foreign => FOREIGN_CORDON_NOTE,
     };
     info!(plan = ?plan, "{note}");

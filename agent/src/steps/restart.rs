@@ -13,6 +13,30 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+/// The pods as `pod_restart` should see them. Pods we already deleted count as terminating
+/// even before the watch says so. Only pods present when the step started are ever deleted: a
+/// pod the DaemonSet creates afterwards at another revision means its template is not at the
+/// wanted revision, and deleting it again would only churn kata-deploy on this node (each
+/// termination may clean the node's Kata install), so it counts as terminating too and the
+/// step waits — until the timeout names the problem.
+pub fn decision_view<'p>(
+    pods: impl IntoIterator<Item = &'p Pod>,
+    deleted: &BTreeSet<String>,
+    initial: &BTreeSet<String>,
+    want_hash: &str,
+) -> Vec<KataPod> {
+    pods.into_iter()
+        .map(|p| {
+            let mut k = kata_pod_of(p);
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            if deleted.contains(&uid) || (k.revision_hash != want_hash && !initial.contains(&uid)) {
+                k.terminating = true;
+            }
+            k
+        })
+        .collect()
+}
+
 /// Restarts kata-deploy on our node to `want_hash`; returns how long it took.
 pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, StepError> {
     if want_hash.is_empty() {
@@ -35,24 +59,14 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
 
     let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, Pod>> = None;
-    let mut listed = false;
     // Pods we deleted, by uid: terminating for our purposes even before the watch says so.
     let mut deleted: BTreeSet<String> = BTreeSet::new();
-    let view = |pods: &BTreeMap<String, Pod>, deleted: &BTreeSet<String>| -> Vec<KataPod> {
-        pods.values()
-            .map(|p| {
-                let mut k = kata_pod_of(p);
-                if p.metadata.uid.as_ref().is_some_and(|u| deleted.contains(u)) {
-                    k.terminating = true;
-                }
-                k
-            })
-            .collect()
-    };
+    // Pods present when the step started (by uid); see `decision_view`.
+    let mut initial: Option<BTreeSet<String>> = None;
 
     loop {
-        if listed {
-            let current = view(&pods, &deleted);
+        if let Some(initial) = &initial {
+            let current = decision_view(pods.values(), &deleted, initial, want_hash);
             match pod_restart(&current, want_hash) {
                 PodRestart::Done(name) => {
                     let took = started.elapsed();
@@ -87,11 +101,25 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
             biased;
             stop = ctx.interrupted() => return Err(stop.into()),
             _ = tokio::time::sleep_until(deadline) => {
-                let current = view(&pods, &deleted);
+                let current: Vec<KataPod> = pods.values().map(kata_pod_of).collect();
+                let initial = initial.unwrap_or_default();
+                let recreated_elsewhere = pods.values().any(|p| {
+                    let k = kata_pod_of(p);
+                    !k.terminating
+                        && k.revision_hash != want_hash
+                        && !initial.contains(p.metadata.uid.as_deref().unwrap_or_default())
+                });
+                let hint = if recreated_elsewhere {
+                    "; the DaemonSet recreated the pod at another revision, so its template is not \
+                     at the wanted one (did the helm upgrade/rollback take effect? is \
+                     updateStrategy OnDelete honoured by this chart version?)"
+                } else {
+                    ""
+                };
                 return Err(failure(
                     "KataDeployNotReady",
                     format!(
-                        "kata-deploy on {node} was not Ready at revision {want_hash} within {}s: {}",
+                        "kata-deploy on {node} was not Ready at revision {want_hash} within {}s: {}{hint}",
                         timeout.as_secs(),
                         describe_kata_pods(&current, want_hash)
                     ),
@@ -106,7 +134,9 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     pods = listing.take().unwrap_or_default();
-                    listed = true;
+                    if initial.is_none() {
+                        initial = Some(pods.values().filter_map(|p| p.metadata.uid.clone()).collect());
+                    }
                 }
                 Some(Ok(watcher::Event::Apply(p))) => {
                     pods.insert(p.metadata.name.clone().unwrap_or_default(), p);
@@ -118,5 +148,68 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
                 None => {}
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, uid: &str, hash: &str, ready: bool) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.uid = Some(uid.into());
+        p.metadata.labels = Some(
+            [(
+                kata_deploy::REVISION_HASH_LABEL.to_string(),
+                hash.to_string(),
+            )]
+            .into(),
+        );
+        if ready {
+            p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+        }
+        p
+    }
+
+    fn set(uids: &[&str]) -> BTreeSet<String> {
+        uids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn deletes_the_original_pod_once_and_never_churns_replacements() {
+        let old = pod("kd-a", "u1", "old", true);
+        // Start: the original pod at the old revision is deleted.
+        let v = decision_view([&old], &set(&[]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Delete("kd-a".into()));
+        // Deleted, watch not caught up yet: wait.
+        let v = decision_view([&old], &set(&["u1"]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Wait);
+        // The DaemonSet recreated it at the OLD revision (template not updated): wait, no delete.
+        let again = pod("kd-b", "u2", "old", true);
+        let v = decision_view([&again], &set(&["u1"]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Wait);
+        // Replacement at the wanted revision, Ready: done.
+        let good = pod("kd-c", "u3", "new", true);
+        let v = decision_view([&good], &set(&["u1"]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Done("kd-c".into()));
+        // Not Ready yet: wait.
+        let starting = pod("kd-c", "u3", "new", false);
+        let v = decision_view([&starting], &set(&["u1"]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Wait);
+    }
+
+    #[test]
+    fn already_at_the_wanted_revision_is_done_without_a_restart() {
+        let p = pod("kd-a", "u1", "new", true);
+        let v = decision_view([&p], &set(&[]), &set(&["u1"]), "new");
+        assert_eq!(pod_restart(&v, "new"), PodRestart::Done("kd-a".into()));
     }
 }

@@ -3,7 +3,7 @@
 //! The pod's name is written to the Node before the pod is created, so a restarted agent adopts
 //! the pod in flight instead of starting another. Evidence (phase, reason, exit code, log tail,
 //! duration) is kept before the pod is deleted.
-use crate::ctx::{StepError, TurnCtx, api_error, failure, is_status};
+use crate::ctx::{StepError, Stop, TurnCtx, api_error, failure, is_status};
 use crate::node_patch::{Bookkeeping, NodePatch};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -82,8 +82,14 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
         while verdict == Verdict::InProgress {
             tokio::select! {
                 biased;
-                // The pod keeps running; the restarted agent (or the stale-pod sweep) takes it.
-                stop = ctx.interrupted() => return Err(stop.into()),
+                stop = ctx.interrupted() => {
+                    // On shutdown the pod keeps running for the restarted agent to adopt. When
+                    // the coordinator has moved on, remove it while the Lease is still ours.
+                    if stop == Stop::Revoked && ctx.fenced().is_ok() {
+                        let _ = api.delete(&name, &DeleteParams::default()).await;
+                    }
+                    return Err(stop.into());
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     verdict = Verdict::Failed(klm_protocol::verification::FailureCause {
                         reason: "Timeout".into(),
