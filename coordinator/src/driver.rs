@@ -48,6 +48,9 @@ pub struct Coordinator {
     leases: Store<Lease>,
     state: Persisted,
     saved: Persisted,
+    requests: klm_kube::client::RequestCounter,
+    /// Counter value when the active run started (for its `coordinatorApiRequests`).
+    requests_at_start: u64,
 }
 
 /// Starts a reflector for `api` filtered by `cfg`, waking `notify` on every event.
@@ -81,6 +84,7 @@ where
 impl Coordinator {
     pub async fn start(
         client: kube::Client,
+        requests: klm_kube::client::RequestCounter,
         s: Settings,
         identity: String,
         notify: Arc<Notify>,
@@ -126,6 +130,8 @@ impl Coordinator {
             nodes,
             trigger,
             leases: lease_store,
+            requests_at_start: requests.get(),
+            requests,
         })
     }
 
@@ -235,6 +241,7 @@ impl Coordinator {
             now,
             &mut rand::rng(),
         );
+        self.requests_at_start = self.requests.get();
         let mut run = RunRecord::new(id.clone(), fingerprint, target.trim().to_string(), now);
         let outcome = self.prepare(&mut run, annotations).await;
         if let Err(msg) = outcome {
@@ -333,6 +340,7 @@ impl Coordinator {
 
     async fn start_manual_rollback(&mut self, node: &str) {
         let now = now_ms();
+        self.requests_at_start = self.requests.get();
         let last = self.state.run.clone();
         let usable = last.as_ref().filter(|r| {
             r.kind == RunKind::Upgrade
@@ -478,6 +486,10 @@ impl Coordinator {
             if !again {
                 break;
             }
+        }
+        if run.phase.is_finished() && run.coordinator_api_requests.is_none() {
+            run.coordinator_api_requests =
+                Some(self.requests.get().saturating_sub(self.requests_at_start));
         }
         self.state.run = Some(run);
         Ok(wake)

@@ -28,9 +28,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     klm_kube::logging::init(args.log_format);
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the Kubernetes API ({e}); in a cluster check the ServiceAccount, locally set KUBECONFIG")
-    })?;
+    let (client, requests) = klm_kube::client::counted().await?;
     let (ready_tx, ready_rx) = watch::channel(false);
     if let Some(addr) = klm_kube::health::serve(&args.health_addr, ready_rx).await? {
         tracing::info!(%addr, "health endpoint listening");
@@ -77,7 +75,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let notify = Arc::new(Notify::new());
     let mut coordinator =
-        driver::Coordinator::start(client, settings, me.clone(), notify.clone()).await?;
+        driver::Coordinator::start(client, requests, settings, me.clone(), notify.clone()).await?;
     tracing::info!(namespace = %ns, "coordinator ready (leader)");
     let mut keep = keep;
     let mut shutdown = std::pin::pin!(shutdown_signal());

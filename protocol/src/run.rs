@@ -100,6 +100,9 @@ pub struct Evidence {
     /// Whole node turn, Lease taken → turn finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_ms: Option<u64>,
+    /// API requests the agent sent during this turn (a watch counts once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_requests: Option<u64>,
     /// Free-form notes (e.g. "node was already cordoned by someone else; left cordoned").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -164,6 +167,9 @@ pub struct RunRecord {
     pub started_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// API requests the coordinator sent for this run (set when it finishes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_api_requests: Option<u64>,
 }
 
 impl RunRecord {
@@ -185,6 +191,7 @@ impl RunRecord {
             warnings: Vec::new(),
             started_at_ms: now_ms,
             finished_at_ms: None,
+            coordinator_api_requests: None,
         }
     }
 
