@@ -1,0 +1,83 @@
+# kata-lifecycle-manager
+#
+#   make demo    watch a fleet of 5 simulated nodes upgrade node by node, then roll back
+#   make test    everything CI runs: format, clippy, unit tests, end-to-end tests, chart tests
+#
+# Both run on a local control plane built from Go modules (tests/tools/install.sh, cached in
+# ~/.cache/kata-lifecycle-manager/tools; KLM_TOOLS_DIR=<dir> uses binaries you already have).
+# Needs: Rust (cargo), Go (for the first tools build), python3, openssl, curl.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# Steps of `make test` run in the order written, even under `make -j`.
+.NOTPARALLEL:
+
+CARGO ?= cargo
+PYTHON ?= python3
+# Threads per end-to-end test binary. Each binary shares one control plane between its tests;
+# 2 fits a 2-core machine running that control plane too.
+E2E_THREADS ?= 2
+
+.PHONY: help demo test deps tools build fmt fmt-check clippy unit e2e chart-test \
+        cluster-up cluster-down test-e2e-env
+
+help: ## this list
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+demo: tools build ## upgrade 4 of 5 simulated nodes to 3.28.0, then fail 3.29.0 on the 3rd and roll back
+	$(CARGO) run --quiet -p klm-demo
+
+test: deps tools fmt-check clippy build unit e2e chart-test ## everything: fmt, clippy, unit, end-to-end and chart tests
+	@echo "make test: all passed"
+
+deps: ## check (and on Debian as root, install) what the scripts need besides Rust and Go
+	@missing=(); \
+	for c in openssl curl setpriv setsid base64; do command -v $$c >/dev/null || missing+=($$c); done; \
+	if (( $${#missing[@]} )); then \
+	  if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+	    echo "deps: installing $${missing[*]} (openssl curl util-linux coreutils)"; \
+	    apt-get update -qq && apt-get install -y -qq openssl curl util-linux coreutils >/dev/null; \
+	  else echo "deps: missing $${missing[*]}: install openssl, curl, util-linux, coreutils" >&2; exit 1; fi; \
+	fi
+	@command -v $(PYTHON) >/dev/null || { echo "deps: $(PYTHON) is needed (tests/cluster, tests/chart)" >&2; exit 1; }
+	@$(PYTHON) -c 'import yaml' 2>/dev/null || { echo "deps: installing PyYAML for the chart tests"; \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check pyyaml; }
+	@if [[ -z "$${KLM_TOOLS_DIR:-}" ]] && ! command -v go >/dev/null; then \
+	  echo "deps: Go is needed to build the control-plane tools once (or set KLM_TOOLS_DIR to a directory with etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)" >&2; exit 1; fi
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+tools: deps ## build (cold: ~17 min) or reuse the control-plane tools
+	@bash tests/tools/install.sh >/dev/null
+
+build: ## build the binaries (klm-agent, klm-coordinator, klm-demo)
+	$(CARGO) build --bins
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## check formatting (cargo fmt --check)
+	$(CARGO) fmt --all -- --check
+
+clippy: ## clippy on every target, warnings are errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ## unit tests (no cluster)
+	$(CARGO) test --workspace --exclude klm-e2e
+
+e2e: tools build ## end-to-end tests: each test binary starts its own control plane
+	$(CARGO) test -p klm-e2e -- --test-threads=$(E2E_THREADS)
+
+chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
+	bash tests/chart/test.sh
+
+cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes; KLM_CLUSTER_DIR=/tmp/klm-cluster)
+	bash tests/cluster/cluster.sh up
+
+cluster-down: ## stop it
+	bash tests/cluster/cluster.sh down
+
+test-e2e-env: build ## run the end-to-end tests against the cluster of `make cluster-up`
+	eval "$$(bash tests/cluster/cluster.sh env)"; \
+	$(CARGO) test -p klm-e2e -- --test-threads=$(E2E_THREADS)
