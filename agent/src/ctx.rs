@@ -18,9 +18,23 @@ pub const FIELD_MANAGER: &str = "kata-lifecycle-manager-agent";
 /// Reporting controller of the agent's Events.
 pub const EVENT_REPORTER: &str = "kata-lifecycle-manager-agent";
 
+/// API requests sent by this process (a watch counts once).
+#[derive(Debug, Clone, Default)]
+pub struct RequestCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl RequestCounter {
+    pub fn add(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Long-lived handles, one per process.
 pub struct Agent {
     pub client: Client,
+    pub requests: RequestCounter,
     pub config: Config,
     pub nodes: Api<Node>,
     pub lease: UpgradeLease,
@@ -28,8 +42,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(client: Client, config: Config) -> Self {
+    pub fn new(client: Client, requests: RequestCounter, config: Config) -> Self {
         Agent {
+            requests,
             nodes: Api::all(client.clone()),
             lease: UpgradeLease::new(
                 client.clone(),
@@ -126,6 +141,8 @@ pub struct TurnCtx<'a> {
     pub evidence: Evidence,
     /// When this process took the turn (local monotonic), for durations without started-at.
     pub began: tokio::time::Instant,
+    /// The request counter when this process started the turn (before taking the Lease).
+    pub requests_at_start: u64,
 }
 
 impl TurnCtx<'_> {
@@ -202,6 +219,11 @@ impl TurnCtx<'_> {
         tokio::spawn(async move {
             events.publish(&target, warning, reason, action, note).await;
         });
+    }
+
+    /// API requests this turn has sent so far, plus the one about to carry the evidence.
+    pub fn requests_so_far(&self) -> u64 {
+        self.agent.requests.get() - self.requests_at_start + 1
     }
 
     pub fn note(&mut self, note: impl Into<String>) {

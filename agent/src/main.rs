@@ -54,28 +54,38 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     {
         info!(%addr, "health endpoint listening (/healthz, /readyz)");
     }
-    let client = client().await.context(
+    let (client, requests) = client().await.context(
         "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
     )?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
 
-    let agent = Arc::new(ctx::Agent::new(client, config));
+    let agent = Arc::new(ctx::Agent::new(client, requests, config));
     driver::run(agent, shutdown, ready_tx).await;
     info!("agent stopped");
     Ok(())
 }
 
-/// The API client, from KUBECONFIG or the in-cluster service account, with kube's built-in
-/// retry layer turned off: it retries 429/503/504 up to 15 times with backoff growing to
-/// 1000 s inside one call, which would hide a PodDisruptionBudget's refusal (429) from the drain
-/// and its deadline, and stall a Lease renewal past the fence. Every caller here retries on
-/// its own terms (jittered backoff, bounded by its step's deadline or the fence).
-async fn client() -> anyhow::Result<kube::Client> {
+/// The API client, from KUBECONFIG or the in-cluster service account, counting its requests
+/// (for the evidence's `apiRequests`), with kube's built-in retry layer turned off: it retries
+/// 429/503/504 up to 15 times with backoff growing to 1000 s inside one call, which would hide
+/// a PodDisruptionBudget's refusal (429) from the drain and its deadline, and stall a Lease
+/// renewal past the fence. Every caller here retries on its own terms (jittered backoff,
+/// bounded by its step's deadline or the fence).
+async fn client() -> anyhow::Result<(kube::Client, ctx::RequestCounter)> {
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
-    Ok(kube::Client::try_from(config)?)
+    let counter = ctx::RequestCounter::default();
+    let inner = counter.clone();
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        inner.add();
+        req
+    });
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&count)
+        .build();
+    Ok((client, counter))
 }
 
 /// SIGTERM/SIGINT: stop between steps. A second signal exits at once.

@@ -74,6 +74,7 @@ async fn attempt_turn(
     shutdown: CancellationToken,
 ) -> Result<TurnEnd, String> {
     let node_name = agent.node_name();
+    let requests_at_start = agent.requests.get();
     let read_node = || async {
         agent.nodes.get_opt(node_name).await.map_err(|e| {
             format!("reading Node {node_name}: {e} (does the agent's RBAC allow get on nodes?)")
@@ -141,6 +142,7 @@ async fn attempt_turn(
         node,
         evidence,
         began: tokio::time::Instant::now(),
+        requests_at_start,
     };
     if bk.is_turn(&a.run_id, a.kind) {
         ctx.event(

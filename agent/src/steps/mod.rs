@@ -194,6 +194,7 @@ async fn complete(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     ctx.evidence.succeeded = true;
     ctx.evidence.failure = None;
     ctx.evidence.node_ms = Some(node_ms(ctx));
+    ctx.evidence.api_requests = Some(ctx.requests_so_far());
     let patch = NodePatch::status(&ctx.a.run_id, ctx.a.kind, NodeStatus::Completed)
         .current_version(&ctx.a.target_version)
         .verification_pod(None);
@@ -254,6 +255,7 @@ async fn restored(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     ctx.evidence.succeeded = true;
     ctx.evidence.failure = None;
     ctx.evidence.node_ms = Some(node_ms(ctx));
+    ctx.evidence.api_requests = Some(ctx.requests_so_far());
     let patch = NodePatch::status(&ctx.a.run_id, ctx.a.kind, NodeStatus::RolledBack)
         .current_version(&ctx.a.release.recorded_version)
         .verification_pod(None);
@@ -283,6 +285,7 @@ async fn fail(ctx: &mut TurnCtx<'_>, at: NodeStatus, cause: FailureCause) -> Res
     ctx.evidence.step = at.as_str().into();
     ctx.evidence.succeeded = false;
     ctx.evidence.node_ms = Some(node_ms(ctx));
+    ctx.evidence.api_requests = Some(ctx.requests_so_far());
     let bk = Bookkeeping::of(&ctx.node);
     if bk.foreign_cordon() {
         ctx.note(cordon::FOREIGN_CORDON_NOTE);
