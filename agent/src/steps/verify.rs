@@ -65,15 +65,25 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
         .render(&node, &name, &params.verification_namespace, &ctx.a.run_id)
         .map_err(|e| failure("InvalidVerificationPod", e.to_string()))?;
     tolerate_cordon(&mut pod);
-    let created = create_or_adopt(ctx, &api, &pod, &name).await?;
-    let created_ms = created
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or_else(wall_ms, |t| t.0.as_millisecond());
+    let sent = Instant::now();
+    let (created, ours) = create_or_adopt(ctx, &api, &pod, &name).await?;
+    // Durations and the deadline run from the creation: measured locally when we created the
+    // pod (creationTimestamp has one-second resolution), from creationTimestamp when adopted.
     let timeout = params.verification_timeout();
-    let left_ms = created_ms + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX) - wall_ms();
-    let deadline = Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(0));
+    let started = if ours {
+        sent
+    } else {
+        let created_ms = created
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(wall_ms, |t| t.0.as_millisecond());
+        let age = u64::try_from(wall_ms() - created_ms).unwrap_or(0);
+        Instant::now()
+            .checked_sub(Duration::from_millis(age))
+            .unwrap_or_else(Instant::now)
+    };
+    let deadline = started + timeout;
 
     let mut last = created;
     let mut verdict = judge(&last);
@@ -124,7 +134,7 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     }
 
     // Evidence first, then delete the pod.
-    let took = u64::try_from(wall_ms() - created_ms).unwrap_or(0);
+    let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     ctx.evidence.pod = Some(name.clone());
     ctx.evidence.phase = last.status.as_ref().and_then(|s| s.phase.clone());
     ctx.evidence.verification_ms = Some(took);
@@ -166,18 +176,19 @@ fn short_error(e: &kube::Error) -> String {
     }
 }
 
-/// Creates the pod, or adopts it when it already exists (a restarted agent, or a retry).
+/// Creates the pod, or adopts it when it already exists (a restarted agent, or a retry);
+/// `true` when we created it.
 async fn create_or_adopt(
     ctx: &TurnCtx<'_>,
     api: &Api<Pod>,
     pod: &Pod,
     name: &str,
-) -> Result<Pod, StepError> {
+) -> Result<(Pod, bool), StepError> {
     ctx.fenced()?;
     match api.create(&PostParams::default(), pod).await {
         Ok(p) => {
             info!(pod = %name, namespace = ?pod.metadata.namespace, "created the verification pod");
-            Ok(p)
+            Ok((p, true))
         }
         Err(e) if is_status(&e, 409) => {
             match api
@@ -187,7 +198,7 @@ async fn create_or_adopt(
             {
                 Some(p) => {
                     info!(pod = %name, "adopted the verification pod already in flight");
-                    Ok(p)
+                    Ok((p, false))
                 }
                 // Gone between the two calls: let the walk retry the step.
                 None => Err(StepError::Api {
