@@ -16,7 +16,7 @@ use klm_protocol::params::{self, Defaults};
 use klm_protocol::run::{
     Evidence, ReleaseState, RunKind, RunRecord, new_run_id, trigger_fingerprint,
 };
-use klm_protocol::{RunPhase, TurnKind, plan};
+use klm_protocol::{RunPhase, plan};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -435,6 +435,11 @@ impl Coordinator {
             let store = self.nodes.clone();
             let observe = move |n: &str| nodes::observe(store.get(&ObjectRef::new(n)).as_deref());
             let effects = reduce(&mut run, &observe, &lease, now_ms(), self.s.timing);
+            // Count before the finished record is first written, so readers see it.
+            if run.phase.is_finished() && run.coordinator_api_requests.is_none() {
+                run.coordinator_api_requests =
+                    Some(self.requests.get().saturating_sub(self.requests_at_start));
+            }
             let mut again = false;
             for effect in effects {
                 match effect {
@@ -452,7 +457,7 @@ impl Coordinator {
                         )
                         .await
                     }
-                    Effect::MarkNodeFailed { node, reason } => {
+                    Effect::MarkNodeFailed { node, kind, reason } => {
                         let ev = Evidence {
                             run_id: run.id.clone(),
                             node: node.clone(),
@@ -465,11 +470,6 @@ impl Coordinator {
                             }),
                             ..Default::default()
                         };
-                        let kind = run
-                            .turn
-                            .as_ref()
-                            .map(|t| t.kind)
-                            .unwrap_or(TurnKind::Upgrade);
                         if self.nodes.get(&ObjectRef::new(&node)).is_some()
                             && let Err(e) =
                                 nodes::mark_failed(&self.node_api, &node, &run.id, kind, &ev).await

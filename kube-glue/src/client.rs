@@ -26,7 +26,10 @@ pub enum ClientError {
 
 /// A client from KUBECONFIG or the in-cluster ServiceAccount, counting its requests.
 pub async fn counted() -> Result<(kube::Client, RequestCounter), ClientError> {
-    let config = kube::Config::infer().await?;
+    let mut config = kube::Config::infer().await?;
+    // kube's retry layer would retry 429/503 inside one call for minutes: a PDB's refusal must
+    // reach the drain's own bounded backoff, and a Lease renewal must fail fast, not late.
+    config.default_retry = false;
     let counter = RequestCounter::default();
     let inner = counter.0.clone();
     let count = MapRequestLayer::new(move |req: http::Request<Body>| {

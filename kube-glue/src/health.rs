@@ -7,7 +7,10 @@ use tokio::sync::watch;
 
 /// Serves probes on `addr` ("" disables). `ready` flips /readyz between 200 and 503.
 /// Returns the bound address (useful with port 0).
-pub async fn serve(addr: &str, ready: watch::Receiver<bool>) -> std::io::Result<Option<SocketAddr>> {
+pub async fn serve(
+    addr: &str,
+    ready: watch::Receiver<bool>,
+) -> std::io::Result<Option<SocketAddr>> {
     if addr.is_empty() {
         return Ok(None);
     }

@@ -25,7 +25,8 @@ pub fn observe(node: Option<&Node>) -> ObservedNode {
         status: annotation(node, keys::STATUS).and_then(|s| s.parse::<NodeStatus>().ok()),
         run_id: annotation(node, keys::RUN_ID).map(str::to_string),
         turn: annotation(node, keys::TURN).and_then(TurnKind::parse),
-        evidence: annotation(node, keys::EVIDENCE).and_then(|e| serde_json::from_str::<Evidence>(e).ok()),
+        evidence: annotation(node, keys::EVIDENCE)
+            .and_then(|e| serde_json::from_str::<Evidence>(e).ok()),
     }
 }
 

@@ -39,7 +39,11 @@ pub enum Effect {
     /// Run `helm rollback <release> <recorded revision> --wait`, then set `release.rolled_back`.
     HelmRollback,
     /// The agent cannot report (lost): mark the node `failed` ourselves.
-    MarkNodeFailed { node: String, reason: String },
+    MarkNodeFailed {
+        node: String,
+        kind: TurnKind,
+        reason: String,
+    },
     /// Call `reduce` again at this time even if nothing changes.
     WakeAt(i64),
 }
@@ -297,6 +301,7 @@ fn node_lost(
             report.finished_at_ms = Some(now_ms);
             effects.push(Effect::MarkNodeFailed {
                 node: turn.node.clone(),
+                kind: turn.kind,
                 reason: reason.clone(),
             });
             // A lost node cannot restore itself; restore the others.
@@ -319,6 +324,7 @@ fn node_lost(
             run.turn = None;
             effects.push(Effect::MarkNodeFailed {
                 node: turn.node.clone(),
+                kind: turn.kind,
                 reason: reason.clone(),
             });
             effects.push(event(Some(&turn.node), true, "NodeRestoreFailed", reason));

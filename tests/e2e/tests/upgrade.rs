@@ -25,12 +25,20 @@ async fn happy_path_upgrades_opted_in_nodes_one_by_one() -> anyhow::Result<()> {
     assert_eq!(run.plan, plan);
     assert_eq!(run.progress(), "4/4");
     for n in ["node-1", "node-2", "node-3", "node-4"] {
-        assert_eq!(p.node_labels(n).await?, (Some("completed".into()), Some("3.28.0".into())), "{n}");
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("completed".into()), Some("3.28.0".into())),
+            "{n}"
+        );
     }
     // The node that did not opt in was not touched, and still runs the old kata-deploy pod.
     assert_eq!(p.node_labels("node-5").await?, (None, None));
     let (rev, version, status) = p.release().await?;
-    assert_eq!((rev, version.as_str(), status.as_str()), (rev_before + 1, "3.28.0", "deployed"), "exactly one helm upgrade");
+    assert_eq!(
+        (rev, version.as_str(), status.as_str()),
+        (rev_before + 1, "3.28.0", "deployed"),
+        "exactly one helm upgrade"
+    );
     // Every opted-in node's evidence records a verification.
     for n in &plan {
         let ev = run.nodes[n].evidence.clone().expect("evidence");
@@ -38,7 +46,10 @@ async fn happy_path_upgrades_opted_in_nodes_one_by_one() -> anyhow::Result<()> {
     }
     p.assert_safe(&plan).await?;
     let holders = p.observed.lock().unwrap().holders.clone();
-    assert_eq!(holders, plan, "the upgrade Lease went to each node in plan order");
+    assert_eq!(
+        holders, plan,
+        "the upgrade Lease went to each node in plan order"
+    );
     Ok(())
 }
 
@@ -46,28 +57,45 @@ async fn happy_path_upgrades_opted_in_nodes_one_by_one() -> anyhow::Result<()> {
 async fn failure_on_node_two_of_four_rolls_back_to_the_recorded_revision() -> anyhow::Result<()> {
     let p = Product::start("fail2", 4, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2", "node-3", "node-4"]).await?;
-    p.slice.set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    p.slice
+        .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
     let (recorded, ..) = p.release().await?;
     let run = p.run("3.28.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
     let failure = run.failure.clone().expect("failure recorded");
     assert_eq!(failure.node.as_deref(), Some(p.node("node-2").as_str()));
     let ev = failure.evidence.expect("evidence");
-    assert_eq!(ev.failure.as_ref().and_then(|f| f.exit_code), Some(1), "{ev:?}");
+    assert_eq!(
+        ev.failure.as_ref().and_then(|f| f.exit_code),
+        Some(1),
+        "{ev:?}"
+    );
     assert!(run.message.contains(&p.node("node-2")), "{}", run.message);
     for n in ["node-1", "node-2"] {
-        assert_eq!(p.node_labels(n).await?, (Some("rolled-back".into()), Some("3.27.0".into())), "{n}");
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.27.0".into())),
+            "{n}"
+        );
     }
     for n in ["node-3", "node-4"] {
-        assert_eq!(p.node_labels(n).await?, (None, None), "{n} must be untouched");
+        assert_eq!(
+            p.node_labels(n).await?,
+            (None, None),
+            "{n} must be untouched"
+        );
     }
     let (rev, version, status) = p.release().await?;
     assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
     assert_eq!(rev, recorded + 2, "one upgrade, one rollback");
-    assert_eq!(run.release.as_ref().unwrap().recorded_revision as u64, recorded);
+    assert_eq!(
+        run.release.as_ref().unwrap().recorded_revision as u64,
+        recorded
+    );
     // Every node runs the old kata-deploy again.
     p.slice.wait_kata_deploy("3.27.0").await?;
-    p.assert_safe(&names(&p, &["node-1", "node-2", "node-3", "node-4"])).await?;
+    p.assert_safe(&names(&p, &["node-1", "node-2", "node-3", "node-4"]))
+        .await?;
     Ok(())
 }
 
@@ -82,19 +110,32 @@ async fn verification_failure_modes_fail_fast_with_evidence() -> anyhow::Result<
         (Outcome::Fail, "NonZeroExit", "60s"),
     ];
     for (outcome, reason, timeout) in cases {
-        p.slice.set_verification_outcome("node-1", "3.28.0", outcome);
+        p.slice
+            .set_verification_outcome("node-1", "3.28.0", outcome);
         let started = std::time::Instant::now();
-        let run = p.run("3.28.0", &[(trigger::VERIFICATION_TIMEOUT, timeout)]).await?;
+        let run = p
+            .run("3.28.0", &[(trigger::VERIFICATION_TIMEOUT, timeout)])
+            .await?;
         assert_eq!(run.phase, RunPhase::Failed, "{outcome}: {run:#?}");
         let f = run.failure.clone().expect("failure");
         assert!(f.reason.contains(reason), "{outcome}: {}", f.reason);
-        assert!(f.evidence.as_ref().is_some_and(|e| e.pod.is_some()), "{outcome}: {f:?}");
+        assert!(
+            f.evidence.as_ref().is_some_and(|e| e.pod.is_some()),
+            "{outcome}: {f:?}"
+        );
         // Fail fast: well before the 60s verification timeout (except the timeout case).
         eprintln!("{outcome}: run failed after {:?}", started.elapsed());
-        assert_eq!(p.node_labels("node-1").await?.0.as_deref(), Some("rolled-back"));
+        assert_eq!(
+            p.node_labels("node-1").await?.0.as_deref(),
+            Some("rolled-back")
+        );
         assert_eq!(p.release().await?.1, "3.27.0");
         // Re-arm: remove the target so the same annotations start a new run next time.
-        p.annotate(&[(trigger::TARGET_VERSION, None), (trigger::VERIFICATION_TIMEOUT, None)]).await?;
+        p.annotate(&[
+            (trigger::TARGET_VERSION, None),
+            (trigger::VERIFICATION_TIMEOUT, None),
+        ])
+        .await?;
     }
     p.assert_safe(&names(&p, &["node-1"])).await?;
     Ok(())
@@ -105,17 +146,38 @@ async fn bad_inputs_end_the_run_with_a_message_and_change_nothing() -> anyhow::R
     let p = Product::start("badinput", 1, "3.27.0").await?;
     p.opt_in(&["node-1"]).await?;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let not_never = b64(&p.slice.verification_pod_template().replace("Never", "Always"));
+    let not_never = b64(&p
+        .slice
+        .verification_pod_template()
+        .replace("Never", "Always"));
     let not_pod = b64("apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n");
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
-        (vec![(trigger::TARGET_VERSION, "not-a-version".into())], "bad target version"),
-        (vec![(trigger::NODE_SELECTOR, "a in (b".into())], "node-selector"),
-        (vec![(trigger::DRAIN_TIMEOUT, "ten minutes".into())], "drain-timeout"),
-        (vec![(trigger::VERIFICATION_POD, "@@not base64@@".into())], "base64"),
+        (
+            vec![(trigger::TARGET_VERSION, "not-a-version".into())],
+            "bad target version",
+        ),
+        (
+            vec![(trigger::NODE_SELECTOR, "a in (b".into())],
+            "node-selector",
+        ),
+        (
+            vec![(trigger::DRAIN_TIMEOUT, "ten minutes".into())],
+            "drain-timeout",
+        ),
+        (
+            vec![(trigger::VERIFICATION_POD, "@@not base64@@".into())],
+            "base64",
+        ),
         (vec![(trigger::VERIFICATION_POD, b64("a: [broken"))], "YAML"),
         (vec![(trigger::VERIFICATION_POD, not_pod)], "kind: Pod"),
-        (vec![(trigger::VERIFICATION_POD, not_never)], "restartPolicy"),
-        (vec![(trigger::HELM_RELEASE, "no-such-release".into())], "not found"),
+        (
+            vec![(trigger::VERIFICATION_POD, not_never)],
+            "restartPolicy",
+        ),
+        (
+            vec![(trigger::HELM_RELEASE, "no-such-release".into())],
+            "not found",
+        ),
     ];
     let (rev, ..) = p.release().await?;
     for (pairs, needle) in cases {
@@ -128,13 +190,21 @@ async fn bad_inputs_end_the_run_with_a_message_and_change_nothing() -> anyhow::R
         p.annotate(&ann).await?;
         let run = p.wait_finished_after(before).await?;
         assert_eq!(run.phase, RunPhase::Failed, "{pairs:?}");
-        assert!(run.message.contains(needle), "{pairs:?}: message {:?}", run.message);
+        assert!(
+            run.message.contains(needle),
+            "{pairs:?}: message {:?}",
+            run.message
+        );
         // Clear everything for the next case.
         let clear: Vec<(&str, Option<&str>)> = ann.iter().map(|(k, _)| (*k, None)).collect();
         p.annotate(&clear).await?;
     }
     assert_eq!(p.release().await?.0, rev, "no helm call was made");
-    assert_eq!(p.node_labels("node-1").await?, (None, None), "no node was touched");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (None, None),
+        "no node was touched"
+    );
     Ok(())
 }
 
@@ -146,7 +216,9 @@ async fn zero_nodes_and_same_version_succeed_without_helm() -> anyhow::Result<()
     assert_eq!(run.phase, RunPhase::Succeeded);
     assert!(run.message.contains("no nodes selected"), "{}", run.message);
     p.opt_in(&["node-1"]).await?;
-    let run = p.run("3.27.0", &[(trigger::DRAIN_ENABLED, "false")]).await?;
+    let run = p
+        .run("3.27.0", &[(trigger::DRAIN_ENABLED, "false")])
+        .await?;
     assert_eq!(run.phase, RunPhase::Succeeded);
     assert!(run.message.contains("already at 3.27.0"), "{}", run.message);
     assert_eq!(p.release().await?.0, rev);
@@ -158,23 +230,55 @@ async fn zero_nodes_and_same_version_succeed_without_helm() -> anyhow::Result<()
 async fn taint_only_and_combined_selection() -> anyhow::Result<()> {
     let p = Product::start("taints", 4, "3.27.0").await?;
     for n in ["node-2", "node-4"] {
-        p.slice.taint_node(&p.node(n), "kata-lifecycle-manager", "pending", "NoSchedule").await?;
+        p.slice
+            .taint_node(
+                &p.node(n),
+                "kata-lifecycle-manager",
+                "pending",
+                "NoSchedule",
+            )
+            .await?;
     }
-    p.slice.taint_node(&p.node("node-3"), "kata-lifecycle-manager", "done", "NoSchedule").await?;
+    p.slice
+        .taint_node(
+            &p.node("node-3"),
+            "kata-lifecycle-manager",
+            "done",
+            "NoSchedule",
+        )
+        .await?;
     // Taint-only: the slice label keeps the test isolated; no window label is needed.
     let sel = p.slice.node_selector();
     let run = p
-        .run("3.28.0", &[(trigger::NODE_SELECTOR, &sel), (trigger::NODE_TAINT_KEY, "kata-lifecycle-manager"), (trigger::NODE_TAINT_VALUE, "pending")])
+        .run(
+            "3.28.0",
+            &[
+                (trigger::NODE_SELECTOR, &sel),
+                (trigger::NODE_TAINT_KEY, "kata-lifecycle-manager"),
+                (trigger::NODE_TAINT_VALUE, "pending"),
+            ],
+        )
         .await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     assert_eq!(run.plan, names(&p, &["node-2", "node-4"]));
     assert_eq!(p.node_labels("node-1").await?.0, None);
     assert_eq!(p.node_labels("node-3").await?.0, None);
     // Combined: label AND taint key (any value).
-    p.slice.label_node(&p.node("node-3"), "pool", "kata").await?;
-    p.slice.label_node(&p.node("node-4"), "pool", "kata").await?;
+    p.slice
+        .label_node(&p.node("node-3"), "pool", "kata")
+        .await?;
+    p.slice
+        .label_node(&p.node("node-4"), "pool", "kata")
+        .await?;
     let run = p
-        .run("3.29.0", &[(trigger::NODE_SELECTOR, &format!("{sel},pool=kata")), (trigger::NODE_TAINT_KEY, "kata-lifecycle-manager"), (trigger::NODE_TAINT_VALUE, "")])
+        .run(
+            "3.29.0",
+            &[
+                (trigger::NODE_SELECTOR, &format!("{sel},pool=kata")),
+                (trigger::NODE_TAINT_KEY, "kata-lifecycle-manager"),
+                (trigger::NODE_TAINT_VALUE, ""),
+            ],
+        )
         .await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     assert_eq!(run.plan, names(&p, &["node-3", "node-4"]));
@@ -189,9 +293,17 @@ async fn a_foreign_cordon_survives_the_upgrade() -> anyhow::Result<()> {
     let run = p.run("3.28.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     let n1 = p.slice.node(&p.node("node-1")).await?;
-    assert_eq!(n1.spec.and_then(|s| s.unschedulable), Some(true), "someone else's cordon must stay");
+    assert_eq!(
+        n1.spec.and_then(|s| s.unschedulable),
+        Some(true),
+        "someone else's cordon must stay"
+    );
     let n2 = p.slice.node(&p.node("node-2")).await?;
-    assert_ne!(n2.spec.and_then(|s| s.unschedulable), Some(true), "our cordon must be lifted");
+    assert_ne!(
+        n2.spec.and_then(|s| s.unschedulable),
+        Some(true),
+        "our cordon must be lifted"
+    );
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
@@ -203,13 +315,23 @@ async fn manual_rollback_of_one_node() -> anyhow::Result<()> {
     let run = p.run("3.28.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     let before = Some(run.id.clone());
-    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&p.node("node-2")))]).await?;
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&p.node("node-2")))])
+        .await?;
     let rb = p.wait_finished_after(before).await?;
     assert_eq!(rb.phase, RunPhase::Succeeded, "{rb:#?}");
-    assert_eq!(p.node_labels("node-2").await?, (Some("rolled-back".into()), Some("3.27.0".into())));
-    assert_eq!(p.node_labels("node-1").await?, (Some("completed".into()), Some("3.28.0".into())));
+    assert_eq!(
+        p.node_labels("node-2").await?,
+        (Some("rolled-back".into()), Some("3.27.0".into()))
+    );
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("completed".into()), Some("3.28.0".into()))
+    );
     assert_eq!(p.release().await?.1, "3.27.0");
-    assert_eq!(rb.nodes[&p.node("node-2")].status, Some(NodeStatus::RolledBack));
+    assert_eq!(
+        rb.nodes[&p.node("node-2")].status,
+        Some(NodeStatus::RolledBack)
+    );
     Ok(())
 }
 
@@ -218,25 +340,37 @@ async fn agent_killed_mid_verification_resumes() -> anyhow::Result<()> {
     let mut p = Product::start("agentkill", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
     let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))]).await?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
     let n1 = p.node("node-1");
-    p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
+    p.wait_run(
+        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
     // SIGKILL mid-verification: the verification pod's name is already on the Node, so the
     // restarted agent adopts that pod (whatever it did meanwhile) instead of starting over.
     p.kill_agent(&n1);
     p.start_agent(&n1)?;
     let run = p.wait_finished_after(before).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
-    assert_eq!(p.node_labels("node-1").await?, (Some("completed".into()), Some("3.28.0".into())));
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("completed".into()), Some("3.28.0".into()))
+    );
     let pods = p.slice.verification_decisions();
     let on_n1 = pods.iter().filter(|d| d.node == n1).count();
-    assert_eq!(on_n1, 1, "one verification pod for node-1, adopted after the restart: {pods:?}");
+    assert_eq!(
+        on_n1, 1,
+        "one verification pod for node-1, adopted after the restart: {pods:?}"
+    );
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_killed_after_helm_upgrade_resumes_without_a_second_upgrade() -> anyhow::Result<()> {
+async fn coordinator_killed_after_helm_upgrade_resumes_without_a_second_upgrade()
+-> anyhow::Result<()> {
     let mut p = Product::start("coordkill", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
     let (recorded, ..) = p.release().await?;
@@ -244,8 +378,10 @@ async fn coordinator_killed_after_helm_upgrade_resumes_without_a_second_upgrade(
     let n1 = p.node("node-1");
     p.kill_agent(&n1);
     let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))]).await?;
-    p.wait_run(|r| r.phase == RunPhase::Running, product::RUN_TIMEOUT).await?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(|r| r.phase == RunPhase::Running, product::RUN_TIMEOUT)
+        .await?;
     p.kill_coordinator();
     p.start_coordinator()?;
     p.start_agent(&n1)?;
@@ -262,7 +398,13 @@ async fn chart_ignoring_update_strategy_is_reported() -> anyhow::Result<()> {
     p.opt_in(&["node-1", "node-2"]).await?;
     let run = p.run("3.26.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
-    assert!(run.warnings.iter().any(|w| w.contains("ignores updateStrategy")), "{:?}", run.warnings);
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("ignores updateStrategy")),
+        "{:?}",
+        run.warnings
+    );
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
@@ -292,8 +434,19 @@ async fn drain_evicts_workloads_and_a_blocking_pdb_fails_the_node_by_name() -> a
     let run = p.run("3.28.0", &[(trigger::DRAIN_ENABLED, "true")]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
-    assert!(pods.get_opt(&evictable).await?.is_none_or(|x| x.metadata.deletion_timestamp.is_some()), "drain evicted the workload");
-    let drained = p.observed.lock().unwrap().transitions.iter().any(|(_, s)| s == "draining");
+    assert!(
+        pods.get_opt(&evictable)
+            .await?
+            .is_none_or(|x| x.metadata.deletion_timestamp.is_some()),
+        "drain evicted the workload"
+    );
+    let drained = p
+        .observed
+        .lock()
+        .unwrap()
+        .transitions
+        .iter()
+        .any(|(_, s)| s == "draining");
     assert!(drained, "nodes went through draining");
 
     // Now a PDB that allows no disruption guards a pod on node-1: the drain must time out,
@@ -305,13 +458,38 @@ async fn drain_evicts_workloads_and_a_blocking_pdb_fails_the_node_by_name() -> a
         "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": guarded}}}
     }))?;
     pdbs.create(&Default::default(), &pdb).await?;
-    let run = p.run("3.29.0", &[(trigger::DRAIN_ENABLED, "true"), (trigger::DRAIN_TIMEOUT, "8s")]).await?;
+    let run = p
+        .run(
+            "3.29.0",
+            &[
+                (trigger::DRAIN_ENABLED, "true"),
+                (trigger::DRAIN_TIMEOUT, "8s"),
+            ],
+        )
+        .await?;
     assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
     let f = run.failure.clone().expect("failure");
-    assert!(f.reason.contains("DrainTimeout") && f.reason.contains(&guarded), "{}", f.reason);
-    assert!(pods.get_opt(&guarded).await?.is_some_and(|x| x.metadata.deletion_timestamp.is_none()), "the guarded pod survived");
-    assert_eq!(p.release().await?.1, "3.28.0", "rolled back to the recorded revision (3.28.0)");
-    assert_eq!(p.node_labels("node-2").await?.0.as_deref(), Some("completed"), "node-2 untouched by the failed run");
+    assert!(
+        f.reason.contains("DrainTimeout") && f.reason.contains(&guarded),
+        "{}",
+        f.reason
+    );
+    assert!(
+        pods.get_opt(&guarded)
+            .await?
+            .is_some_and(|x| x.metadata.deletion_timestamp.is_none()),
+        "the guarded pod survived"
+    );
+    assert_eq!(
+        p.release().await?.1,
+        "3.28.0",
+        "rolled back to the recorded revision (3.28.0)"
+    );
+    assert_eq!(
+        p.node_labels("node-2").await?.0.as_deref(),
+        Some("completed"),
+        "node-2 untouched by the failed run"
+    );
     p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
     pods.delete(&evictable, &Default::default()).await.ok();
     pdbs.delete(&guarded, &Default::default()).await.ok();
@@ -323,16 +501,31 @@ async fn drain_evicts_workloads_and_a_blocking_pdb_fails_the_node_by_name() -> a
 async fn a_second_trigger_during_a_run_is_reported_not_interleaved() -> anyhow::Result<()> {
     let p = Product::start("second", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
-    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
     let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0")), (trigger::VERIFICATION_TIMEOUT, Some("6s"))]).await?;
+    p.annotate(&[
+        (trigger::TARGET_VERSION, Some("3.28.0")),
+        (trigger::VERIFICATION_TIMEOUT, Some("6s")),
+    ])
+    .await?;
     let n1 = p.node("node-1");
-    let first = p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.29.0"))]).await?;
+    let first = p
+        .wait_run(
+            |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
+            product::RUN_TIMEOUT,
+        )
+        .await?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.29.0"))])
+        .await?;
     let run = p.wait_finished_after(before).await?;
     assert_eq!(run.id, first.id, "the running run continued");
     assert_eq!(run.target_version, "3.28.0");
-    assert!(run.warnings.iter().any(|w| w.contains("still in progress")), "{:?}", run.warnings);
+    assert!(
+        run.warnings.iter().any(|w| w.contains("still in progress")),
+        "{:?}",
+        run.warnings
+    );
     // The ignored trigger does not start by itself afterwards.
     let now = p.current_run().await?.unwrap();
     assert_eq!(now.id, first.id);
@@ -344,11 +537,20 @@ async fn a_second_trigger_during_a_run_is_reported_not_interleaved() -> anyhow::
 async fn a_node_deleted_before_its_turn_is_skipped_and_reported() -> anyhow::Result<()> {
     let mut p = Product::start("vanish", 3, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2", "node-3"]).await?;
-    p.slice.set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
     let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0")), (trigger::VERIFICATION_TIMEOUT, Some("5s"))]).await?;
+    p.annotate(&[
+        (trigger::TARGET_VERSION, Some("3.28.0")),
+        (trigger::VERIFICATION_TIMEOUT, Some("5s")),
+    ])
+    .await?;
     let n1 = p.node("node-1");
-    p.wait_run(|r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying), product::RUN_TIMEOUT).await?;
+    p.wait_run(
+        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
     // A new node opting in mid-run is not added to the plan; a planned node that vanishes is skipped.
     p.slice.add_node("node-4").await?;
     p.opt_in(&["node-4"]).await?;
@@ -358,7 +560,10 @@ async fn a_node_deleted_before_its_turn_is_skipped_and_reported() -> anyhow::Res
     let run = p.wait_finished_after(before).await?;
     // node-1 timed out (Pending) → the run failed and rolled back; node-3 never got a turn.
     assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
-    assert!(!run.plan.contains(&p.node("node-4")), "plan is fixed at start");
+    assert!(
+        !run.plan.contains(&p.node("node-4")),
+        "plan is fixed at start"
+    );
     assert_eq!(p.node_labels("node-4").await?, (None, None));
     p.assert_safe(&run.plan).await?;
     Ok(())

@@ -49,13 +49,24 @@ impl Product {
         Self::start_with(name, nodes, version, &[]).await
     }
 
-    pub async fn start_with(name: &str, nodes: usize, version: &str, coordinator_args: &[&str]) -> Result<Product> {
-        let slice = klm_testkit::Cluster::shared().await.slice(name, nodes).await;
+    pub async fn start_with(
+        name: &str,
+        nodes: usize,
+        version: &str,
+        coordinator_args: &[&str],
+    ) -> Result<Product> {
+        let slice = klm_testkit::Cluster::shared()
+            .await
+            .slice(name, nodes)
+            .await;
         slice.install_kata_deploy(RELEASE, version, &[]).await?;
         let cms: Api<ConfigMap> = Api::namespaced(slice.client(), &slice.namespace());
         let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": CM}}))?;
         cms.create(&PostParams::default(), &cm).await?;
-        std::fs::write(slice.dir().join("verify.yaml"), slice.verification_pod_template())?;
+        std::fs::write(
+            slice.dir().join("verify.yaml"),
+            slice.verification_pod_template(),
+        )?;
         let mut p = Product {
             slice,
             coordinator: None,
@@ -122,7 +133,11 @@ impl Product {
     pub fn start_coordinator(&mut self) -> Result<()> {
         let args = self.coordinator_args();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.coordinator = Some(self.slice.spawn("klm-coordinator", &refs, &[("RUST_LOG", "info")])?);
+        self.coordinator = Some(self.slice.spawn(
+            "klm-coordinator",
+            &refs,
+            &[("RUST_LOG", "info")],
+        )?);
         Ok(())
     }
 
@@ -136,8 +151,19 @@ impl Product {
         let ns = self.slice.namespace();
         let proc = self.slice.spawn(
             "klm-agent",
-            &["--health-addr", "127.0.0.1:0", "--log-format", "text", "--pod-ready-timeout", "60s"],
-            &[("NODE_NAME", node), ("POD_NAMESPACE", &ns), ("RUST_LOG", "info")],
+            &[
+                "--health-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+                "--pod-ready-timeout",
+                "60s",
+            ],
+            &[
+                ("NODE_NAME", node),
+                ("POD_NAMESPACE", &ns),
+                ("RUST_LOG", "info"),
+            ],
         )?;
         self.agents.insert(node.to_string(), proc);
         Ok(())
@@ -154,10 +180,20 @@ impl Product {
         let sel = self.slice.node_selector();
         let obs = self.observed.clone();
         self.monitor.push(tokio::spawn(async move {
-            let mut stream = std::pin::pin!(watcher(nodes, watcher::Config::default().labels(&sel)).default_backoff().applied_objects());
+            let mut stream = std::pin::pin!(
+                watcher(nodes, watcher::Config::default().labels(&sel))
+                    .default_backoff()
+                    .applied_objects()
+            );
             while let Some(Ok(node)) = stream.next().await {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                let status = node.metadata.labels.as_ref().and_then(|l| l.get(node_keys::STATUS)).cloned().unwrap_or_default();
+                let status = node
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(node_keys::STATUS))
+                    .cloned()
+                    .unwrap_or_default();
                 let mut o = obs.lock().unwrap();
                 if o.status.get(&name) != Some(&status) {
                     o.status.insert(name.clone(), status.clone());
@@ -177,10 +213,15 @@ impl Product {
         let leases: Api<Lease> = Api::namespaced(self.slice.client(), &self.slice.namespace());
         let obs = self.observed.clone();
         self.monitor.push(tokio::spawn(async move {
-            let cfg = watcher::Config::default().fields("metadata.name=kata-lifecycle-manager-upgrade");
-            let mut stream = std::pin::pin!(watcher(leases, cfg).default_backoff().applied_objects());
+            let cfg =
+                watcher::Config::default().fields("metadata.name=kata-lifecycle-manager-upgrade");
+            let mut stream =
+                std::pin::pin!(watcher(leases, cfg).default_backoff().applied_objects());
             while let Some(Ok(lease)) = stream.next().await {
-                let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                let holder = lease
+                    .spec
+                    .and_then(|s| s.holder_identity)
+                    .unwrap_or_default();
                 let mut o = obs.lock().unwrap();
                 if !holder.is_empty() && o.holders.last() != Some(&holder) {
                     o.holders.push(holder);
@@ -191,7 +232,9 @@ impl Product {
 
     pub async fn opt_in(&self, suffixes: &[&str]) -> Result<()> {
         for s in suffixes {
-            self.slice.label_node(&self.node(s), node_keys::WINDOW_LABEL, "true").await?;
+            self.slice
+                .label_node(&self.node(s), node_keys::WINDOW_LABEL, "true")
+                .await?;
         }
         Ok(())
     }
@@ -204,10 +247,20 @@ impl Product {
     pub async fn annotate(&self, pairs: &[(&str, Option<&str>)]) -> Result<()> {
         let ann: serde_json::Map<String, serde_json::Value> = pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.map(|v| serde_json::json!(v)).unwrap_or(serde_json::Value::Null)))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.map(|v| serde_json::json!(v))
+                        .unwrap_or(serde_json::Value::Null),
+                )
+            })
             .collect();
         self.cms()
-            .patch(CM, &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {"annotations": ann}})))
+            .patch(
+                CM,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"annotations": ann}})),
+            )
             .await?;
         Ok(())
     }
@@ -228,11 +281,19 @@ impl Product {
 
     /// Waits (watch) until a run other than `before` has finished.
     pub async fn wait_finished_after(&self, before: Option<String>) -> Result<RunRecord> {
-        self.wait_run(|r| Some(&r.id) != before.as_ref() && r.phase.is_finished(), RUN_TIMEOUT).await
+        self.wait_run(
+            |r| Some(&r.id) != before.as_ref() && r.phase.is_finished(),
+            RUN_TIMEOUT,
+        )
+        .await
     }
 
     /// Waits (watch) until the run record satisfies `f`.
-    pub async fn wait_run(&self, f: impl Fn(&RunRecord) -> bool, timeout: Duration) -> Result<RunRecord> {
+    pub async fn wait_run(
+        &self,
+        f: impl Fn(&RunRecord) -> bool,
+        timeout: Duration,
+    ) -> Result<RunRecord> {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={CM}"));
         let stream = watcher(self.cms(), cfg).default_backoff().applied_objects();
         let found = tokio::time::timeout(timeout, async {
@@ -251,7 +312,10 @@ impl Product {
             Ok(Some(r)) => Ok(r),
             _ => {
                 let now = self.current_run().await.ok().flatten();
-                bail!("run did not reach the expected state within {timeout:?}; last record: {now:#?}\n{}", self.logs())
+                bail!(
+                    "run did not reach the expected state within {timeout:?}; last record: {now:#?}\n{}",
+                    self.logs()
+                )
             }
         }
     }
@@ -260,14 +324,25 @@ impl Product {
     pub async fn node_labels(&self, suffix: &str) -> Result<(Option<String>, Option<String>)> {
         let n = self.slice.node(&self.node(suffix)).await?;
         let l = n.metadata.labels.unwrap_or_default();
-        Ok((l.get(node_keys::STATUS).cloned(), l.get(node_keys::CURRENT_VERSION).cloned()))
+        Ok((
+            l.get(node_keys::STATUS).cloned(),
+            l.get(node_keys::CURRENT_VERSION).cloned(),
+        ))
     }
 
     /// (revision, chart version, status) of the kata-deploy release's latest revision.
     pub async fn release(&self) -> Result<(u64, String, String)> {
         let out = self
             .slice
-            .helm(&["get", "metadata", RELEASE, "-n", &self.slice.kata_deploy_namespace(), "-o", "json"])
+            .helm(&[
+                "get",
+                "metadata",
+                RELEASE,
+                "-n",
+                &self.slice.kata_deploy_namespace(),
+                "-o",
+                "json",
+            ])
             .await?;
         let v: serde_json::Value = serde_json::from_str(&out).context("helm metadata json")?;
         Ok((
@@ -279,12 +354,27 @@ impl Product {
 
     /// The safety invariants every scenario must keep.
     pub async fn assert_safe(&self, plan: &[String]) -> Result<()> {
+        self.assert_order(plan)?;
+        self.assert_nothing_left_cordoned().await
+    }
+
+    /// At most one node in progress at any observed instant; upgrades in plan order.
+    fn assert_order(&self, plan: &[String]) -> Result<()> {
         let o = self.observed.lock().unwrap();
         if !o.concurrent.is_empty() {
-            bail!("more than one node in progress at once: {:?}\n{}", o.concurrent, self.logs());
+            bail!(
+                "more than one node in progress at once: {:?}\n{}",
+                o.concurrent,
+                self.logs()
+            );
         }
         // Nodes entered `preparing` in plan order, each once per run at most.
-        let prepared: Vec<&String> = o.transitions.iter().filter(|(_, s)| s == "preparing").map(|(n, _)| n).collect();
+        let prepared: Vec<&String> = o
+            .transitions
+            .iter()
+            .filter(|(_, s)| s == "preparing")
+            .map(|(n, _)| n)
+            .collect();
         let mut expected = plan.iter();
         for n in &prepared {
             if !plan.contains(n) {
@@ -298,12 +388,29 @@ impl Product {
                 bail!("node {n} upgraded out of turn; order seen {prepared:?}, plan {plan:?}");
             }
         }
-        drop(o);
+        Ok(())
+    }
+
+    async fn assert_nothing_left_cordoned(&self) -> Result<()> {
         for n in self.slice.nodes().await? {
             let node = self.slice.node(&n).await?;
-            let ours = node.metadata.annotations.as_ref().and_then(|a| a.get(node_keys::CORDONED_BY)).is_some();
-            let unschedulable = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-            let status = node.metadata.labels.as_ref().and_then(|l| l.get(node_keys::STATUS)).cloned();
+            let ours = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(node_keys::CORDONED_BY))
+                .is_some();
+            let unschedulable = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
+            let status = node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(node_keys::STATUS))
+                .cloned();
             if ours && unschedulable && status.as_deref() != Some("failed") {
                 bail!("node {n} left cordoned by us (status {status:?})");
             }
@@ -340,5 +447,8 @@ impl Drop for Product {
 }
 
 pub fn read_run(cm: &ConfigMap) -> Option<RunRecord> {
-    cm.data.as_ref()?.get(status_data::RUN).and_then(|s| RunRecord::from_json(s).ok())
+    cm.data
+        .as_ref()?
+        .get(status_data::RUN)
+        .and_then(|s| RunRecord::from_json(s).ok())
 }

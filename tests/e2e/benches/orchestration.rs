@@ -1,0 +1,86 @@
+//! Benchmark: per-node orchestration overhead and API requests per node, on 10 simulated
+//! nodes of the real control plane. Run with `make bench` (or
+//! `cargo bench -p klm-e2e --bench orchestration`). It reports figures; it asserts nothing
+//! about time.
+//!
+//! Overhead of a node = its whole turn (Lease taken → turn finished, measured by its agent)
+//! minus the verification pod's own runtime. Handoff = coordinator's view of the gap between
+//! one node finishing and the next node's turn being granted.
+#[path = "../tests/product/mod.rs"]
+mod product;
+
+use klm_protocol::RunPhase;
+use product::Product;
+
+const NODES: usize = 10;
+
+fn summary(name: &str, mut v: Vec<f64>, unit: &str) {
+    if v.is_empty() {
+        println!("{name:<40} n/a");
+        return;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let p50 = v[v.len() / 2];
+    let max = v[v.len() - 1];
+    println!(
+        "{name:<40} mean {mean:>8.1}{unit}  p50 {p50:>8.1}{unit}  max {max:>8.1}{unit}  (n={})",
+        v.len()
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let p = Product::start("bench", NODES, "3.27.0").await?;
+        let all: Vec<String> = (1..=NODES).map(|i| format!("node-{i}")).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        p.opt_in(&refs).await?;
+        let (mut overhead, mut handoff, mut verify, mut agent_req, mut coord_req, mut node_total) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for target in ["3.28.0", "3.29.0"] {
+            let started = std::time::Instant::now();
+            let run = p.run(target, &[]).await?;
+            anyhow::ensure!(
+                run.phase == RunPhase::Succeeded,
+                "benchmark run failed: {run:#?}"
+            );
+            println!(
+                "run to {target}: {} nodes in {:.1}s wall",
+                run.plan.len(),
+                started.elapsed().as_secs_f64()
+            );
+            let mut prev_finish: Option<i64> = None;
+            for n in &run.plan {
+                let r = &run.nodes[n];
+                let ev = r.evidence.clone().unwrap_or_default();
+                if let (Some(node), Some(v)) = (ev.node_ms, ev.verification_ms) {
+                    overhead.push(node.saturating_sub(v) as f64);
+                    node_total.push(node as f64);
+                    verify.push(v as f64);
+                }
+                if let Some(a) = ev.api_requests {
+                    agent_req.push(a as f64);
+                }
+                if let (Some(prev), Some(start)) = (prev_finish, r.started_at_ms) {
+                    handoff.push((start - prev) as f64);
+                }
+                prev_finish = r.finished_at_ms;
+            }
+            if let Some(c) = run.coordinator_api_requests {
+                coord_req.push(c as f64 / run.plan.len() as f64);
+            }
+        }
+        println!();
+        summary("node turn (agent, ms)", node_total, "ms");
+        summary("verification pod runtime (ms)", verify, "ms");
+        summary("orchestration overhead per node (ms)", overhead, "ms");
+        summary("handoff to next node (coordinator, ms)", handoff, "ms");
+        summary("agent API requests per node", agent_req, "");
+        summary("coordinator API requests per node", coord_req, "");
+        anyhow::Ok(())
+    })
+}

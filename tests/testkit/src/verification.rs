@@ -1,0 +1,245 @@
+//! Scenario control of verification pods.
+//!
+//! A test decides what a verification pod does, per node and per kata-deploy version. The pods
+//! themselves are simulated by kwok (`tests/cluster/kwok-stages.yaml`): a pod labelled
+//! `klm.test/verification=true` stays Pending until it also carries `klm.test/outcome=<outcome>`,
+//! and then follows that outcome's chain of stages. This module is the small controller that
+//! chooses the outcome label: it watches verification pods on the slice's nodes and the
+//! slice's kata-deploy pods, and labels each new verification pod from the table the test filled
+//! in, keyed by its node and by the version of the Ready kata-deploy pod on that node (the image
+//! tag of its `kube-kata` container) at the moment the pod is seen.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
+
+/// Label a test puts on verification pods (in the pod template it gives the product).
+pub const VERIFICATION_LABEL: &str = "klm.test/verification";
+/// Label the controller sets; kwok stages select on it.
+pub const OUTCOME_LABEL: &str = "klm.test/outcome";
+
+/// What a verification pod does once it is on its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Pending → Running → Succeeded, container exit code 0.
+    Succeed,
+    /// Pending → Running → Failed, container exit code 1.
+    Fail,
+    /// Stays Pending, container waiting in ContainerCreating, forever.
+    Pending,
+    /// Stays Pending, container waiting in ErrImagePull, then ImagePullBackOff.
+    ImagePull,
+    /// Pending → Running → container exited 1, waiting in CrashLoopBackOff (phase Running).
+    CrashLoop,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Succeed,
+        Outcome::Fail,
+        Outcome::Pending,
+        Outcome::ImagePull,
+        Outcome::CrashLoop,
+    ];
+
+    /// The `klm.test/outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Succeed => "succeed",
+            Outcome::Fail => "fail",
+            Outcome::Pending => "pending",
+            Outcome::ImagePull => "image-pull",
+            Outcome::CrashLoop => "crashloop",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Wildcard for a node or a version in [`crate::Slice::set_verification_outcome`].
+pub const ANY: &str = "*";
+
+/// The test's table: (node | `*`, version | `*`) → outcome, plus a default.
+#[derive(Debug)]
+pub(crate) struct Outcomes {
+    pub(crate) default: Outcome,
+    pub(crate) rules: HashMap<(String, String), Outcome>,
+}
+
+impl Default for Outcomes {
+    fn default() -> Self {
+        Outcomes {
+            default: Outcome::Succeed,
+            rules: HashMap::new(),
+        }
+    }
+}
+
+impl Outcomes {
+    /// Most specific rule first: (node, version), (node, *), (*, version), then the default.
+    /// `version` is None when no Ready kata-deploy pod runs on the node.
+    pub(crate) fn decide(&self, node: &str, version: Option<&str>) -> Outcome {
+        let get = |n: &str, v: &str| self.rules.get(&(n.to_owned(), v.to_owned())).copied();
+        version
+            .and_then(|v| get(node, v))
+            .or_else(|| get(node, ANY))
+            .or_else(|| version.and_then(|v| get(ANY, v)))
+            .unwrap_or(self.default)
+    }
+}
+
+/// One labelling, kept for the failure report.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub pod: String,
+    pub node: String,
+    pub version: Option<String>,
+    pub outcome: Outcome,
+}
+
+/// Shared between a [`crate::Slice`] and its controller task.
+#[derive(Default)]
+pub(crate) struct Scenario {
+    pub(crate) outcomes: Mutex<Outcomes>,
+    pub(crate) decisions: Mutex<Vec<Decision>>,
+}
+
+/// The version of the kata-deploy pod serving `node`: the newest Ready, non-terminating
+/// `name=kata-deploy` pod there, read from its `kube-kata` image tag.
+pub(crate) fn kata_deploy_version_on(pods: &[Arc<Pod>], node: &str) -> Option<String> {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && crate::wait::is_pod_ready(p))
+        .max_by_key(|p| p.metadata.creation_timestamp.clone())
+        .and_then(|p| image_tag(p))
+}
+
+pub(crate) fn image_tag(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let c = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "kube-kata")
+        .or(spec.containers.first())?;
+    let image = c.image.as_deref()?;
+    // The tag follows the last ':' after the last '/' (a registry host may carry a port).
+    let last = image.rsplit('/').next()?;
+    last.split_once(':').map(|(_, tag)| tag.to_owned())
+}
+
+/// Runs until aborted (the slice aborts it on drop).
+pub(crate) async fn run(
+    client: kube::Client,
+    slice_id: String,
+    kata_deploy_ns: String,
+    scenario: Arc<Scenario>,
+) {
+    let node_prefix = format!("{slice_id}-");
+    let kd_api: Api<Pod> = Api::namespaced(client.clone(), &kata_deploy_ns);
+    let verify_api: Api<Pod> = Api::all(client.clone());
+
+    let (kd_store, kd_writer) = reflector::store();
+    let (verify_store, verify_writer) = reflector::store();
+    let kd_events = reflector(
+        kd_writer,
+        watcher(
+            kd_api,
+            watcher::Config::default().labels("name=kata-deploy"),
+        ),
+    )
+    .default_backoff()
+    .map(|ev| (Source::KataDeploy, ev));
+    let verify_events = reflector(
+        verify_writer,
+        watcher(
+            verify_api,
+            watcher::Config::default().labels(&format!("{VERIFICATION_LABEL}=true")),
+        ),
+    )
+    .default_backoff()
+    .map(|ev| (Source::Verification, ev));
+    let mut events = std::pin::pin!(stream::select(kd_events, verify_events));
+
+    // Pods labelled by us whose update may not have reached the store yet.
+    let mut labelled: HashSet<String> = HashSet::new();
+    let (mut kd_listed, mut verify_listed) = (false, false);
+    while let Some((which, event)) = events.next().await {
+        match (which, event) {
+            (Source::KataDeploy, Ok(watcher::Event::InitDone)) => kd_listed = true,
+            (Source::Verification, Ok(watcher::Event::InitDone)) => verify_listed = true,
+            (_, Err(e)) => eprintln!("klm-testkit: verification controller watch: {e}"),
+            _ => {}
+        }
+        // Decide only on complete pictures: before both initial lists are in, a node's
+        // kata-deploy pod may simply not be known yet. (The reflector swaps a re-list in whole.)
+        if !(kd_listed && verify_listed) {
+            continue;
+        }
+        let kd_pods = kd_store.state();
+        for pod in verify_store.state() {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue; // not scheduled yet; its binding will come as another event
+            };
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if !node.starts_with(&node_prefix)
+                || pod.metadata.deletion_timestamp.is_some()
+                || labelled.contains(&uid)
+                || pod
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(OUTCOME_LABEL))
+            {
+                continue;
+            }
+            let version = kata_deploy_version_on(&kd_pods, &node);
+            let outcome = scenario
+                .outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .decide(&node, version.as_deref());
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let patch =
+                serde_json::json!({"metadata": {"labels": {OUTCOME_LABEL: outcome.label()}}});
+            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    labelled.insert(uid);
+                    scenario
+                        .decisions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Decision {
+                            pod: format!("{ns}/{name}"),
+                            node,
+                            version,
+                            outcome,
+                        });
+                }
+                // Deleted meanwhile: nothing to decide.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => eprintln!("klm-testkit: cannot label verification pod {ns}/{name}: {e}"),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    KataDeploy,
+    Verification,
+}
