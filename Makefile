@@ -19,7 +19,7 @@ PYTHON ?= python3
 # 2 fits a 2-core machine running that control plane too.
 E2E_THREADS ?= 2
 
-.PHONY: help demo test deps tools build fmt fmt-check clippy unit e2e chart-test \
+.PHONY: help demo test bench deps tools build fmt fmt-check clippy unit e2e chart-test \
         cluster-up cluster-down test-e2e-env
 
 help: ## this list
@@ -67,7 +67,10 @@ unit: ## unit tests (no cluster)
 	$(CARGO) test --workspace --exclude klm-e2e
 
 e2e: tools build ## end-to-end tests: each test binary starts its own control plane
-	$(CARGO) test -p klm-e2e -- --test-threads=$(E2E_THREADS)
+	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)
+
+bench: tools ## benchmark: per-node orchestration overhead and API requests per node on 10 simulated nodes
+	$(CARGO) bench -p klm-e2e --bench orchestration
 
 chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
 	bash tests/chart/test.sh
@@ -80,4 +83,4 @@ cluster-down: ## stop it
 
 test-e2e-env: build ## run the end-to-end tests against the cluster of `make cluster-up`
 	eval "$$(bash tests/cluster/cluster.sh env)"; \
-	$(CARGO) test -p klm-e2e -- --test-threads=$(E2E_THREADS)
+	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)
