@@ -70,7 +70,10 @@ TOOLS_PID=""
 
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM HUP
+  # Ignore repeats: the testkit's parent-death signal can arrive once per exiting thread of
+  # the test process, and a second SIGTERM must not cut this cleanup short.
+  trap '' INT TERM HUP
+  trap - EXIT
   if [[ -n "$TOOLS_PID" ]]; then kill -TERM -- "-$TOOLS_PID" 2>/dev/null || true; fi
   local pids=("${!NAMES[@]}")
   if ((${#pids[@]})); then
@@ -215,9 +218,9 @@ run_supervisor() {
   fi
   echo $$ >"$DIR/supervisor.pid"
   trap cleanup EXIT
-  trap 'exit 143' TERM
-  trap 'exit 130' INT
-  trap 'exit 129' HUP
+  trap "trap '' INT TERM HUP; exit 143" TERM
+  trap "trap '' INT TERM HUP; exit 130" INT
+  trap "trap '' INT TERM HUP; exit 129" HUP
   mkdir -p "$DIR/logs" "$DIR/etcd" "$DIR/kwok"
   local t0=$SECONDS
 

@@ -31,7 +31,7 @@ pub struct Cluster {
     tools_dir: PathBuf,
     /// The supervisor, when this process started the cluster. Never dropped (it lives in a
     /// `static`): the kernel's parent-death signal ends it.
-    _supervisor: Option<Proc>,
+    supervisor: Option<Proc>,
 }
 
 /// How long a cluster may take to come up. Generous: on a machine whose tool cache is cold the
@@ -90,7 +90,7 @@ impl Cluster {
             tools_dir: PathBuf::from(var("KLM_TOOLS_DIR")?),
             dir,
             kubeconfig,
-            _supervisor: None,
+            supervisor: None,
         })
     }
 
@@ -132,12 +132,16 @@ impl Cluster {
             }
         });
         if ready_rx.recv_timeout(START_TIMEOUT).is_err() {
+            // SIGTERM lets the supervisor clean up after itself; dropping the Proc would SIGKILL it.
+            supervisor.terminate();
+            let status = supervisor.exit_status();
+            std::mem::forget(supervisor);
             let log = std::fs::read_to_string(&supervisor_log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             bail!(
                 "tests/cluster/cluster.sh run did not become ready ({}); last lines of its log:\n{}",
-                match supervisor.exit_status() {
+                match status {
                     Some(s) => format!("exited: {s}"),
                     None => format!("still starting after {START_TIMEOUT:?}"),
                 },
@@ -155,8 +159,25 @@ impl Cluster {
             chart_repo: get("KLM_CHART_REPO")?,
             tools_dir: PathBuf::from(get("KLM_TOOLS_DIR")?),
             dir,
-            _supervisor: Some(supervisor),
+            supervisor: Some(supervisor),
         })
+    }
+
+    /// Stops the cluster now, if this process started it (an attached cluster is left to its
+    /// owner): the supervisor gets SIGTERM, kills every component and removes the directory.
+    /// Tests never need this — the cluster ends with the test binary — but a long-lived
+    /// program (the demo) may want to stop it and report that it did.
+    pub async fn shutdown(&self) -> Result<()> {
+        if let Some(supervisor) = &self.supervisor {
+            supervisor.terminate();
+            supervisor.wait(Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+
+    /// True when this process started the cluster (it ends with this process).
+    pub fn is_owned(&self) -> bool {
+        self.supervisor.is_some()
     }
 
     /// The cluster directory (kubeconfig, logs/, pki/, slices/).
