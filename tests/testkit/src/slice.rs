@@ -26,6 +26,9 @@ use crate::process::Proc;
 use crate::verification::{self, Decision, Outcome, Scenario};
 use crate::wait::{DEFAULT_TIMEOUT, is_pod_ready, node_ready_status, wait_for, wait_list, when};
 
+/// Bound on a slice's drop-time report and cleanup.
+const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Label carried by every node and namespace of a slice.
 pub const SLICE_LABEL: &str = "klm.test/slice";
 
@@ -396,34 +399,39 @@ spec:
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
+                // Bounded: a dead API server must not hang the test's teardown.
                 rt.block_on(async {
-                    let client = client_for(&kubeconfig).await?;
-                    if print_report {
-                        // A fresh client: `self.client` belongs to the test's runtime.
-                        match report(&client, &id, &namespaces, &decisions).await {
-                            Ok(r) => eprintln!(
-                                "----- slice {id} -----\n{r}----- end of slice {id} -----"
-                            ),
-                            Err(e) => eprintln!("klm-testkit: cannot report slice {id}: {e:#}"),
+                    tokio::time::timeout(CLEANUP_TIMEOUT, async {
+                        let client = client_for(&kubeconfig).await?;
+                        if print_report {
+                            // A fresh client: `self.client` belongs to the test's runtime.
+                            match report(&client, &id, &namespaces, &decisions).await {
+                                Ok(r) => eprintln!(
+                                    "----- slice {id} -----\n{r}----- end of slice {id} -----"
+                                ),
+                                Err(e) => eprintln!("klm-testkit: cannot report slice {id}: {e:#}"),
+                            }
                         }
-                    }
-                    if keep {
-                        eprintln!("klm-testkit: KLM_KEEP_SLICES=1, slice {id} left in place");
-                        return Ok(());
-                    }
-                    let dp = DeleteParams::background();
-                    let nss: Api<Namespace> = Api::all(client.clone());
-                    for ns in &namespaces {
-                        let _ = nss.delete(ns, &dp).await;
-                    }
-                    let nodes: Api<Node> = Api::all(client);
-                    let _ = nodes
-                        .delete_collection(
-                            &dp,
-                            &ListParams::default().labels(&format!("{SLICE_LABEL}={id}")),
-                        )
-                        .await;
-                    Ok(())
+                        if keep {
+                            eprintln!("klm-testkit: KLM_KEEP_SLICES=1, slice {id} left in place");
+                            return Ok(());
+                        }
+                        let dp = DeleteParams::background();
+                        let nss: Api<Namespace> = Api::all(client.clone());
+                        for ns in &namespaces {
+                            let _ = nss.delete(ns, &dp).await;
+                        }
+                        let nodes: Api<Node> = Api::all(client);
+                        let _ = nodes
+                            .delete_collection(
+                                &dp,
+                                &ListParams::default().labels(&format!("{SLICE_LABEL}={id}")),
+                            )
+                            .await;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CLEANUP_TIMEOUT:?}")))
                 })
             })
             .join()
