@@ -20,7 +20,7 @@ PYTHON ?= python3
 E2E_THREADS ?= 2
 
 .PHONY: help demo test bench deps tools build fmt fmt-check clippy unit e2e chart-test \
-        cluster-up cluster-down test-e2e-env
+        cluster-up cluster-down cluster-status test-e2e-env
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -81,6 +81,11 @@ cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes;
 cluster-down: ## stop it
 	bash tests/cluster/cluster.sh down
 
-test-e2e-env: build ## run the end-to-end tests against the cluster of `make cluster-up`
-	eval "$$(bash tests/cluster/cluster.sh env)"; \
+cluster-status: ## its components, ports and memory (RSS)
+	bash tests/cluster/cluster.sh status
+
+# Attaches to the cluster of `make cluster-up` when one is running; otherwise each test binary
+# starts (and ends) its own, as in `make e2e`.
+test-e2e-env: tools build ## run the end-to-end tests against the cluster of `make cluster-up` (or their own)
+	if bash tests/cluster/cluster.sh status >/dev/null 2>&1; then eval "$$(bash tests/cluster/cluster.sh env)"; fi; \
 	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)
