@@ -93,9 +93,11 @@ build_etcd() {
   touch "$(done_marker "$key")"
 }
 
-build_go_install() { # name version package ldflags
-  local name="$1" version="$2" pkg="$3" ldflags="$4"
-  local key="$name-$version" out="$CACHE/$name-$version"
+build_go_install() { # name version package ldflags [recipe]
+  # `recipe` names a change in how a version is built (e.g. new ldflags), so such a change gets
+  # a fresh cache entry instead of silently reusing the old binary.
+  local name="$1" version="$2" pkg="$3" ldflags="$4" recipe="${5:-}"
+  local key="$name-$version${recipe:+-$recipe}" out="$CACHE/$name-$version${recipe:+-$recipe}"
   [[ -f "$(done_marker "$key")" ]] && { log "$name $version: cached"; return; }
   log "$name $version: building"
   mkdir -p "$out"
@@ -104,20 +106,38 @@ build_go_install() { # name version package ldflags
 }
 
 build_etcd
-build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
-  "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# Like helm's own release build, tell `helm template`/`lint` which Kubernetes version to assume
+# (the minor of the client-go it is built with); without it they assume 1.20 and refuse charts
+# with a kubeVersion constraint such as ours.
+helm_k8s_minor() {
+  local gomod
+  gomod="$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  sed -n 's#^[[:space:]]*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod" | head -1
+}
+HELM_RECIPE=k8sflags
+if [[ ! -f "$(done_marker "helm-$HELM_VERSION-$HELM_RECIPE")" ]]; then
+  minor="$(helm_k8s_minor)"
+  [[ -n "$minor" ]] || { log "cannot read client-go's version from helm's go.mod"; exit 1; }
+  helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
+else
+  helm_ldflags=""
+fi
+build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ldflags" "$HELM_RECIPE"
 build_go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 build_kubernetes
 
 # One directory of symlinks per version set, so callers need a single PATH entry.
-set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-kwok$KWOK_VERSION"
+set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-$HELM_RECIPE-kwok$KWOK_VERSION"
 bin="$CACHE/$set_key"
 mkdir -p "$bin"
 ln -sf "$CACHE/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
 for c in kube-apiserver kube-controller-manager kube-scheduler; do
   ln -sf "$CACHE/kubernetes-$K8S_VERSION/$c" "$bin/$c"
 done
-ln -sf "$CACHE/helm-$HELM_VERSION/helm" "$bin/helm"
+ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm"
 ln -sf "$CACHE/kwok-$KWOK_VERSION/kwok" "$bin/kwok"
 echo "$bin"
