@@ -51,6 +51,8 @@ pub struct Coordinator {
     requests: klm_kube::client::RequestCounter,
     /// Counter value when the active run started (for its `coordinatorApiRequests`).
     requests_at_start: u64,
+    /// resourceVersion of the trigger in which we last acted on an `action` annotation.
+    action_seen_in: Option<String>,
 }
 
 /// Starts a reflector for `api` filtered by `cfg`, waking `notify` on every event.
@@ -131,6 +133,7 @@ impl Coordinator {
             trigger,
             leases: lease_store,
             requests_at_start: requests.get(),
+            action_seen_in: None,
             requests,
         })
     }
@@ -179,6 +182,13 @@ impl Coordinator {
             .get(trigger::ROLLBACK_NODE)
             .cloned()
             .unwrap_or_default();
+        if let Some(action) = annotations.get(trigger::ACTION)
+            && cm.metadata.resource_version != self.action_seen_in
+        {
+            // Until our removal shows up in the watch, the store still has the annotation.
+            self.action_seen_in = cm.metadata.resource_version.clone();
+            self.take_action(action.trim()).await?;
+        }
         let active = self
             .state
             .run
@@ -228,6 +238,49 @@ impl Coordinator {
         let wake = self.drive().await?;
         self.persist().await?;
         Ok(wake)
+    }
+
+    /// Acts on `lifecycle.katacontainers.io/action` once, then removes it, so it never
+    /// applies to a later run by accident.
+    async fn take_action(&mut self, action: &str) -> anyhow::Result<()> {
+        let patch = serde_json::json!({"metadata": {"annotations": {trigger::ACTION: null}}});
+        self.configmaps
+            .patch(
+                &self.s.trigger_configmap,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await?;
+        let active = self.state.run.as_mut().filter(|r| !r.phase.is_finished());
+        match (action, active) {
+            (trigger::ACTION_CANCEL, Some(run)) => {
+                let msg = format!(
+                    "run {}: cancel requested; no further node starts, and what the run did is rolled back",
+                    run.id
+                );
+                run.cancel_requested = true;
+                self.event(None, true, "CancelRequested", msg).await;
+            }
+            (trigger::ACTION_CANCEL, None) => {
+                self.event(
+                    None,
+                    false,
+                    "NothingToCancel",
+                    "action=cancel: no run is in progress".into(),
+                )
+                .await;
+            }
+            (other, _) => {
+                self.event(
+                    None,
+                    true,
+                    "UnknownAction",
+                    format!("unknown action {other:?}: the only action is `cancel`"),
+                )
+                .await;
+            }
+        }
+        Ok(())
     }
 
     async fn start_run(&mut self, annotations: &BTreeMap<String, String>, fingerprint: String) {
@@ -409,6 +462,13 @@ impl Coordinator {
             return Ok(None);
         };
         let mut wake = None;
+        if run.phase == RunPhase::Pending && run.cancel_requested {
+            run.finish(
+                RunPhase::Cancelled,
+                "cancelled before any change was made",
+                now_ms(),
+            );
+        }
         if run.phase == RunPhase::Pending {
             run.phase = RunPhase::Upgrading;
             self.state.run = Some(run.clone());

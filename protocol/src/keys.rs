@@ -19,8 +19,11 @@ pub mod trigger {
     pub const DRAIN_TIMEOUT: &str = "lifecycle.katacontainers.io/drain-timeout";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
-    /// Steers a run: `cancel` stops granting turns (the node in progress finishes first).
+    /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
+    /// first) and rolls back what the run did, so the fleet ends on one version. The
+    /// coordinator removes the annotation once it has acted on it.
     pub const ACTION: &str = "lifecycle.katacontainers.io/action";
+    pub const ACTION_CANCEL: &str = "cancel";
 
     /// The annotations that define a run; a change to any of them is a new run request.
     pub const RUN_DEFINING: [&str; 11] = [

@@ -72,6 +72,10 @@ pub fn reduce(
         let turn = match &run.turn {
             Some(t) => t.clone(),
             None => match run.phase {
+                RunPhase::Running if run.cancel_requested => {
+                    start_cancel(run, &mut effects);
+                    continue;
+                }
                 RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
                     Some(t) => t,
                     None => {
@@ -96,6 +100,17 @@ pub fn reduce(
         };
         let obs = observe(&turn.node);
         let ours = obs.run_id.as_deref() == Some(run.id.as_str()) && obs.turn == Some(turn.kind);
+        if run.cancel_requested
+            && turn.kind == TurnKind::Upgrade
+            && !ours
+            && lease.holder.as_deref() != Some(turn.node.as_str())
+        {
+            // Not started yet: take the turn back rather than let the node begin.
+            let report = run.nodes.entry(turn.node.clone()).or_default();
+            report.started_at_ms = None;
+            run.turn = None;
+            continue;
+        }
         let report = run.nodes.entry(turn.node.clone()).or_default();
         if ours && obs.status.is_some() {
             report.status = obs.status;
@@ -379,6 +394,25 @@ fn start_rollback(
     effects.push(Effect::HelmRollback);
 }
 
+/// `action=cancel` with no node mid-procedure: roll back what this run completed.
+fn start_cancel(run: &mut RunRecord, effects: &mut Vec<Effect>) {
+    run.phase = RunPhase::RollingBack;
+    run.restore_queue = run
+        .plan
+        .iter()
+        .rev()
+        .filter(|n| run.nodes.get(*n).and_then(|r| r.status) == Some(NodeStatus::Completed))
+        .cloned()
+        .collect();
+    run.message = format!(
+        "cancelled after {} of {} node(s); rolling back",
+        run.completed(),
+        run.plan.len()
+    );
+    effects.push(event(None, true, "RunCancelling", run.message.clone()));
+    effects.push(Effect::HelmRollback);
+}
+
 fn finish_success(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) {
     let skipped: Vec<&String> = run
         .plan
@@ -440,6 +474,20 @@ fn finish_rollback(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) 
                 now_ms,
             );
             effects.push(event(None, !ok, "ManualRollbackFinished", msg));
+        }
+        RunKind::Upgrade if run.failure.is_none() && run.cancel_requested => {
+            let msg = format!(
+                "cancelled; release rolled back to revision {} ({}); restored: {}",
+                release.recorded_revision,
+                release.recorded_version,
+                if restored.is_empty() {
+                    "none".into()
+                } else {
+                    restored.join(", ")
+                }
+            );
+            run.finish(RunPhase::Cancelled, msg.clone(), now_ms);
+            effects.push(event(None, true, "RunCancelled", msg));
         }
         RunKind::Upgrade => {
             let failure = run.failure.clone();

@@ -167,6 +167,9 @@ pub struct RunRecord {
     pub started_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// `action=cancel` was given: no further turns; roll back what was done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
@@ -191,6 +194,7 @@ impl RunRecord {
             warnings: Vec::new(),
             started_at_ms: now_ms,
             finished_at_ms: None,
+            cancel_requested: false,
             coordinator_api_requests: None,
         }
     }

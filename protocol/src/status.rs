@@ -93,7 +93,7 @@ pub enum RunPhase {
     RollingBack,
     Succeeded,
     Failed,
-    /// Stopped by `action=cancel` after the node in progress finished.
+    /// Stopped by `action=cancel`; what the run had done was rolled back.
     Cancelled,
 }
 

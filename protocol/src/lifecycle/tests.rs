@@ -232,6 +232,57 @@ fn statuses_of_other_runs_are_ignored() {
     assert_eq!(r.nodes["n1"].status, None);
 }
 
+#[test]
+fn cancel_waits_for_the_node_in_progress_then_rolls_back_what_was_done() {
+    let mut w = World::new(&["n1", "n2", "n3"]);
+    let mut r = running(&["n1", "n2", "n3"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Completed);
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    w.hold("n2", 1);
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::Verifying);
+    r.cancel_requested = true;
+    reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
+    assert_eq!(
+        turn_of(&r),
+        Some(("n2".into(), TurnKind::Upgrade)),
+        "n2 finishes first"
+    );
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::Completed);
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 3, TIMING);
+    assert!(effects.contains(&Effect::HelmRollback));
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert_eq!(r.restore_queue, ["n2", "n1"]);
+    r.release.as_mut().unwrap().rolled_back = true;
+    for n in ["n2", "n1"] {
+        reduce(&mut r, &w.observe(), &w.lease, 4, TIMING);
+        assert_eq!(turn_of(&r), Some((n.into(), TurnKind::Restore)));
+        w.set(&r, n, TurnKind::Restore, NodeStatus::RolledBack);
+    }
+    reduce(&mut r, &w.observe(), &w.lease, 5, TIMING);
+    assert_eq!(r.phase, RunPhase::Cancelled);
+    assert!(
+        r.nodes.get("n3").and_then(|n| n.status).is_none(),
+        "n3 never touched"
+    );
+}
+
+#[test]
+fn cancel_takes_back_a_turn_not_yet_started() {
+    let w = World::new(&["n1", "n2"]);
+    let mut r = running(&["n1", "n2"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    assert_eq!(turn_of(&r), Some(("n1".into(), TurnKind::Upgrade)));
+    r.cancel_requested = true;
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(r.restore_queue.is_empty());
+    r.release.as_mut().unwrap().rolled_back = true;
+    reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
+    assert_eq!(r.phase, RunPhase::Cancelled);
+    assert!(r.nodes.get("n1").and_then(|n| n.status).is_none());
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;

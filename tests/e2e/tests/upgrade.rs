@@ -568,3 +568,112 @@ async fn a_node_deleted_before_its_turn_is_skipped_and_reported() -> anyhow::Res
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_run_and_rolls_back_what_it_did() -> anyhow::Result<()> {
+    let mut p = Product::start("cancel", 3, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2", "node-3"]).await?;
+    // node-2's agent is away, so its turn is granted but not taken when we cancel.
+    let n2 = p.node("node-2");
+    p.kill_agent(&n2);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(
+        |r| r.turn.as_ref().is_some_and(|t| t.node == n2),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_CANCEL))])
+        .await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Cancelled, "{run:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("rolled-back".into()), Some("3.27.0".into()))
+    );
+    assert_eq!(p.node_labels("node-2").await?, (None, None));
+    assert_eq!(p.node_labels("node-3").await?, (None, None));
+    assert_eq!(p.release().await?.1, "3.27.0");
+    // The coordinator consumed the action, so it cannot cancel a later run by accident.
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace())
+            .get(product::CM)
+            .await?;
+    let annotations = cm.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key(trigger::ACTION),
+        "{annotations:?}"
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_coordinator_takes_over_when_the_leader_dies() -> anyhow::Result<()> {
+    let mut p = Product::start("leader", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let standby = p.spawn_coordinator_as("coordinator-standby")?;
+    let (recorded, ..) = p.release().await?;
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(
+        p.release().await?.0,
+        recorded + 1,
+        "two replicas, one helm upgrade"
+    );
+    assert!(
+        !standby.logs().contains("became leader"),
+        "the standby must not lead while the leader lives:\n{}",
+        standby.logs()
+    );
+    // The leader dies without releasing its Lease; the standby takes over after expiry.
+    p.kill_coordinator();
+    let run = p.run("3.29.0", &[]).await?;
+    assert_eq!(
+        run.phase,
+        RunPhase::Succeeded,
+        "{run:#?}\n{}",
+        standby.logs()
+    );
+    assert!(standby.logs().contains("became leader"));
+    assert_eq!(p.release().await?.0, recorded + 2);
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_mid_turn_fails_safely_when_its_lease_expires() -> anyhow::Result<()> {
+    let mut p = Product::start("lost", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    let n1 = p.node("node-1");
+    p.wait_run(
+        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    // The node goes NotReady and its agent with it: nobody renews the upgrade Lease.
+    p.slice.set_node_not_ready(&n1).await?;
+    p.kill_agent(&n1);
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    let f = run.failure.clone().expect("failure");
+    assert_eq!(f.node.as_deref(), Some(n1.as_str()));
+    assert!(f.reason.contains("stopped renewing"), "{}", f.reason);
+    // Never silently skipped: the node is marked failed and stays cordoned for a human.
+    let (status, _) = p.node_labels("node-1").await?;
+    assert_eq!(status.as_deref(), Some("failed"));
+    assert_eq!(
+        p.node_labels("node-2").await?,
+        (None, None),
+        "node-2 untouched"
+    );
+    assert_eq!(p.release().await?.1, "3.27.0");
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}

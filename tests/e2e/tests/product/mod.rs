@@ -88,13 +88,17 @@ impl Product {
     }
 
     fn coordinator_args(&self) -> Vec<String> {
+        self.coordinator_args_as("coordinator-test")
+    }
+
+    fn coordinator_args_as(&self, identity: &str) -> Vec<String> {
         let s = &self.slice;
         let mut args: Vec<String> = [
             "run",
             "--namespace",
             &s.namespace(),
             "--identity",
-            "coordinator-test",
+            identity,
             "--lease-duration-seconds",
             "6",
             "--turn-start-timeout",
@@ -139,6 +143,15 @@ impl Product {
             &[("RUST_LOG", "info")],
         )?);
         Ok(())
+    }
+
+    /// A second coordinator replica with its own identity (it must stay on standby while the
+    /// first one leads).
+    pub fn spawn_coordinator_as(&self, identity: &str) -> Result<Proc> {
+        let args = self.coordinator_args_as(identity);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.slice
+            .spawn("klm-coordinator", &refs, &[("RUST_LOG", "info")])
     }
 
     pub fn kill_coordinator(&mut self) {
