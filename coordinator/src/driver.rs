@@ -94,7 +94,9 @@ impl Coordinator {
         let ns = s.namespace.clone();
         let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-        crate::leader::ensure_lease(&leases, &s.lease_name, s.lease_duration_seconds).await?;
+        klm_kube::lease::UpgradeLease::new(client.clone(), &ns, &s.lease_name, "coordinator")
+            .ensure_exists(s.lease_duration_seconds)
+            .await?;
         let node_api: Api<Node> = Api::all(client.clone());
         let nodes = reflect(node_api.clone(), watcher::Config::default(), notify.clone());
         let trigger = reflect(
@@ -141,6 +143,12 @@ impl Coordinator {
     fn trigger_cm(&self) -> Option<Arc<ConfigMap>> {
         self.trigger
             .get(&ObjectRef::new(&self.s.trigger_configmap).within(&self.s.namespace))
+    }
+
+    /// A refused request outside a run: an Event plus the `notice` key of the status data.
+    async fn refuse(&mut self, node: Option<&str>, reason: &str, note: String) {
+        self.state.notice = note.clone();
+        self.event(node, true, reason, note).await;
     }
 
     async fn event(&self, node: Option<&str>, warning: bool, reason: &str, note: String) {
@@ -220,7 +228,9 @@ impl Coordinator {
             }
             if !rollback_node.is_empty() && rollback_node != self.state.observed_rollback {
                 self.state.observed_rollback = rollback_node.clone();
-                self.event(Some(&rollback_node), true, "RollbackIgnored", format!(
+                self.refuse(
+                Some(&rollback_node),
+                "RollbackIgnored", format!(
                     "manual rollback of {rollback_node} ignored: a run is in progress; annotate again after it finishes"
                 )).await;
             }
@@ -271,9 +281,8 @@ impl Coordinator {
                 .await;
             }
             (other, _) => {
-                self.event(
+                self.refuse(
                     None,
-                    true,
                     "UnknownAction",
                     format!("unknown action {other:?}: the only action is `cancel`"),
                 )
@@ -395,17 +404,21 @@ impl Coordinator {
         let now = now_ms();
         self.requests_at_start = self.requests.get();
         let last = self.state.run.clone();
+        // What the last upgrade left upgraded: a succeeded upgrade run's completed nodes, or
+        // what a previous manual rollback left of them.
         let usable = last.as_ref().filter(|r| {
-            r.kind == RunKind::Upgrade
-                && r.params.is_some()
+            r.params.is_some()
                 && r.release
                     .as_ref()
                     .is_some_and(|x| x.upgraded_revision.is_some())
+                && match r.kind {
+                    RunKind::Upgrade => r.phase == RunPhase::Succeeded,
+                    RunKind::ManualRollback => r.phase.is_finished(),
+                }
         });
         let Some(last) = usable else {
-            self.event(
+            self.refuse(
                 Some(node),
-                true,
                 "RollbackRejected",
                 format!(
                     "cannot roll back {node}: there is no recorded upgrade run to roll back from"
@@ -414,14 +427,25 @@ impl Coordinator {
             .await;
             return;
         };
-        if !last.plan.iter().any(|n| n == node) {
-            self.event(
+        let candidates: Vec<String> = match last.kind {
+            RunKind::Upgrade => last
+                .plan
+                .iter()
+                .filter(|n| {
+                    last.nodes.get(*n).and_then(|r| r.status)
+                        == Some(klm_protocol::NodeStatus::Completed)
+                })
+                .cloned()
+                .collect(),
+            RunKind::ManualRollback => last.rollback_candidates.clone(),
+        };
+        if !candidates.iter().any(|n| n == node) {
+            self.refuse(
                 Some(node),
-                true,
                 "RollbackRejected",
                 format!(
-                    "cannot roll back {node}: it was not part of the last run ({})",
-                    last.plan.join(", ")
+                    "cannot roll back {node}: the last upgrade did not leave it upgraded (nodes that can be rolled back: {})",
+                    if candidates.is_empty() { "none".to_string() } else { candidates.join(", ") }
                 ),
             )
             .await;
@@ -437,6 +461,7 @@ impl Coordinator {
             now,
         );
         run.kind = RunKind::ManualRollback;
+        run.rollback_candidates = candidates.into_iter().filter(|n| n != node).collect();
         run.params = last.params.clone();
         run.plan = vec![node.to_string()];
         run.restore_queue = vec![node.to_string()];
@@ -490,7 +515,7 @@ impl Coordinator {
             let lease = self
                 .leases
                 .get(&ObjectRef::new(&self.s.lease_name).within(&self.s.namespace))
-                .map(|l| crate::leader::view(&l))
+                .map(|l| klm_kube::lease::view_of(&l))
                 .unwrap_or_default();
             let store = self.nodes.clone();
             let observe = move |n: &str| nodes::observe(store.get(&ObjectRef::new(n)).as_deref());

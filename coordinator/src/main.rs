@@ -4,16 +4,14 @@ mod config;
 mod daemonset;
 mod driver;
 mod helm;
-mod leader;
 mod status;
 mod status_data;
 
 use clap::Parser;
 use config::{Cli, Command, RunArgs};
-use k8s_openapi::api::coordination::v1::Lease;
+use klm_kube::lease::UpgradeLease;
 use klm_kube::time::now_ms;
 use klm_protocol::lifecycle::Timing;
-use kube::api::Api;
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 
@@ -34,27 +32,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, "health endpoint listening");
     }
     let ns = args.common.namespace.clone();
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let me = args.identity.clone();
+    // The leader Lease uses the same Lease client as the agents' upgrade Lease: acquisition by
+    // a resourceVersion-carrying replace, renewal every third of the duration, loss detection.
+    let leader = UpgradeLease::new(client.clone(), &ns, &args.leader_lease_name, &me);
     // Standby replicas are healthy and ready too (a Deployment rollout waits for them); being
     // ready means "reached the API", not "is the leader".
-    leader::ensure_lease(
-        &leases,
-        &args.leader_lease_name,
-        args.lease_duration_seconds,
-    )
-    .await?;
+    leader.ensure_exists(args.lease_duration_seconds).await?;
     let _ = ready_tx.send(true);
-    tokio::select! {
-        r = leader::acquire(&leases, &args.leader_lease_name, &me, args.lease_duration_seconds) => r?,
+    let held = tokio::select! {
+        r = leader.acquire() => r?,
         _ = shutdown_signal() => return Ok(()),
-    }
-    let keep = tokio::spawn(leader::keep(
-        leases.clone(),
-        args.leader_lease_name.clone(),
-        me.clone(),
-        args.lease_duration_seconds,
-    ));
+    };
+    tracing::info!(lease = %args.leader_lease_name, identity = %me, "became leader");
+    let fence = held.fence();
     let settings = driver::Settings {
         namespace: ns.clone(),
         trigger_configmap: args.common.trigger_configmap.clone(),
@@ -77,7 +68,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut coordinator =
         driver::Coordinator::start(client, requests, settings, me.clone(), notify.clone()).await?;
     tracing::info!(namespace = %ns, "coordinator ready (leader)");
-    let mut keep = keep;
+    let mut lost = std::pin::pin!(fence.lost());
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         let wake = match coordinator.reconcile().await {
@@ -93,12 +84,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {}
-            _ = &mut keep => {
-                anyhow::bail!("lost the leader Lease; exiting so a fresh leader takes over from cluster state");
+            why = &mut lost => {
+                anyhow::bail!("{why}; exiting so a fresh leader takes over from cluster state");
             }
             _ = &mut shutdown => {
                 tracing::info!("shutting down; releasing the leader Lease");
-                let _ = leader::release(&leases, &args.leader_lease_name, &me).await;
+                if let Err(e) = held.release().await {
+                    tracing::warn!(error = %e, "could not release the leader Lease; it expires on its own");
+                }
                 return Ok(());
             }
         }

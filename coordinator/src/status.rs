@@ -24,13 +24,19 @@ pub async fn show(args: StatusArgs) -> anyhow::Result<()> {
     }
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = std::pin::pin!(watcher(cms, cfg).default_backoff().applied_objects());
+    // Follow runs as they happen: a run already finished when we start does not end the watch
+    // (the user is usually about to trigger one); we stop once a run we saw in progress ends.
+    let mut seen_in_progress: Option<String> = None;
     while let Some(cm) = stream.next().await {
         let cm = cm?;
         print!("\x1b[2J\x1b[H");
         print_once(&cm, &nodes, args.json).await?;
-        let finished = read_run(&cm).is_some_and(|r| r.phase.is_finished());
-        if finished {
-            break;
+        if let Some(run) = read_run(&cm) {
+            if !run.phase.is_finished() {
+                seen_in_progress = Some(run.id.clone());
+            } else if seen_in_progress.as_deref() == Some(run.id.as_str()) {
+                break;
+            }
         }
     }
     Ok(())

@@ -7,6 +7,8 @@ use serde_json::json;
 
 pub const OBSERVED_TRIGGER: &str = "observedTrigger";
 pub const OBSERVED_ROLLBACK: &str = "observedRollbackNode";
+/// The last request the coordinator refused outside a run (e.g. a `rollback-node` it cannot do).
+pub const NOTICE: &str = "notice";
 
 /// What a coordinator remembers across restarts.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -14,6 +16,7 @@ pub struct Persisted {
     pub run: Option<RunRecord>,
     pub observed_trigger: String,
     pub observed_rollback: String,
+    pub notice: String,
 }
 
 pub fn load(cm: &ConfigMap) -> Persisted {
@@ -30,6 +33,7 @@ pub fn load(cm: &ConfigMap) -> Persisted {
             }),
         observed_trigger: data.get(OBSERVED_TRIGGER).cloned().unwrap_or_default(),
         observed_rollback: data.get(OBSERVED_ROLLBACK).cloned().unwrap_or_default(),
+        notice: data.get(NOTICE).cloned().unwrap_or_default(),
     }
 }
 
@@ -38,6 +42,7 @@ pub async fn save(api: &Api<ConfigMap>, name: &str, p: &Persisted) -> kube::Resu
     let mut data = serde_json::Map::new();
     data.insert(OBSERVED_TRIGGER.into(), json!(p.observed_trigger));
     data.insert(OBSERVED_ROLLBACK.into(), json!(p.observed_rollback));
+    data.insert(NOTICE.into(), json!(p.notice));
     if let Some(run) = &p.run {
         data.insert(keys::RUN.into(), json!(run.to_json()));
         data.insert(keys::PHASE.into(), json!(run.phase.as_str()));

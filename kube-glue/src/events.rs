@@ -1,22 +1,30 @@
-//! Kubernetes Events, so `kubectl describe node` and `kubectl get events` tell the story.
-//! Publishing is best effort: a refused Event must never stop an upgrade.
+//! Kubernetes Events (`events.k8s.io/v1`), so `kubectl describe node` and `kubectl get events`
+//! tell the story. One Event per occurrence: kube-runtime's `Recorder` folds repeats of the same
+//! (reason, action, object) into a series that keeps the *first* message, which made a later
+//! run's Event show an earlier run's text. Publishing is best effort: a refused Event must
+//! never stop an upgrade.
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::api::{Api, PostParams};
+
+/// The API limits `note` to 1 KiB.
+const NOTE_LIMIT: usize = 1000;
 
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    client: Client,
+    controller: String,
+    instance: String,
 }
 
 impl Events {
     pub fn new(client: Client, controller: &str, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: controller.to_string(),
-            instance,
-        };
         Events {
-            recorder: Recorder::new(client, reporter),
+            client,
+            controller: controller.to_string(),
+            instance: instance.unwrap_or_else(|| controller.to_string()),
         }
     }
 
@@ -28,21 +36,60 @@ impl Events {
         action: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_string(),
-            // The API limits `note` to 1 KiB.
-            note: Some(note.chars().take(1000).collect()),
-            action: action.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, target).await {
+        let event = build(
+            target,
+            &self.controller,
+            &self.instance,
+            warning,
+            reason,
+            action,
+            note,
+        );
+        let namespace = event.metadata.namespace.clone().unwrap_or_default();
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }
+    }
+}
+
+/// The Event for one occurrence: in the object's namespace (`default` for cluster-scoped
+/// objects, as kubectl expects), named `<object>.<hex time><hex random>` as client-go names
+/// them (`generateName` is no use: a prefix ending in '.' is not a valid name).
+pub fn build(
+    target: &ObjectReference,
+    controller: &str,
+    instance: &str,
+    warning: bool,
+    reason: &str,
+    action: &str,
+    note: String,
+) -> Event {
+    let namespace = target
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let object = target.name.clone().unwrap_or_else(|| "object".into());
+    Event {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{}.{:x}{:04x}",
+                object.chars().take(200).collect::<String>(),
+                jiff::Timestamp::now().as_nanosecond(),
+                rand::random::<u16>()
+            )),
+            namespace: Some(namespace),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(jiff::Timestamp::now())),
+        type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+        reason: Some(reason.to_string()),
+        action: Some(action.to_string()),
+        note: Some(note.chars().take(NOTE_LIMIT).collect()),
+        regarding: Some(target.clone()),
+        reporting_controller: Some(controller.to_string()),
+        reporting_instance: Some(instance.chars().take(128).collect()),
+        ..Default::default()
     }
 }
 
@@ -66,5 +113,42 @@ pub fn configmap_ref(namespace: &str, name: &str, uid: Option<String>) -> Object
         name: Some(name.to_string()),
         uid,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_events_go_to_default_with_a_bounded_note() {
+        let e = build(
+            &node_ref("worker-1", None),
+            "kata-lifecycle-manager",
+            "coordinator-0",
+            true,
+            "NodeFailed",
+            "Upgrade",
+            "x".repeat(5000),
+        );
+        assert_eq!(e.metadata.namespace.as_deref(), Some("default"));
+        let name = e.metadata.name.clone().unwrap();
+        assert!(
+            name.starts_with("worker-1.") && name.len() > "worker-1.".len() + 8,
+            "{name}"
+        );
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.note.unwrap().len(), NOTE_LIMIT);
+        let e = build(
+            &configmap_ref("klm", "kata-lifecycle-manager", None),
+            "c",
+            "i",
+            false,
+            "RunStarted",
+            "Upgrade",
+            "n".into(),
+        );
+        assert_eq!(e.metadata.namespace.as_deref(), Some("klm"));
+        assert_eq!(e.type_.as_deref(), Some("Normal"));
     }
 }

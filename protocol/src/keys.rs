@@ -51,8 +51,6 @@ pub mod status_data {
     pub const PROGRESS: &str = "progress";
     pub const CURRENT_NODE: &str = "currentNode";
     pub const MESSAGE: &str = "message";
-    /// Result of the last manual one-node rollback.
-    pub const MANUAL_ROLLBACK: &str = "manualRollback.json";
 }
 
 /// Labels and annotations on Nodes.

@@ -167,6 +167,10 @@ pub struct RunRecord {
     pub started_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// Nodes a manual `rollback-node` may still restore: those this run's upgrade completed
+    /// (carried over to the manual-rollback records that follow, minus the node restored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollback_candidates: Vec<String>,
     /// `action=cancel` was given: no further turns; roll back what was done.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
@@ -194,6 +198,7 @@ impl RunRecord {
             warnings: Vec::new(),
             started_at_ms: now_ms,
             finished_at_ms: None,
+            rollback_candidates: Vec::new(),
             cancel_requested: false,
             coordinator_api_requests: None,
         }

@@ -50,6 +50,41 @@ async fn happy_path_upgrades_opted_in_nodes_one_by_one() -> anyhow::Result<()> {
         holders, plan,
         "the upgrade Lease went to each node in plan order"
     );
+    // Events tell the story on the trigger ConfigMap and on each Node, with this run's text.
+    use k8s_openapi::api::events::v1::Event;
+    let cm_events: kube::Api<Event> = kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    let notes: Vec<String> = cm_events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| Some(format!("{}: {}", e.reason?, e.note?)))
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("RunSucceeded") && n.contains("4 node(s) to 3.28.0")),
+        "{notes:#?}"
+    );
+    let granted = notes
+        .iter()
+        .filter(|n| n.starts_with("TurnGranted"))
+        .count();
+    assert_eq!(
+        granted, 4,
+        "one TurnGranted Event per node, each with its own text: {notes:#?}"
+    );
+    let node_events: kube::Api<Event> = kube::Api::namespaced(p.slice.client(), "default");
+    let n1 = p.node("node-1");
+    let on_n1: Vec<String> = node_events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(n1.as_str()))
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(on_n1.iter().any(|r| r == "NodeUpgraded"), "{on_n1:?}");
     Ok(())
 }
 
@@ -331,6 +366,38 @@ async fn manual_rollback_of_one_node() -> anyhow::Result<()> {
     assert_eq!(
         rb.nodes[&p.node("node-2")].status,
         Some(NodeStatus::RolledBack)
+    );
+    // A second node can be rolled back after the first; a node already rolled back cannot.
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&p.node("node-1")))])
+        .await?;
+    let rb2 = p.wait_finished_after(Some(rb.id.clone())).await?;
+    assert_eq!(rb2.phase, RunPhase::Succeeded, "{rb2:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("rolled-back".into()), Some("3.27.0".into()))
+    );
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&p.node("node-2")))])
+        .await?;
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    let n2 = p.node("node-2");
+    klm_testkit::wait::wait_for(
+        &cms,
+        product::CM,
+        "a notice refusing the second rollback of node-2",
+        std::time::Duration::from_secs(30),
+        klm_testkit::wait::when(move |cm: &k8s_openapi::api::core::v1::ConfigMap| {
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get("notice"))
+                .is_some_and(|n| n.contains(&n2) && n.contains("cannot roll back"))
+        }),
+    )
+    .await?;
+    assert_eq!(
+        p.current_run().await?.unwrap().id,
+        rb2.id,
+        "no new run started"
     );
     Ok(())
 }
