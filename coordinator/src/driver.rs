@@ -580,16 +580,21 @@ impl Coordinator {
         Ok(wake)
     }
 
+    async fn release_metadata(
+        &self,
+        p: &klm_protocol::params::RunParams,
+    ) -> Result<crate::helm::ReleaseMetadata, crate::helm::HelmError> {
+        self.s
+            .helm
+            .metadata(&p.helm_release, &p.helm_namespace)
+            .await
+    }
+
     /// The run's single `helm upgrade`, or adoption of one a previous leader already made.
     async fn upgrade(&mut self, run: &mut RunRecord) {
         let p = run.params.clone().expect("validated run has params");
         let mut release = run.release.clone().unwrap_or_default();
-        let meta = match self
-            .s
-            .helm
-            .metadata(&p.helm_release, &p.helm_namespace)
-            .await
-        {
+        let meta = match self.release_metadata(&p).await {
             Ok(m) => m,
             Err(e) => {
                 return self
@@ -630,12 +635,7 @@ impl Coordinator {
                 )
                 .await;
         }
-        let meta = match self
-            .s
-            .helm
-            .metadata(&p.helm_release, &p.helm_namespace)
-            .await
-        {
+        let meta = match self.release_metadata(&p).await {
             Ok(m) => m,
             Err(e) => {
                 return self

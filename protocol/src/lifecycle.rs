@@ -449,6 +449,11 @@ fn finish_rollback(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) 
         .filter(|n| run.nodes.get(*n).and_then(|r| r.status) == Some(NodeStatus::RolledBack))
         .cloned()
         .collect();
+    let restored_text = if restored.is_empty() {
+        "none".to_string()
+    } else {
+        restored.join(", ")
+    };
     let release = run.release.clone().unwrap_or_default();
     match run.kind {
         RunKind::ManualRollback => {
@@ -478,13 +483,7 @@ fn finish_rollback(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) 
         RunKind::Upgrade if run.failure.is_none() && run.cancel_requested => {
             let msg = format!(
                 "cancelled; release rolled back to revision {} ({}); restored: {}",
-                release.recorded_revision,
-                release.recorded_version,
-                if restored.is_empty() {
-                    "none".into()
-                } else {
-                    restored.join(", ")
-                }
+                release.recorded_revision, release.recorded_version, restored_text
             );
             run.finish(RunPhase::Cancelled, msg.clone(), now_ms);
             effects.push(event(None, true, "RunCancelled", msg));
@@ -500,11 +499,7 @@ fn finish_rollback(run: &mut RunRecord, now_ms: i64, effects: &mut Vec<Effect>) 
                 failure.map(|f| f.reason).unwrap_or_default(),
                 release.recorded_revision,
                 release.recorded_version,
-                if restored.is_empty() {
-                    "none".into()
-                } else {
-                    restored.join(", ")
-                }
+                restored_text
             );
             run.finish(RunPhase::Failed, msg.clone(), now_ms);
             effects.push(event(None, true, "RunFailed", msg));
