@@ -4,8 +4,9 @@
 //! about time.
 //!
 //! Overhead of a node = its whole turn (Lease taken → turn finished, measured by its agent)
-//! minus the verification pod's own runtime. Handoff = coordinator's view of the gap between
-//! one node finishing and the next node's turn being granted.
+//! minus the verification pod's own runtime. Handoff = the gap between one node's `completed`
+//! and the next node's `preparing`, as one watch on the Nodes delivers them (so it includes
+//! the coordinator's reaction, the agent's Lease take-over and both watch latencies).
 #[path = "../tests/product/mod.rs"]
 mod product;
 
@@ -43,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for target in ["3.28.0", "3.29.0"] {
             let started = std::time::Instant::now();
+            let seen_before = p.observed.lock().unwrap().transitions.len();
             let run = p.run(target, &[]).await?;
             anyhow::ensure!(
                 run.phase == RunPhase::Succeeded,
@@ -53,7 +55,6 @@ fn main() -> anyhow::Result<()> {
                 run.plan.len(),
                 started.elapsed().as_secs_f64()
             );
-            let mut prev_finish: Option<i64> = None;
             for n in &run.plan {
                 let r = &run.nodes[n];
                 let ev = r.evidence.clone().unwrap_or_default();
@@ -65,10 +66,21 @@ fn main() -> anyhow::Result<()> {
                 if let Some(a) = ev.api_requests {
                     agent_req.push(a as f64);
                 }
-                if let (Some(prev), Some(start)) = (prev_finish, r.started_at_ms) {
-                    handoff.push((start - prev) as f64);
+            }
+            {
+                let o = p.observed.lock().unwrap();
+                let at = |node: &str, status: &str| {
+                    (seen_before..o.transitions.len())
+                        .find(|&i| o.transitions[i].0 == node && o.transitions[i].1 == status)
+                        .map(|i| o.seen_at[i])
+                };
+                for pair in run.plan.windows(2) {
+                    if let (Some(done), Some(next)) =
+                        (at(&pair[0], "completed"), at(&pair[1], "preparing"))
+                    {
+                        handoff.push(next.saturating_duration_since(done).as_secs_f64() * 1000.0);
+                    }
                 }
-                prev_finish = r.finished_at_ms;
             }
             if let Some(c) = run.coordinator_api_requests {
                 coord_req.push(c as f64 / run.plan.len() as f64);
@@ -78,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         summary("node turn (agent, ms)", node_total, "ms");
         summary("verification pod runtime (ms)", verify, "ms");
         summary("orchestration overhead per node (ms)", overhead, "ms");
-        summary("handoff to next node (coordinator, ms)", handoff, "ms");
+        summary("handoff completed -> next preparing (ms)", handoff, "ms");
         summary("agent API requests per node", agent_req, "");
         summary("coordinator API requests per node", coord_req, "");
         anyhow::Ok(())

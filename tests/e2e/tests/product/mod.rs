@@ -27,6 +27,8 @@ pub struct Observed {
     pub status: BTreeMap<String, String>,
     /// Every (node, status) transition in watch order.
     pub transitions: Vec<(String, String)>,
+    /// When the watch delivered each transition (same order as `transitions`).
+    pub seen_at: Vec<std::time::Instant>,
     /// Violations of "at most one node in progress", with the offending states.
     pub concurrent: Vec<String>,
     /// Distinct consecutive Lease holders.
@@ -211,6 +213,7 @@ impl Product {
                 if o.status.get(&name) != Some(&status) {
                     o.status.insert(name.clone(), status.clone());
                     o.transitions.push((name, status));
+                    o.seen_at.push(std::time::Instant::now());
                     let busy: Vec<String> = o
                         .status
                         .iter()
