@@ -35,6 +35,9 @@ pub struct Settings {
     pub rollback_timeout: Duration,
     pub helm: Helm,
     pub defaults: Defaults,
+    /// The leader Lease we hold: checked before every write and every helm call, so a
+    /// coordinator that lost leadership stops acting even before its main loop notices.
+    pub leadership: Option<klm_kube::lease::FenceGuard>,
 }
 
 pub struct Coordinator {
@@ -169,8 +172,18 @@ impl Coordinator {
         }
     }
 
+    fn check_leader(&self) -> anyhow::Result<()> {
+        match &self.s.leadership {
+            Some(fence) => fence
+                .check()
+                .map_err(|lost| anyhow::anyhow!("not acting: {lost}")),
+            None => Ok(()),
+        }
+    }
+
     async fn persist(&mut self) -> anyhow::Result<()> {
         if self.state != self.saved {
+            self.check_leader()?;
             status_data::save(&self.configmaps, &self.s.trigger_configmap, &self.state).await?;
             self.saved = self.state.clone();
         }
@@ -613,6 +626,9 @@ impl Coordinator {
                 "the release is {:?} at revision {}: a helm upgrade was interrupted; run `helm rollback {} {} -n {}` and trigger again",
                 meta.status, meta.revision, p.helm_release, release.recorded_revision, p.helm_namespace
             )).await;
+        } else if let Err(lost) = self.check_leader() {
+            tracing::warn!(%lost, "not running helm upgrade");
+            return;
         } else if let Err(e) = self
             .s
             .helm
@@ -724,6 +740,10 @@ impl Coordinator {
             Ok(m) if m.status == "deployed" && m.version == release.recorded_version
                 && m.revision > release.upgraded_revision.unwrap_or(0)
         );
+        if !done && let Err(lost) = self.check_leader() {
+            tracing::warn!(%lost, "not running helm rollback");
+            return;
+        }
         if !done
             && let Err(e) = self
                 .s

@@ -63,6 +63,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             chart_repo: Some(args.chart_repo.clone()).filter(|s| !s.is_empty()),
         },
         defaults: args.defaults.load(),
+        leadership: Some(fence.clone()),
     };
     let notify = Arc::new(Notify::new());
     let mut coordinator =
