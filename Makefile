@@ -70,7 +70,8 @@ e2e: tools build ## end-to-end tests: each test binary starts its own control pl
 	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)
 
 bench: tools ## benchmark: per-node orchestration overhead and API requests per node on 10 simulated nodes
-	$(CARGO) bench -p klm-e2e --bench orchestration
+	$(CARGO) build --release --bins
+	KLM_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench -p klm-e2e --bench orchestration
 
 chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
 	bash tests/chart/test.sh
