@@ -744,3 +744,40 @@ async fn a_node_lost_mid_turn_fails_safely_when_its_lease_expires() -> anyhow::R
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_pod_that_never_schedules_fails_with_the_reason() -> anyhow::Result<()> {
+    let p = Product::start("unsched", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    // Scheduled by the real scheduler (no nodeName) onto a label no node has.
+    let template = p.slice.verification_pod_template().replace(
+        "  nodeName: ${NODE}\n",
+        "  nodeSelector:\n    no-such-label: \"true\"\n",
+    );
+    assert!(template.contains("no-such-label"), "{template}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(template);
+    let run = p
+        .run(
+            "3.28.0",
+            &[
+                (trigger::VERIFICATION_POD, &b64),
+                (trigger::VERIFICATION_TIMEOUT, "5s"),
+            ],
+        )
+        .await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    let f = run.failure.clone().expect("failure");
+    assert!(f.reason.contains("Timeout"), "{}", f.reason);
+    assert!(
+        f.reason.contains("unschedulable"),
+        "the reason says why: {}",
+        f.reason
+    );
+    assert_eq!(
+        p.node_labels("node-1").await?.0.as_deref(),
+        Some("rolled-back")
+    );
+    assert_eq!(p.release().await?.1, "3.27.0");
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
