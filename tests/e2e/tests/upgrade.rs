@@ -781,3 +781,66 @@ async fn a_verification_pod_that_never_schedules_fails_with_the_reason() -> anyh
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
+
+/// Leaves the release as an interrupted `helm upgrade` does: a newer revision in helm's storage
+/// with status `pending-upgrade` (helm stores each revision as a Secret holding gzipped JSON).
+async fn leave_release_pending(p: &Product) -> anyhow::Result<()> {
+    use flate2::Compression;
+    use flate2::read::GzDecoder;
+    use flate2::write::GzEncoder;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use std::io::{Read, Write};
+    let ns = p.slice.kata_deploy_namespace();
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(p.slice.client(), &ns);
+    let (rev, ..) = p.release().await?;
+    let name = format!("sh.helm.release.v1.{}.v{rev}", product::RELEASE);
+    let mut secret = secrets.get(&name).await?;
+    let b64 = &secret.data.as_ref().expect("data")["release"].0;
+    let gz = base64::engine::general_purpose::STANDARD.decode(b64)?;
+    let mut json = String::new();
+    GzDecoder::new(&gz[..]).read_to_string(&mut json)?;
+    let mut release: serde_json::Value = serde_json::from_str(&json)?;
+    let next = rev + 1;
+    release["version"] = serde_json::json!(next);
+    release["info"]["status"] = serde_json::json!("pending-upgrade");
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(serde_json::to_string(&release)?.as_bytes())?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(enc.finish()?);
+    let new_name = format!("sh.helm.release.v1.{}.v{next}", product::RELEASE);
+    secret.metadata = kube::api::ObjectMeta {
+        name: Some(new_name),
+        namespace: Some(ns),
+        labels: secret.metadata.labels.take().map(|mut l| {
+            l.insert("status".into(), "pending-upgrade".into());
+            l.insert("version".into(), next.to_string());
+            l
+        }),
+        ..Default::default()
+    };
+    secret.data = Some([("release".to_string(), ByteString(encoded.into_bytes()))].into());
+    secrets.create(&Default::default(), &secret).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_left_pending_is_refused_and_nothing_changes() -> anyhow::Result<()> {
+    let p = Product::start("pending", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    leave_release_pending(&p).await?;
+    let (rev, _, status) = p.release().await?;
+    assert_eq!(
+        status, "pending-upgrade",
+        "the fixture is what an interrupted upgrade leaves"
+    );
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert!(
+        run.message.contains("pending-upgrade") && run.message.contains("not deployed"),
+        "{}",
+        run.message
+    );
+    assert_eq!(p.release().await?.0, rev, "no helm call was made");
+    assert_eq!(p.node_labels("node-1").await?, (None, None));
+    Ok(())
+}
