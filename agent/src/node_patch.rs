@@ -28,6 +28,13 @@ impl NodePatch {
         p
     }
 
+    /// When the status this patch writes began (kept across agent restarts).
+    pub fn step_started_at(mut self, rfc3339: &str) -> Self {
+        self.annotations
+            .insert(keys::STEP_STARTED_AT.into(), rfc3339.into());
+        self
+    }
+
     pub fn started_at(mut self, rfc3339: &str) -> Self {
         self.annotations
             .insert(keys::STARTED_AT.into(), rfc3339.into());
@@ -110,6 +117,7 @@ pub struct Bookkeeping {
     pub turn: Option<TurnKind>,
     pub status: Option<NodeStatus>,
     pub started_at: Option<String>,
+    pub step_started_at: Option<String>,
     pub verification_pod: Option<String>,
     pub evidence: Option<Evidence>,
     pub cordoned_by_us: bool,
@@ -130,6 +138,7 @@ impl Bookkeeping {
             turn: a(keys::TURN).as_deref().and_then(TurnKind::parse),
             status: a(keys::STATUS).and_then(|s| s.parse().ok()),
             started_at: a(keys::STARTED_AT),
+            step_started_at: a(keys::STEP_STARTED_AT),
             verification_pod: a(keys::VERIFICATION_POD).filter(|s| !s.is_empty()),
             evidence: a(keys::EVIDENCE).and_then(|e| serde_json::from_str(&e).ok()),
             cordoned_by_us: klm_kube::nodes::cordoned_by_us(node),

@@ -75,6 +75,8 @@ pub mod node {
     pub const VERIFICATION_POD: &str = "lifecycle.katacontainers.io/verification-pod";
     /// JSON evidence of the last step outcome on this node.
     pub const EVIDENCE: &str = "lifecycle.katacontainers.io/evidence";
+    /// RFC 3339 time the current step (status) started, so a resumed step keeps its deadline.
+    pub const STEP_STARTED_AT: &str = "lifecycle.katacontainers.io/step-started-at";
     /// RFC 3339 time the node's turn started (for durations that survive restarts).
     pub const STARTED_AT: &str = "lifecycle.katacontainers.io/started-at";
     /// Value of CORDONED_BY.

@@ -89,7 +89,8 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     let all: Api<Pod> = Api::all(ctx.agent.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = watcher(all, cfg).default_backoff().boxed();
-    let deadline = Instant::now() + timeout;
+    // Counted from when the Node entered `draining`: a restarted agent keeps the same budget.
+    let (deadline, _) = super::step_deadline(ctx, timeout);
 
     let mut pods: BTreeMap<Key, Pod> = BTreeMap::new();
     let mut listing: Option<BTreeMap<Key, Pod>> = None;

@@ -131,15 +131,64 @@ fn now_rfc3339() -> String {
 }
 
 async fn write_status(ctx: &mut TurnCtx<'_>, status: NodeStatus) -> Result<(), StepError> {
-    let patch = NodePatch::status(&ctx.a.run_id, ctx.a.kind, status);
+    let patch = with_step_start(
+        ctx,
+        NodePatch::status(&ctx.a.run_id, ctx.a.kind, status),
+        status,
+    );
     ctx.patch_node(&format!("writing status {status}"), &patch)
         .await
+}
+
+/// Records when `status` began, unless the Node already records it for this turn (a resumed
+/// step keeps its original start). Stored as `<status>@<RFC 3339>` so a start left by another
+/// status or turn is never mistaken for this one.
+fn with_step_start(ctx: &TurnCtx<'_>, patch: NodePatch, status: NodeStatus) -> NodePatch {
+    if step_started(ctx, status).is_some() {
+        patch
+    } else {
+        patch.step_started_at(&format!("{status}@{}", now_rfc3339()))
+    }
+}
+
+/// When `status` began on this Node in this turn, if recorded.
+fn step_started(ctx: &TurnCtx<'_>, status: NodeStatus) -> Option<jiff::Timestamp> {
+    let bk = Bookkeeping::of(&ctx.node);
+    if !bk.is_turn(&ctx.a.run_id, ctx.a.kind) {
+        return None;
+    }
+    let (at_status, at) = bk.step_started_at.as_deref()?.split_once('@')?;
+    (at_status == status.as_str())
+        .then(|| at.parse().ok())
+        .flatten()
+}
+
+/// When the time limit of the step the Node is in ends, counted from the step's recorded start
+/// so an agent restarted mid-step does not get a fresh budget. Also returns the time already
+/// spent.
+pub fn step_deadline(ctx: &TurnCtx<'_>, limit: Duration) -> (tokio::time::Instant, Duration) {
+    let status = Bookkeeping::of(&ctx.node).status;
+    let elapsed = status
+        .and_then(|st| step_started(ctx, st))
+        .map(|t| {
+            let ms = jiff::Timestamp::now().as_millisecond() - t.as_millisecond();
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        })
+        .unwrap_or_default();
+    (
+        tokio::time::Instant::now() + limit.saturating_sub(elapsed),
+        elapsed,
+    )
 }
 
 /// The opening patch of a turn: status, run, turn, and started-at (kept when resuming).
 fn opening(ctx: &TurnCtx<'_>, status: NodeStatus) -> NodePatch {
     let bk = Bookkeeping::of(&ctx.node);
-    let patch = NodePatch::status(&ctx.a.run_id, ctx.a.kind, status).verification_pod(None);
+    let patch = with_step_start(
+        ctx,
+        NodePatch::status(&ctx.a.run_id, ctx.a.kind, status).verification_pod(None),
+        status,
+    );
     let same_turn = bk.is_turn(&ctx.a.run_id, ctx.a.kind);
     match bk.started_at.filter(|_| same_turn) {
         Some(_) => patch,

@@ -54,8 +54,12 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
         .fields(&format!("spec.nodeName={node}"));
     let mut events = watcher(api.clone(), cfg).default_backoff().boxed();
     let timeout = ctx.agent.config.pod_ready_timeout;
-    let started = Instant::now();
-    let deadline = started + timeout;
+    // Counted from when the Node entered this status, so the limit and the reported restart
+    // time survive an agent restart mid-step.
+    let (deadline, already) = super::step_deadline(ctx, timeout);
+    let started = Instant::now()
+        .checked_sub(already)
+        .unwrap_or_else(Instant::now);
 
     let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, Pod>> = None;
