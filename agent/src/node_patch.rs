@@ -110,6 +110,20 @@ impl NodePatch {
     }
 }
 
+/// The `step-started-at` value: `<status>@<RFC 3339>`.
+pub fn step_start_value(status: NodeStatus, at: jiff::Timestamp) -> String {
+    format!("{status}@{at}")
+}
+
+/// When `status` began, if `value` records that status (a start left by another status is
+/// not this step's).
+pub fn step_start_of(value: &str, status: NodeStatus) -> Option<jiff::Timestamp> {
+    let (at_status, at) = value.split_once('@')?;
+    (at_status == status.as_str())
+        .then(|| at.parse().ok())
+        .flatten()
+}
+
 /// The bookkeeping annotations of a Node, as read back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bookkeeping {
@@ -160,6 +174,19 @@ impl Bookkeeping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_start_belongs_to_its_status_only() {
+        let at: jiff::Timestamp = "2026-11-25T15:00:00Z".parse().unwrap();
+        let v = step_start_value(NodeStatus::Draining, at);
+        assert_eq!(step_start_of(&v, NodeStatus::Draining), Some(at));
+        assert_eq!(step_start_of(&v, NodeStatus::Upgrading), None);
+        assert_eq!(step_start_of("garbage", NodeStatus::Draining), None);
+        assert_eq!(
+            step_start_of("draining@not-a-time", NodeStatus::Draining),
+            None
+        );
+    }
 
     #[test]
     fn status_patch_carries_run_and_turn() {

@@ -147,7 +147,10 @@ fn with_step_start(ctx: &TurnCtx<'_>, patch: NodePatch, status: NodeStatus) -> N
     if step_started(ctx, status).is_some() {
         patch
     } else {
-        patch.step_started_at(&format!("{status}@{}", now_rfc3339()))
+        patch.step_started_at(&crate::node_patch::step_start_value(
+            status,
+            jiff::Timestamp::now(),
+        ))
     }
 }
 
@@ -157,10 +160,7 @@ fn step_started(ctx: &TurnCtx<'_>, status: NodeStatus) -> Option<jiff::Timestamp
     if !bk.is_turn(&ctx.a.run_id, ctx.a.kind) {
         return None;
     }
-    let (at_status, at) = bk.step_started_at.as_deref()?.split_once('@')?;
-    (at_status == status.as_str())
-        .then(|| at.parse().ok())
-        .flatten()
+    crate::node_patch::step_start_of(bk.step_started_at.as_deref()?, status)
 }
 
 /// When the time limit of the step the Node is in ends, counted from the step's recorded start
