@@ -4,7 +4,6 @@
 use crate::daemonset;
 use crate::helm::Helm;
 use crate::status_data::{self, Persisted};
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_kube::events::{Events, configmap_ref, node_ref};
@@ -18,8 +17,8 @@ use klm_protocol::run::{
 };
 use klm_protocol::{RunPhase, plan};
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,34 +57,6 @@ pub struct Coordinator {
     action_seen_in: Option<String>,
 }
 
-/// Starts a reflector for `api` filtered by `cfg`, waking `notify` on every event.
-fn reflect<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, cfg)
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::warn!(error = %e, "watch error (retrying)");
-            }
-            notify.notify_one();
-        }
-    });
-    reader
-}
-
 impl Coordinator {
     pub async fn start(
         client: kube::Client,
@@ -101,17 +72,21 @@ impl Coordinator {
             .ensure_exists(s.lease_duration_seconds)
             .await?;
         let node_api: Api<Node> = Api::all(client.clone());
-        let nodes = reflect(node_api.clone(), watcher::Config::default(), notify.clone());
-        let trigger = reflect(
+        let nodes =
+            klm_kube::watch::reflect(node_api.clone(), watcher::Config::default(), notify.clone())
+                .0;
+        let trigger = klm_kube::watch::reflect(
             configmaps.clone(),
             watcher::Config::default().fields(&format!("metadata.name={}", s.trigger_configmap)),
             notify.clone(),
-        );
-        let lease_store = reflect(
+        )
+        .0;
+        let lease_store = klm_kube::watch::reflect(
             leases,
             watcher::Config::default().fields(&format!("metadata.name={}", s.lease_name)),
             notify,
-        );
+        )
+        .0;
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         lease_store.wait_until_ready().await?;

@@ -72,24 +72,31 @@ async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) -> anyhow::Re
     Ok(())
 }
 
+/// Status and version labels of the planned nodes, from one list of the Nodes.
 async fn live_versions(
     nodes: &Api<Node>,
     run: &RunRecord,
 ) -> Vec<(String, Option<String>, Option<String>)> {
-    let mut out = Vec::new();
-    for n in &run.plan {
-        let node = nodes.get_opt(n).await.ok().flatten();
-        let label = |k: &str| {
-            node.as_ref()
-                .and_then(|x| x.metadata.labels.as_ref()?.get(k).cloned())
-        };
-        out.push((
-            n.clone(),
-            label(node_keys::STATUS),
-            label(node_keys::CURRENT_VERSION),
-        ));
-    }
-    out
+    let listed = nodes
+        .list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    run.plan
+        .iter()
+        .map(|n| {
+            let labels = listed
+                .iter()
+                .find(|x| x.metadata.name.as_deref() == Some(n.as_str()))
+                .and_then(|x| x.metadata.labels.as_ref());
+            let label = |k: &str| labels.and_then(|l| l.get(k).cloned());
+            (
+                n.clone(),
+                label(node_keys::STATUS),
+                label(node_keys::CURRENT_VERSION),
+            )
+        })
+        .collect()
 }
 
 /// The table users read. Pure, so it is unit-tested.

@@ -9,3 +9,4 @@ pub mod lease;
 pub mod logging;
 pub mod nodes;
 pub mod time;
+pub mod watch;

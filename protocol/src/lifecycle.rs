@@ -189,7 +189,7 @@ pub fn reduce(
             _ => {}
         }
         // The turn is in flight: is its agent alive?
-        let deadline = liveness_deadline(&turn, ours, lease, timing);
+        let deadline = liveness_deadline(&turn, lease, timing);
         if now_ms >= deadline {
             let reason = if lease.holder.as_deref() == Some(turn.node.as_str()) {
                 format!(
@@ -213,7 +213,7 @@ pub fn reduce(
 }
 
 /// When the node in turn counts as lost if nothing changes.
-fn liveness_deadline(turn: &Turn, started: bool, lease: &LeaseView, timing: Timing) -> i64 {
+fn liveness_deadline(turn: &Turn, lease: &LeaseView, timing: Timing) -> i64 {
     let start_deadline = turn.granted_at_ms + timing.turn_start_timeout_ms;
     if lease.holder.as_deref() == Some(turn.node.as_str())
         && let Some(exp) = lease.expires_at_ms()
@@ -222,7 +222,6 @@ fn liveness_deadline(turn: &Turn, started: bool, lease: &LeaseView, timing: Timi
     }
     // Not (or no longer) holding the Lease: it has the start timeout to (re)take it. An agent
     // that had started and released the Lease is judged the same way.
-    let _ = started;
     start_deadline
 }
 

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use klm_protocol::RunRecord;
 use klm_protocol::keys::{node as node_keys, status_data};
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 
 /// One row of the table.
@@ -47,34 +46,6 @@ pub struct Live {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn reflect<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    changed: Arc<Notify>,
-) -> (Store<K>, tokio::task::JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, cfg).default_backoff().reflect(writer);
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                eprintln!("demo: watch error (retrying): {e}");
-            }
-            changed.notify_one();
-        }
-    });
-    (reader, task)
-}
-
 impl Live {
     /// Starts the three watches and waits for their initial lists.
     pub async fn start(
@@ -85,17 +56,17 @@ impl Live {
         trigger_name: &str,
     ) -> Result<Live> {
         let changed = Arc::new(Notify::new());
-        let (nodes, t1) = reflect(
+        let (nodes, t1) = klm_kube::watch::reflect(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().labels(node_selector),
             changed.clone(),
         );
-        let (pods, t2) = reflect(
+        let (pods, t2) = klm_kube::watch::reflect(
             Api::<Pod>::namespaced(client.clone(), kata_deploy_ns),
             watcher::Config::default().labels(klm_protocol::keys::kata_deploy::POD_SELECTOR),
             changed.clone(),
         );
-        let (configmaps, t3) = reflect(
+        let (configmaps, t3) = klm_kube::watch::reflect(
             Api::<ConfigMap>::namespaced(client, trigger_ns),
             watcher::Config::default().fields(&format!("metadata.name={trigger_name}")),
             changed.clone(),
@@ -217,30 +188,16 @@ fn pod_on(pods: &[Arc<Pod>], node: &str) -> String {
     match current {
         Some(p) => format!(
             "{} {}",
-            image_tag(p).unwrap_or_else(|| "?".into()),
-            if is_ready(p) { "Ready" } else { "starting" }
+            klm_testkit::verification::image_tag(p).unwrap_or_else(|| "?".into()),
+            if klm_testkit::wait::is_pod_ready(p) {
+                "Ready"
+            } else {
+                "starting"
+            }
         ),
         None if !on_node.is_empty() => "restarting".into(),
         None => "-".into(),
     }
-}
-
-pub fn image_tag(pod: &Pod) -> Option<String> {
-    let spec = pod.spec.as_ref()?;
-    let c = spec
-        .containers
-        .iter()
-        .find(|c| c.name == "kube-kata")
-        .or(spec.containers.first())?;
-    let last = c.image.as_deref()?.rsplit('/').next()?;
-    last.split_once(':').map(|(_, t)| t.to_owned())
-}
-
-pub fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 pub fn now_ms() -> i64 {

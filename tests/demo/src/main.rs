@@ -611,14 +611,14 @@ impl Demo {
             .list(&ListParams::default().labels("name=kata-deploy"))
             .await?
         {
-            if p.metadata.deletion_timestamp.is_some() || !live::is_ready(&p) {
+            if p.metadata.deletion_timestamp.is_some() || !klm_testkit::wait::is_pod_ready(&p) {
                 continue;
             }
             if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
                 out.insert(
                     node,
                     (
-                        live::image_tag(&p).unwrap_or_default(),
+                        klm_testkit::verification::image_tag(&p).unwrap_or_default(),
                         p.metadata.uid.clone().unwrap_or_default(),
                     ),
                 );
@@ -628,19 +628,7 @@ impl Demo {
     }
 
     async fn release_metadata(&self) -> Result<serde_json::Value> {
-        let out = self
-            .slice
-            .helm(&[
-                "get",
-                "metadata",
-                RELEASE,
-                "-n",
-                &self.slice.kata_deploy_namespace(),
-                "-o",
-                "json",
-            ])
-            .await?;
-        serde_json::from_str(&out).context("parse `helm get metadata` output")
+        self.slice.release_metadata(RELEASE).await
     }
 
     async fn release_revision(&self) -> Result<u32> {

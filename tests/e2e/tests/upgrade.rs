@@ -410,11 +410,7 @@ async fn agent_killed_mid_verification_resumes() -> anyhow::Result<()> {
     p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
         .await?;
     let n1 = p.node("node-1");
-    p.wait_run(
-        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
-        product::RUN_TIMEOUT,
-    )
-    .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
     // SIGKILL mid-verification: the verification pod's name is already on the Node, so the
     // restarted agent adopts that pod (whatever it did meanwhile) instead of starting over.
     p.kill_agent(&n1);
@@ -577,12 +573,7 @@ async fn a_second_trigger_during_a_run_is_reported_not_interleaved() -> anyhow::
     ])
     .await?;
     let n1 = p.node("node-1");
-    let first = p
-        .wait_run(
-            |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
-            product::RUN_TIMEOUT,
-        )
-        .await?;
+    let first = p.wait_node_status(&n1, NodeStatus::Verifying).await?;
     p.annotate(&[(trigger::TARGET_VERSION, Some("3.29.0"))])
         .await?;
     let run = p.wait_finished_after(before).await?;
@@ -613,11 +604,7 @@ async fn a_node_deleted_before_its_turn_is_skipped_and_reported() -> anyhow::Res
     ])
     .await?;
     let n1 = p.node("node-1");
-    p.wait_run(
-        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
-        product::RUN_TIMEOUT,
-    )
-    .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
     // A new node opting in mid-run is not added to the plan; a planned node that vanishes is skipped.
     p.slice.add_node("node-4").await?;
     p.opt_in(&["node-4"]).await?;
@@ -719,11 +706,7 @@ async fn a_node_lost_mid_turn_fails_safely_when_its_lease_expires() -> anyhow::R
     p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
         .await?;
     let n1 = p.node("node-1");
-    p.wait_run(
-        |r| r.nodes.get(&n1).and_then(|n| n.status) == Some(NodeStatus::Verifying),
-        product::RUN_TIMEOUT,
-    )
-    .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
     // The node goes NotReady and its agent with it: nobody renews the upgrade Lease.
     p.slice.set_node_not_ready(&n1).await?;
     p.kill_agent(&n1);

@@ -223,6 +223,16 @@ impl Slice {
             .context("run helm")
     }
 
+    /// `helm get metadata <release> -o json` in `kd-<id>`: the latest revision's `revision`,
+    /// `version`, `status`, ….
+    pub async fn release_metadata(&self, release: &str) -> Result<serde_json::Value> {
+        let ns = self.kata_deploy_namespace();
+        let out = self
+            .helm(&["get", "metadata", release, "-n", &ns, "-o", "json"])
+            .await?;
+        serde_json::from_str(&out).context("parse `helm get metadata` output")
+    }
+
     /// `helm install <release> kata-deploy --repo <chart repo> --version <version>` into
     /// `kd-<id>`, with the DaemonSet restricted to this slice's nodes and `extra_set` passed as
     /// `--set` values; then waits until a kata-deploy pod of that version is Ready on every

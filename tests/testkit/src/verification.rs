@@ -124,7 +124,8 @@ pub(crate) fn kata_deploy_version_on(pods: &[Arc<Pod>], node: &str) -> Option<St
         .and_then(|p| image_tag(p))
 }
 
-pub(crate) fn image_tag(pod: &Pod) -> Option<String> {
+/// The image tag of a kata-deploy pod's `kube-kata` container (its kata-deploy version).
+pub fn image_tag(pod: &Pod) -> Option<String> {
     let spec = pod.spec.as_ref()?;
     let c = spec
         .containers

@@ -3,7 +3,7 @@
 //! Lease update during the scenario.
 #![allow(dead_code)]
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -304,6 +304,15 @@ impl Product {
         .await
     }
 
+    /// Waits (watch) until the run record shows `node` at `status`.
+    pub async fn wait_node_status(&self, node: &str, status: NodeStatus) -> Result<RunRecord> {
+        self.wait_run(
+            |r| r.nodes.get(node).and_then(|n| n.status) == Some(status),
+            RUN_TIMEOUT,
+        )
+        .await
+    }
+
     /// Waits (watch) until the run record satisfies `f`.
     pub async fn wait_run(
         &self,
@@ -348,19 +357,7 @@ impl Product {
 
     /// (revision, chart version, status) of the kata-deploy release's latest revision.
     pub async fn release(&self) -> Result<(u64, String, String)> {
-        let out = self
-            .slice
-            .helm(&[
-                "get",
-                "metadata",
-                RELEASE,
-                "-n",
-                &self.slice.kata_deploy_namespace(),
-                "-o",
-                "json",
-            ])
-            .await?;
-        let v: serde_json::Value = serde_json::from_str(&out).context("helm metadata json")?;
+        let v = self.slice.release_metadata(RELEASE).await?;
         Ok((
             v["revision"].as_u64().unwrap_or(0),
             v["version"].as_str().unwrap_or("").to_string(),
