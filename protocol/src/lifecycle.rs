@@ -152,15 +152,7 @@ pub fn reduce(
                         )
                     })
                     .unwrap_or_else(|| "the agent reported a failure".into());
-                start_rollback(
-                    run,
-                    &turn.node,
-                    reason,
-                    evidence,
-                    observe,
-                    now_ms,
-                    &mut effects,
-                );
+                start_rollback(run, &turn.node, reason, evidence, now_ms, &mut effects);
                 continue;
             }
             (TurnKind::Restore, true, Some(s @ (NodeStatus::RolledBack | NodeStatus::Failed))) => {
@@ -320,15 +312,7 @@ fn node_lost(
             });
             // A lost node cannot restore itself; restore the others.
             let node = turn.node.clone();
-            start_rollback(
-                run,
-                &node,
-                reason,
-                None,
-                &|_| ObservedNode::default(),
-                now_ms,
-                effects,
-            );
+            start_rollback(run, &node, reason, None, now_ms, effects);
         }
         TurnKind::Restore => {
             let report = run.nodes.entry(turn.node.clone()).or_default();
@@ -347,13 +331,11 @@ fn node_lost(
 }
 
 /// First failure: stop granting upgrade turns, roll the release back, restore touched nodes.
-#[allow(clippy::too_many_arguments)]
 fn start_rollback(
     run: &mut RunRecord,
     failed: &str,
     reason: String,
     evidence: Option<Evidence>,
-    observe: &dyn Fn(&str) -> ObservedNode,
     now_ms: i64,
     effects: &mut Vec<Effect>,
 ) {
@@ -372,7 +354,8 @@ fn start_rollback(
     // The failed node first (if its agent is there to restore it), then the nodes this run
     // completed, most recent first. Nodes never reached are not touched.
     let mut queue = Vec::new();
-    if observe(failed).exists && run.nodes[failed].status != Some(NodeStatus::Failed) {
+    // A node marked `failed` (lost or deleted) has no agent to restore it.
+    if run.nodes[failed].status != Some(NodeStatus::Failed) {
         queue.push(failed.to_string());
     }
     for node in run.plan.iter().rev() {
