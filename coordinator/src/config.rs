@@ -107,6 +107,14 @@ pub struct DefaultArgs {
     pub default_drain_timeout: Duration,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
+    /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
+    #[arg(
+        long,
+        env = "KLM_VERIFICATION_SERVICE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub verification_service_accounts: Vec<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -133,6 +141,12 @@ impl DefaultArgs {
             drain_enabled: self.default_drain_enabled,
             drain_timeout: self.default_drain_timeout,
             verification_timeout: self.default_verification_timeout,
+            verification_service_accounts: self
+                .verification_service_accounts
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
         }
     }
 }

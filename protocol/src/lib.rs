@@ -11,6 +11,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod params;
 pub mod plan;
+pub mod pod_policy;
 pub mod procedure;
 pub mod run;
 pub mod selector;

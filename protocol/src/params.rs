@@ -24,6 +24,9 @@ pub struct Defaults {
     pub drain_enabled: bool,
     pub drain_timeout: Duration,
     pub verification_timeout: Duration,
+    /// ServiceAccounts a verification pod may name besides `default`
+    /// (chart value `verification.serviceAccounts`).
+    pub verification_service_accounts: Vec<String>,
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -185,7 +188,9 @@ pub fn resolve(
     if verification_pod.trim().is_empty() {
         return Err(ParamError::MissingVerificationPod);
     }
-    PodTemplate::parse(&verification_pod)
+    let template = PodTemplate::parse(&verification_pod)
+        .map_err(|e| invalid(trigger::VERIFICATION_POD, e.to_string()))?;
+    crate::pod_policy::check(&template, &defaults.verification_service_accounts)
         .map_err(|e| invalid(trigger::VERIFICATION_POD, e.to_string()))?;
 
     Ok(RunParams {
@@ -266,6 +271,7 @@ mod tests {
             drain_enabled: false,
             drain_timeout: Duration::from_secs(300),
             verification_timeout: Duration::from_secs(300),
+            verification_service_accounts: Vec::new(),
         }
     }
 
