@@ -613,6 +613,133 @@ def agent_may_change_only_its_own_node_where_admission_policies_exist():
     assert not template("--api-versions", VAP, "--set", "agent.restrictToOwnNode=false").all("ValidatingAdmissionPolicy")
 
 
+def policy_and_binding(r, name):
+    policy = r.get("ValidatingAdmissionPolicy", name)
+    binding = r.get("ValidatingAdmissionPolicyBinding", name)
+    assert binding["spec"]["policyName"] == name
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    return policy
+
+
+def cel(policy):
+    """Every CEL expression of a policy, one text (for presence checks; the API server compiles
+    and runs them in tests/e2e/tests/chart_rbac.rs)."""
+    spec = policy["spec"]
+    parts = [c["expression"] for c in spec.get("matchConditions", [])]
+    parts += [v["expression"] for v in spec.get("variables", [])]
+    parts += [v["expression"] for v in spec["validations"]]
+    return "\n".join(parts)
+
+
+@test
+def every_agent_policy_needs_the_tokens_node_and_matches_only_the_agent():
+    r = template("--api-versions", VAP)
+    agent_user = f"system:serviceaccount:{NAMESPACE}:{RELEASE}-agent"
+    for name, resource, operation in [("own-node", "nodes", "UPDATE"),
+                                      ("verification-pods", "pods", "CREATE"),
+                                      ("pod-deletions", "pods", "DELETE")]:
+        policy = policy_and_binding(r, f"{RELEASE}-agent-{name}")
+        (cond,) = policy["spec"]["matchConditions"]
+        assert f'"{agent_user}"' in cond["expression"], cond
+        (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+        assert rule["resources"] == [resource] and rule["operations"] == [operation], rule
+        node_var = [v for v in policy["spec"]["variables"] if v["name"] == "nodeName"]
+        assert node_var and "authentication.kubernetes.io/node-name" in node_var[0]["expression"], name
+        # No way through without the node claim (the old node policy waved such tokens through).
+        first = policy["spec"]["validations"][0]
+        assert first["expression"] == "variables.nodeName != ''", (name, first)
+        assert "size(variables.nodeNames) == 0" not in cel(policy), name
+
+
+@test
+def agent_node_policy_limits_the_fields_to_the_agents_own():
+    policy = policy_and_binding(template("--api-versions", VAP), f"{RELEASE}-agent-own-node")
+    text = cel(policy)
+    # The keys of protocol/src/keys.rs `node` and nothing wider.
+    for owned in ["'katacontainers.io/kata-lifecycle-manager-'", "'katacontainers.io/kata-current-version'",
+                  "'lifecycle.katacontainers.io/'"]:
+        assert owned in text, owned
+    assert "object.metadata.name == variables.nodeName" in text
+    for field in ["taints", "podCIDR", "providerID", "finalizers", "ownerReferences"]:
+        assert f"object.spec.?{field}" in text or f"object.metadata.?{field}" in text, field
+
+
+@test
+def agent_pod_policies_pin_pods_to_the_agents_node_and_refuse_host_access_and_secrets():
+    r = template("--api-versions", VAP, "--set", "verification.serviceAccounts={verifier}")
+    create = cel(policy_and_binding(r, f"{RELEASE}-agent-verification-pods"))
+    for needle in ["object.spec.?nodeName", "'kubernetes.io/hostname'", "matchFields", "privileged",
+                   "allowPrivilegeEscalation", "capabilities.?add", "hostNetwork", "hostPID", "hostIPC",
+                   "hostPort", "has(v.hostPath)", "secretKeyRef", "secretRef", "serviceAccountToken"]:
+        assert needle in create, needle
+    sas = [v for v in policy_and_binding(r, f"{RELEASE}-agent-verification-pods")["spec"]["variables"]
+           if v["name"] == "serviceAccounts"]
+    assert yaml.safe_load(sas[0]["expression"]) == ["default", "verifier"], sas
+    delete = cel(policy_and_binding(r, f"{RELEASE}-agent-pod-deletions"))
+    assert "oldObject.spec.?nodeName" in delete and "object.spec" not in delete.replace("oldObject.spec", "")
+
+
+@test
+def coordinator_rbac_policy_binds_kata_deploy_roles_only_in_kata_deploy_namespaces():
+    r = template("--api-versions", VAP, "--set", "rbac.extraKataDeployNamespaces={kata-2}")
+    policy = policy_and_binding(r, f"{RELEASE}-coordinator-kata-deploy-rbac")
+    (cond,) = policy["spec"]["matchConditions"]
+    assert f'"system:serviceaccount:{NAMESPACE}:{RELEASE}-coordinator"' in cond["expression"]
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["clusterroles", "clusterrolebindings"], rule
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert yaml.safe_load(variables["kataDeployNamespaces"]) == ["kube-system", "kata-2"]
+    assert yaml.safe_load(variables["ownServiceAccounts"]) == [f"{RELEASE}-coordinator", f"{RELEASE}-agent"]
+    text = cel(policy)
+    for needle in ["'*' in r.?verbs", "'escalate', 'bind', 'impersonate'", "'secrets'",
+                   "'rbac.authorization.k8s.io' in r.?apiGroups", "nonResourceURLs"]:
+        assert needle in text, needle
+    # Like the agent's: only where ValidatingAdmissionPolicy exists, and switched with it.
+    assert not template().all("ValidatingAdmissionPolicy")
+    assert not template("--api-versions", VAP, "--set", "agent.restrictToOwnNode=false").all(
+        "ValidatingAdmissionPolicyBinding")
+
+
+@test
+def coordinator_may_update_kata_deploys_job_mode_rbac_by_name():
+    cluster = rules_of(template(), "ClusterRole", f"{RELEASE}-coordinator")
+    for verb in ["update", "escalate", "bind"]:
+        assert allows(cluster, "rbac.authorization.k8s.io", "clusterroles", verb, "kata-deploy-dispatcher-noderole")
+        # Post-delete hooks run on uninstall only, which the coordinator never does.
+        assert not allows(cluster, "rbac.authorization.k8s.io", "clusterroles", verb, "kata-deploy-cleanup-role")
+    assert allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "kata-deploy-dispatcher-noderb")
+
+
+@test
+def verification_service_accounts_reach_the_coordinator():
+    coordinator = template("--set", "verification.serviceAccounts={a,b}").get("Deployment", f"{RELEASE}-coordinator")
+    assert env_of(coordinator)["KLM_VERIFICATION_SERVICE_ACCOUNTS"] == "a,b"
+    coordinator = template().get("Deployment", f"{RELEASE}-coordinator")
+    assert env_of(coordinator)["KLM_VERIFICATION_SERVICE_ACCOUNTS"] == ""
+
+
+@test
+def verification_namespace_is_created_under_pod_security_only_on_request():
+    assert not template("--set", "defaults.verificationNamespace=klm-verify").all("Namespace")
+    r = template("--set", "verification.createNamespace=true", "--set", "defaults.verificationNamespace=klm-verify",
+                 "--set", "rbac.extraVerificationNamespaces={klm-verify-2}")
+    for ns in ["klm-verify", "klm-verify-2"]:
+        labels = r.get("Namespace", ns)["metadata"]["labels"]
+        for mode in ["enforce", "warn", "audit"]:
+            assert labels[f"pod-security.kubernetes.io/{mode}"] == "baseline", labels
+    r = template("--set", "verification.createNamespace=true", "--set", "defaults.verificationNamespace=klm-verify",
+                 "--set", "verification.podSecurity=restricted")
+    assert r.get("Namespace", "klm-verify")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # Never a namespace that exists already or holds other workloads.
+    for ns in ["default", NAMESPACE, "kube-system"]:
+        err = template("--set", "verification.createNamespace=true", "--set", f"defaults.verificationNamespace={ns}",
+                       expect_ok=False)
+        assert "dedicated verification namespace" in err and "kubectl label namespace" in err, err
+    err = template("--set", "verification.podSecurity=privileged", expect_ok=False)
+    assert "podSecurity" in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main():

@@ -93,3 +93,54 @@ file that is not a Pod with restartPolicy Never is refused here instead of at th
 {{- end -}}
 {{- $pod -}}
 {{- end }}
+
+{{/*
+Admission policies (ValidatingAdmissionPolicy v1, Kubernetes >= 1.30): rendered where the API
+exists and `agent.restrictToOwnNode` is on.
+*/}}
+{{- define "klm.admissionPolicies" -}}
+{{- if and .Values.agent.restrictToOwnNode (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") }}true{{ end }}
+{{- end }}
+
+{{/* The user a pod of the agent ServiceAccount authenticates as. */}}
+{{- define "klm.agentUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "klm.agentName" .) }}
+{{- end }}
+
+{{/*
+The node a request by the agent comes from: the API server writes it into every token bound to
+a pod (user extra `authentication.kubernetes.io/node-name`, Kubernetes >= 1.30). Empty for a
+token without it (bound to no pod, or to an unscheduled one), which every policy refuses.
+*/}}
+{{- define "klm.agentNodeVariable" -}}
+- name: nodeName
+  expression: >-
+    has(request.userInfo.extra) && 'authentication.kubernetes.io/node-name' in request.userInfo.extra
+    && size(request.userInfo.extra['authentication.kubernetes.io/node-name']) == 1
+    ? request.userInfo.extra['authentication.kubernetes.io/node-name'][0] : ''
+{{- end }}
+
+{{- define "klm.agentNodeClaimValidation" -}}
+- expression: variables.nodeName != ''
+  message: >-
+    the kata-lifecycle-manager agent's token carries no node (user extra
+    authentication.kubernetes.io/node-name): only the token bound to an agent pod on a node
+    may act, and only on that node
+  reason: Forbidden
+{{- end }}
+
+{{/*
+CEL: the pod spec `.` (an expression such as `object.spec`) can only run on variables.nodeName:
+`nodeName` names it, or (unscheduled) a `kubernetes.io/hostname` nodeSelector or a required
+node affinity every term of which pins it (DaemonSet pods use matchFields metadata.name).
+Mirrors protocol/src/pod_policy.rs.
+*/}}
+{{- define "klm.celPinnedToNode" -}}
+({{ . }}.?nodeName.orValue('') != ''
+  ? {{ . }}.nodeName == variables.nodeName
+  : ({{ . }}.?nodeSelector[?'kubernetes.io/hostname'].orValue('') == variables.nodeName
+     || (size({{ . }}.?affinity.?nodeAffinity.?requiredDuringSchedulingIgnoredDuringExecution.?nodeSelectorTerms.orValue([])) > 0
+         && {{ . }}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t,
+              t.?matchExpressions.orValue([]).exists(r, r.key == 'kubernetes.io/hostname' && r.operator == 'In' && r.?values.orValue([]) == [variables.nodeName])
+              || t.?matchFields.orValue([]).exists(r, r.key == 'metadata.name' && r.operator == 'In' && r.?values.orValue([]) == [variables.nodeName])))))
+{{- end }}

@@ -20,11 +20,15 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use klm_protocol::keys::node::STATUS as STATUS_LABEL;
 use klm_testkit::Cluster;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
-use serde_json::json;
+use serde_json::{Value, json};
+use std::future::Future;
+use std::pin::Pin;
 use tokio::sync::OnceCell;
 
 const RELEASE: &str = "klm-chart-e2e";
@@ -36,6 +40,10 @@ const VERIFY_NS: &str = "klm-chart-verify";
 const NODE_LABEL: &str = "klm.test/chart-e2e";
 const NODES: [&str; 2] = ["klm-chart-e2e-1", "klm-chart-e2e-2"];
 const HELM_TIMEOUT: &str = "5m";
+/// A ClusterRole/ClusterRoleBinding pair the chart treats as kata-deploy's (by name), so the
+/// escalation test does not race the helm test over the real `kata-deploy-role`.
+const PROBE_ROLE: &str = "klm-chart-e2e-probe-role";
+const PROBE_BINDING: &str = "klm-chart-e2e-probe-rb";
 
 const VERIFICATION_POD: &str = r#"apiVersion: v1
 kind: Pod
@@ -160,6 +168,15 @@ async fn install() -> Result<Installed> {
         &format!("agent.nodeSelector={on_our_nodes}"),
         "--set-json",
         &format!("coordinator.nodeSelector={on_our_nodes}"),
+        // The chart's kata-deploy RBAC names plus a probe pair for the escalation test.
+        "--set-json",
+        &format!(
+            r#"rbac.kataDeployClusterRoles=["kata-deploy-role","kata-deploy-dispatcher-noderole","{PROBE_ROLE}"]"#
+        ),
+        "--set-json",
+        &format!(
+            r#"rbac.kataDeployClusterRoleBindings=["kata-deploy-rb","kata-deploy-dispatcher-noderb","{PROBE_BINDING}"]"#
+        ),
         "--wait",
         "--timeout",
         HELM_TIMEOUT,
@@ -286,6 +303,20 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Agent, false, "patch",  "apps", "daemonsets", KD_NS, "kata-deploy"),
         row(Agent, false, "get",    "apps", "daemonsets", KD_NS, "kata-deploy"),
         row(Agent, false, "create", "rbac.authorization.k8s.io", "clusterrolebindings", "", ""),
+        // RBAC grants these on every node; the chart's admission policies narrow them to the
+        // agent's own node (agent_token_reaches_only_its_own_node)...
+        row(Agent, true,  "patch",  "", "nodes", "", "klm-chart-e2e-2"),
+        row(Agent, true,  "delete", "", "pods", KD_NS, "kata-deploy-on-another-node"),
+        // ...except evictions, which no admission policy can tie to a node (chart README).
+        row(Agent, true,  "create", "", "pods/eviction", "kube-system", "x"),
+        // Nothing that could mint another identity or reach into a pod.
+        row(Agent, false, "update", "", "nodes/status", "", "klm-chart-e2e-1"),
+        row(Agent, false, "create", "", "serviceaccounts/token", NS, &agent_sa()),
+        row(Agent, false, "create", "", "pods/exec", VERIFY_NS, "verify-x"),
+        row(Agent, false, "create", "", "pods/ephemeralcontainers", VERIFY_NS, "verify-x"),
+        row(Agent, false, "deletecollection", "", "pods", KD_NS, ""),
+        row(Agent, false, "impersonate", "", "serviceaccounts", NS, &coordinator_sa()),
+        row(Agent, false, "create", "", "secrets", VERIFY_NS, ""),
         // ---- coordinator: helm upgrade/rollback of kata-deploy, run bookkeeping
         row(Coordinator, true,  "list",   "", "secrets", KD_NS, ""),
         row(Coordinator, true,  "get",    "", "secrets", KD_NS, "sh.helm.release.v1.kata-deploy.v1"),
@@ -313,6 +344,19 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-rb"),
         row(Coordinator, false, "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "cluster-admin"),
         row(Coordinator, false, "create", "rbac.authorization.k8s.io", "roles", KD_NS, ""),
+        // kata-deploy's job mode (deploymentMode=job, 3.32+) RBAC, by name too.
+        row(Coordinator, true,  "escalate", "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
+        row(Coordinator, true,  "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
+        row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-dispatcher-noderb"),
+        // Post-delete hooks run only on uninstall, which the coordinator never does.
+        row(Coordinator, false, "escalate", "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-cleanup-role"),
+        row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-cleanup-role"),
+        // escalate/bind by name only: a new ClusterRole (no name yet) cannot exceed its rights.
+        row(Coordinator, false, "escalate", "rbac.authorization.k8s.io", "clusterroles", "", ""),
+        row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "clusterroles", "", ""),
+        row(Coordinator, false, "impersonate", "", "serviceaccounts", KD_NS, "kata-deploy-sa"),
+        row(Coordinator, false, "create", "", "serviceaccounts/token", KD_NS, "kata-deploy-sa"),
+        row(Coordinator, false, "create", "", "pods/exec", KD_NS, "kata-deploy-abcde"),
         row(Coordinator, true,  "create", "coordination.k8s.io", "leases", NS, ""),
         row(Coordinator, true,  "update", "coordination.k8s.io", "leases", NS, &upgrade_lease),
         row(Coordinator, true,  "update", "coordination.k8s.io", "leases", NS, &leader_lease),
@@ -565,8 +609,9 @@ async fn agent_token_may_change_only_its_own_node() -> Result<()> {
         .context("TokenRequest without a token")?;
     let agent = client_with_token(inst.cluster.kubeconfig_path(), &token).await?;
     let nodes: Api<Node> = Api::all(agent);
-    let mark =
-        |v: &str| Patch::Merge(json!({"metadata": {"labels": {"klm.test/agent-touched": v}}}));
+    // A label the agent owns: since the policy also limits the fields, a foreign one would be
+    // refused on its own Node too (agent_token_reaches_only_its_own_node).
+    let mark = |v: &str| Patch::Merge(json!({"metadata": {"labels": {STATUS_LABEL: v}}}));
 
     nodes
         .patch(own, &PatchParams::default(), &mark("own"))
@@ -612,6 +657,464 @@ async fn client_with_token(admin_kubeconfig: &Path, token: &str) -> Result<kube:
     let config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// A request as an attacker would send it, and the refusal it must meet.
+struct Attack<'a> {
+    what: String,
+    /// A fragment of the admission policy's message (the API server answers 403 with it).
+    refused_with: &'static str,
+    call: Box<dyn Fn() -> ApiCall<'a> + 'a>,
+}
+
+type ApiCall<'a> = Pin<Box<dyn Future<Output = std::result::Result<(), kube::Error>> + Send + 'a>>;
+
+fn attack<'a, F, Fut, T>(what: impl Into<String>, refused_with: &'static str, call: F) -> Attack<'a>
+where
+    F: Fn() -> Fut + 'a,
+    Fut: Future<Output = std::result::Result<T, kube::Error>> + Send + 'a,
+{
+    Attack {
+        what: what.into(),
+        refused_with,
+        call: Box::new(move || {
+            let fut = call();
+            Box::pin(async move { fut.await.map(|_| ()) })
+        }),
+    }
+}
+
+/// Runs every attack (each is a dry run, so one that gets through changes nothing) and lists
+/// those not refused with 403 and the expected message. Admission policies take effect once
+/// the API server's informer has them, shortly after `helm install` returned: an attack that
+/// gets through is retried until `settle`, after which its answer stands.
+async fn unrefused(attacks: &[Attack<'_>], settle: tokio::time::Instant) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for a in attacks {
+        loop {
+            let answer = (a.call)().await;
+            let refused = matches!(&answer, Err(kube::Error::Api(e))
+                if e.code == 403 && e.message.contains(a.refused_with));
+            if refused {
+                break;
+            }
+            if tokio::time::Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            wrong.push(match answer {
+                Ok(()) => format!("{}: ALLOWED", a.what),
+                Err(kube::Error::Api(e)) => {
+                    format!(
+                        "{}: {} {:?} (wanted 403 with {:?})",
+                        a.what, e.code, e.message, a.refused_with
+                    )
+                }
+                Err(e) => format!("{}: {e}", a.what),
+            });
+            break;
+        }
+    }
+    wrong
+}
+
+/// A token of the agent ServiceAccount: bound to the agent pod on `node`, as the kubelet holds
+/// it (the API server records the node in it), or bound to nothing when `node` is None.
+async fn agent_token(client: &kube::Client, node: Option<&str>) -> Result<String> {
+    let mut spec = json!({"audiences": [], "expirationSeconds": 600});
+    if let Some(node) = node {
+        let pods = Api::<Pod>::namespaced(client.clone(), NS)
+            .list(
+                &ListParams::default()
+                    .labels("app.kubernetes.io/component=agent")
+                    .fields(&format!("spec.nodeName={node}")),
+            )
+            .await?;
+        let pod = pods
+            .items
+            .first()
+            .with_context(|| format!("no agent pod on {node}"))?;
+        spec["boundObjectRef"] = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "name": pod.metadata.name, "uid": pod.metadata.uid,
+        });
+    }
+    let request: TokenRequest = serde_json::from_value(json!({ "spec": spec }))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create_token_request(&agent_sa(), &PostParams::default(), &request)
+        .await?
+        .status
+        .context("TokenRequest without status")?
+        .token
+        .context("TokenRequest without a token")
+}
+
+/// A pod the agent could create: the README's verification pod, with `spec` merged into its
+/// spec (a `containers` entry replaces the container list).
+fn probe_pod(name: &str, spec: Value) -> Pod {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"klm.test/security-probe": "true"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [{
+                "name": "verify",
+                "image": "quay.io/kata-containers/alpine-bash-curl:latest",
+                "command": ["sh", "-c", "true"],
+            }],
+        },
+    });
+    for (k, v) in spec.as_object().cloned().unwrap_or_default() {
+        pod["spec"][k] = v;
+    }
+    serde_json::from_value(pod).expect("probe pod is a Pod")
+}
+
+fn pinned_to(node: &str) -> Value {
+    json!({"nodeSelector": {"kubernetes.io/hostname": node}})
+}
+
+/// `pinned_to(node)` with more spec fields.
+fn pinned_with(node: &str, more: Value) -> Value {
+    let mut spec = pinned_to(node);
+    for (k, v) in more.as_object().cloned().unwrap_or_default() {
+        spec[k] = v;
+    }
+    spec
+}
+
+fn container(extra: Value) -> Value {
+    let mut c =
+        json!({"name": "verify", "image": "quay.io/kata-containers/alpine-bash-curl:latest"});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        c[k] = v;
+    }
+    json!([c])
+}
+
+fn dry_post() -> PostParams {
+    PostParams {
+        dry_run: true,
+        ..Default::default()
+    }
+}
+
+fn dry_delete() -> DeleteParams {
+    DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    }
+}
+
+/// With the agent's real credential (a token bound to the agent pod on node A), everything RBAC
+/// grants it on every node is refused by the API server outside node A: pods on another node,
+/// pods with host access or Secrets, kata-deploy pods elsewhere, foreign Node fields, other
+/// Nodes; a token bound to no pod can do nothing. The agent's own work on node A still passes.
+#[tokio::test]
+async fn agent_token_reaches_only_its_own_node() -> Result<()> {
+    let inst = installed().await;
+    let admin = inst.cluster.client().await?;
+    let (own, other) = (NODES[0], NODES[1]);
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+
+    // A kata-deploy-namespace pod on each node, as the kata-deploy DaemonSet has.
+    let kd_admin: Api<Pod> = Api::namespaced(admin.clone(), KD_NS);
+    let kd_pod = |node: &str| {
+        let mut p = probe_pod(
+            &format!("klm-security-probe-{node}"),
+            json!({"nodeName": node}),
+        );
+        p.spec.as_mut().unwrap().tolerations = None;
+        p
+    };
+    for node in NODES {
+        created_or_exists(kd_admin.create(&PostParams::default(), &kd_pod(node)).await)?;
+    }
+    let kd_name = |node: &str| format!("klm-security-probe-{node}");
+
+    let bound = client_with_token(
+        inst.cluster.kubeconfig_path(),
+        &agent_token(&admin, Some(own)).await?,
+    )
+    .await?;
+    let unbound = client_with_token(
+        inst.cluster.kubeconfig_path(),
+        &agent_token(&admin, None).await?,
+    )
+    .await?;
+    let verify: Api<Pod> = Api::namespaced(bound.clone(), VERIFY_NS);
+    let kd: Api<Pod> = Api::namespaced(bound.clone(), KD_NS);
+    let nodes: Api<Node> = Api::all(bound.clone());
+    let verify_unbound: Api<Pod> = Api::namespaced(unbound.clone(), VERIFY_NS);
+    let kd_unbound: Api<Pod> = Api::namespaced(unbound.clone(), KD_NS);
+    let nodes_unbound: Api<Node> = Api::all(unbound.clone());
+    let dry_patch = PatchParams::default().dry_run();
+
+    const PIN: &str = "may only create pods pinned to that node";
+    const PRIVILEGED: &str = "may not create privileged pods";
+    const SECRETS: &str = "may not create pods that mount Secrets";
+    const NO_NODE: &str = "carries no node";
+    let create = |api: &Api<Pod>, spec: Value| {
+        let api = api.clone();
+        move || {
+            let (api, pod) = (api.clone(), probe_pod("klm-security-attack", spec.clone()));
+            async move { api.create(&dry_post(), &pod).await }
+        }
+    };
+    let patch_node = |api: &Api<Node>, node: &str, patch: Value| {
+        let (api, node, dry) = (api.clone(), node.to_string(), dry_patch.clone());
+        move || {
+            let (api, node, patch) = (api.clone(), node.clone(), Patch::Merge(patch.clone()));
+            let pp = dry.clone();
+            async move { api.patch(&node, &pp, &patch).await }
+        }
+    };
+    let delete = |api: &Api<Pod>, name: String| {
+        let api = api.clone();
+        move || {
+            let (api, name) = (api.clone(), name.clone());
+            async move { api.delete(&name, &dry_delete()).await }
+        }
+    };
+    let conforming = pinned_with(
+        own,
+        json!({"containers": container(json!({
+            "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+        }))}),
+    );
+    let status_label = json!({"metadata": {"labels": {STATUS_LABEL: "verifying"}}});
+
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack(format!("pod pinned to {other} by nodeSelector"), PIN, create(&verify, pinned_to(other))),
+        attack(format!("pod with spec.nodeName {other}"), PIN, create(&verify, json!({"nodeName": other}))),
+        attack("pod pinned to no node", PIN, create(&verify, json!({}))),
+        attack(format!("pod on {own} by affinity that also allows {other}"), PIN, create(&verify, json!({
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [own, other]}]}
+            ]}}}}))),
+        attack("privileged pod", PRIVILEGED, create(&verify, pinned_with(own, json!({
+            "containers": container(json!({"securityContext": {"privileged": true}}))})))),
+        attack("pod adding CAP_SYS_ADMIN", PRIVILEGED, create(&verify, pinned_with(own, json!({
+            "containers": container(json!({"securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}))})))),
+        attack("pod in the host's network namespace", "host namespaces", create(&verify, pinned_with(own, json!({"hostNetwork": true})))),
+        attack("pod mounting hostPath /", "hostPath", create(&verify, pinned_with(own, json!({
+            "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+            "containers": container(json!({"volumeMounts": [{"name": "root", "mountPath": "/host"}]}))})))),
+        attack("pod mounting a Secret", SECRETS, create(&verify, pinned_with(own, json!({
+            "volumes": [{"name": "creds", "secret": {"secretName": "anything"}}],
+            "containers": container(json!({"volumeMounts": [{"name": "creds", "mountPath": "/creds"}]}))})))),
+        attack("pod with a token for another audience", SECRETS, create(&verify, pinned_with(own, json!({
+            "volumes": [{"name": "tok", "projected": {"sources": [{"serviceAccountToken": {"path": "t", "audience": "vault"}}]}}]})))),
+        attack("pod reading a Secret into its environment", SECRETS, create(&verify, pinned_with(own, json!({
+            "containers": container(json!({"env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "anything", "key": "k"}}}]}))})))),
+        attack("pod running as another ServiceAccount", "running as ServiceAccount", create(&verify, pinned_with(own, json!({"serviceAccountName": "builder"})))),
+        attack(format!("delete the kata-deploy pod on {other}"), "may only delete pods on that node", delete(&kd, kd_name(other))),
+        attack(format!("node-restriction.kubernetes.io label on {own}"), "may only change its own Node labels",
+            patch_node(&nodes, own, json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
+        attack(format!("foreign annotation on {own}"), "may only change its own Node annotations",
+            patch_node(&nodes, own, json!({"metadata": {"annotations": {"example.com/owner": "me"}}}))),
+        attack(format!("taint {own}"), "spec.unschedulable",
+            patch_node(&nodes, own, json!({"spec": {"taints": [{"key": "evil", "effect": "NoExecute"}]}}))),
+        attack(format!("cordon {other}"), "may only change its own Node",
+            patch_node(&nodes, other, json!({"spec": {"unschedulable": true}}))),
+        attack(format!("status label on {other}"), "may only change its own Node", patch_node(&nodes, other, status_label.clone())),
+        // A token bound to no pod carries no node: nothing at all.
+        attack(format!("unbound token: conforming pod on {own}"), NO_NODE, create(&verify_unbound, conforming.clone())),
+        attack(format!("unbound token: status label on {own}"), NO_NODE, patch_node(&nodes_unbound, own, status_label.clone())),
+        attack(format!("unbound token: delete the kata-deploy pod on {own}"), NO_NODE, delete(&kd_unbound, kd_name(own))),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} attacks were not refused by the API server:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+
+    // The agent's own work on its node goes through, for real.
+    let pod = verify
+        .create(
+            &PostParams::default(),
+            &probe_pod("klm-security-legit", conforming.clone()),
+        )
+        .await
+        .context("the agent could not create a conforming verification pod on its node")?;
+    verify
+        .delete(
+            pod.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .context("the agent could not delete its verification pod")?;
+    verify
+        .create(
+            &dry_post(),
+            &probe_pod("klm-security-legit-nodename", json!({"nodeName": own})),
+        )
+        .await
+        .context("the agent could not create a pod pinned by nodeName to its node")?;
+    let cordon = json!({
+        "metadata": {
+            "labels": {STATUS_LABEL: "verifying"},
+            "annotations": {STATUS_LABEL: "verifying", "lifecycle.katacontainers.io/run": "security-probe",
+                            "lifecycle.katacontainers.io/cordoned-by": "kata-lifecycle-manager"}
+        },
+        "spec": {"unschedulable": true}
+    });
+    nodes
+        .patch(own, &PatchParams::default(), &Patch::Merge(cordon))
+        .await
+        .context("the agent could not cordon and mark its own node")?;
+    let uncordon = json!({
+        "metadata": {
+            "labels": {STATUS_LABEL: null},
+            "annotations": {STATUS_LABEL: null, "lifecycle.katacontainers.io/run": null,
+                            "lifecycle.katacontainers.io/cordoned-by": null}
+        },
+        "spec": {"unschedulable": null}
+    });
+    nodes
+        .patch(own, &PatchParams::default(), &Patch::Merge(uncordon))
+        .await
+        .context("the agent could not uncordon its own node")?;
+    kd.delete(&kd_name(own), &DeleteParams::default())
+        .await
+        .context("the agent could not delete the kata-deploy pod on its node")?;
+    kd_admin
+        .delete(&kd_name(other), &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// A client for the test cluster acting as `user` (the admin impersonating it).
+async fn impersonating(admin_kubeconfig: &Path, user: &str) -> Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(admin_kubeconfig)?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups = Some(identity(&coordinator_sa()).1);
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The coordinator's `escalate`/`bind` on kata-deploy's ClusterRoles (needed: a kata-deploy
+/// upgrade may grant its ServiceAccount a right the coordinator lacks) no longer make it
+/// cluster-admin in two calls: the chart's admission policy refuses wildcards, Secrets and RBAC
+/// rights in those roles, and bindings to anyone but kata-deploy's ServiceAccounts. A legitimate
+/// escalation (a right kata-deploy may need) still goes through.
+#[tokio::test]
+async fn coordinator_cannot_make_itself_cluster_admin_through_kata_deploy_rbac() -> Result<()> {
+    let inst = installed().await;
+    let admin = inst.cluster.client().await?;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": PROBE_ROLE},
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    }))?;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": PROBE_BINDING},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": PROBE_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": "kata-deploy-sa", "namespace": KD_NS}]
+    }))?;
+    created_or_exists(
+        Api::<ClusterRole>::all(admin.clone())
+            .create(&PostParams::default(), &role)
+            .await,
+    )?;
+    created_or_exists(
+        Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await,
+    )?;
+
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    let roles: Api<ClusterRole> = Api::all(coordinator.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(coordinator.clone());
+    let dry_patch = PatchParams::default().dry_run();
+    let set_rules = |rules: Value| {
+        let (api, pp) = (roles.clone(), dry_patch.clone());
+        move || {
+            let (api, pp, patch) = (
+                api.clone(),
+                pp.clone(),
+                Patch::Merge(json!({ "rules": rules.clone() })),
+            );
+            async move { api.patch(PROBE_ROLE, &pp, &patch).await }
+        }
+    };
+    let set_subjects = |subjects: Value| {
+        let (api, pp) = (bindings.clone(), dry_patch.clone());
+        move || {
+            let (api, pp, patch) = (
+                api.clone(),
+                pp.clone(),
+                Patch::Merge(json!({ "subjects": subjects.clone() })),
+            );
+            async move { api.patch(PROBE_BINDING, &pp, &patch).await }
+        }
+    };
+    const RULES: &str = "may not write ClusterRole";
+    const SUBJECTS: &str = "may bind kata-deploy roles only to ServiceAccounts in";
+    let rule = |group: &str, resource: &str, verb: &str| json!([{"apiGroups": [group], "resources": [resource], "verbs": [verb]}]);
+    let admin_binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "klm-chart-e2e-probe-admin"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": coordinator_sa(), "namespace": NS}]
+    }))?;
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack("write * into a kata-deploy ClusterRole", RULES, set_rules(rule("*", "*", "*"))),
+        attack("grant Secrets through a kata-deploy ClusterRole", RULES, set_rules(rule("", "secrets", "get"))),
+        attack("grant RBAC writes through a kata-deploy ClusterRole", RULES, set_rules(rule("rbac.authorization.k8s.io", "clusterrolebindings", "create"))),
+        attack("grant impersonation through a kata-deploy ClusterRole", RULES, set_rules(rule("", "users", "impersonate"))),
+        attack("grant token minting through a kata-deploy ClusterRole", RULES, set_rules(rule("", "serviceaccounts/token", "create"))),
+        attack("bind a kata-deploy ClusterRole to the coordinator", SUBJECTS, set_subjects(json!([
+            {"kind": "ServiceAccount", "name": coordinator_sa(), "namespace": NS}]))),
+        attack("bind a kata-deploy ClusterRole to a user", SUBJECTS, set_subjects(json!([
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]))),
+        attack("bind a kata-deploy ClusterRole to a ServiceAccount elsewhere", SUBJECTS, set_subjects(json!([
+            {"kind": "ServiceAccount", "name": "default", "namespace": "default"}]))),
+        // RBAC itself: bind only by name.
+        attack("bind cluster-admin to the coordinator", "attempting to grant RBAC permissions not currently held", {
+            let api = bindings.clone();
+            move || { let (api, b) = (api.clone(), admin_binding.clone()); async move { api.create(&dry_post(), &b).await } }
+        }),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} escalations were not refused:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+
+    // What an upgrade legitimately does: give kata-deploy a right the coordinator lacks, bind it
+    // to kata-deploy's own ServiceAccounts.
+    (set_rules(json!([
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]},
+    ])))()
+    .await
+    .context(
+        "the coordinator could not escalate a kata-deploy ClusterRole to kata-deploy's needs",
+    )?;
+    (set_subjects(json!([
+        {"kind": "ServiceAccount", "name": "kata-deploy-sa", "namespace": KD_NS},
+        {"kind": "ServiceAccount", "name": "kata-deploy-dispatcher", "namespace": KD_NS},
+    ])))()
+    .await
+    .context(
+        "the coordinator could not bind a kata-deploy ClusterRole to kata-deploy's ServiceAccounts",
+    )?;
+    Ok(())
 }
 
 /// `helm upgrade` of our chart must not wipe a run: the trigger is rendered without `data`, so
