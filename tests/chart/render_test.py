@@ -712,6 +712,14 @@ def coordinator_may_update_kata_deploys_job_mode_rbac_by_name():
 
 
 @test
+def agent_evictions_can_be_turned_off():
+    def may_evict(r):
+        return allows([rule for _, rule in component_rules(r, "agent")], "", "pods/eviction", "create")
+    assert may_evict(template())
+    assert not may_evict(template("--set", "rbac.agentEvictions=false"))
+
+
+@test
 def verification_service_accounts_reach_the_coordinator():
     coordinator = template("--set", "verification.serviceAccounts={a,b}").get("Deployment", f"{RELEASE}-coordinator")
     assert env_of(coordinator)["KLM_VERIFICATION_SERVICE_ACCOUNTS"] == "a,b"
