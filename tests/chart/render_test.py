@@ -638,7 +638,8 @@ def every_agent_policy_needs_the_tokens_node_and_matches_only_the_agent():
     agent_user = f"system:serviceaccount:{NAMESPACE}:{RELEASE}-agent"
     for name, resource, operation in [("own-node", "nodes", "UPDATE"),
                                       ("verification-pods", "pods", "CREATE"),
-                                      ("pod-deletions", "pods", "DELETE")]:
+                                      ("pod-deletions", "pods", "DELETE"),
+                                      ("own-lease-hold", "leases", "UPDATE")]:
         policy = policy_and_binding(r, f"{RELEASE}-agent-{name}")
         (cond,) = policy["spec"]["matchConditions"]
         assert f'"{agent_user}"' in cond["expression"], cond

@@ -17,6 +17,7 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -832,6 +833,26 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         created_or_exists(kd_admin.create(&PostParams::default(), &kd_pod(node)).await)?;
     }
     let kd_name = |node: &str| format!("klm-security-probe-{node}");
+    // The upgrade Lease, held by the other node (the coordinator that would create it is a
+    // simulated pod here).
+    let upgrade_lease = format!("{FULLNAME}-upgrade");
+    let held_by_other: Lease = serde_json::from_value(json!({
+        "metadata": {"name": upgrade_lease},
+        "spec": {"holderIdentity": other, "leaseDurationSeconds": 30}
+    }))?;
+    let leases_admin: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    created_or_exists(
+        leases_admin
+            .create(&PostParams::default(), &held_by_other)
+            .await,
+    )?;
+    leases_admin
+        .patch(
+            &upgrade_lease,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": other}})),
+        )
+        .await?;
 
     let bound = client_with_token(
         inst.cluster.kubeconfig_path(),
@@ -849,6 +870,7 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     let verify_unbound: Api<Pod> = Api::namespaced(unbound.clone(), VERIFY_NS);
     let kd_unbound: Api<Pod> = Api::namespaced(unbound.clone(), KD_NS);
     let nodes_unbound: Api<Node> = Api::all(unbound.clone());
+    let leases: Api<Lease> = Api::namespaced(bound.clone(), NS);
     let dry_patch = PatchParams::default().dry_run();
 
     const PIN: &str = "may only create pods pinned to that node";
@@ -920,6 +942,20 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         attack(format!("cordon {other}"), "may only change its own Node",
             patch_node(&nodes, other, json!({"spec": {"unschedulable": true}}))),
         attack(format!("status label on {other}"), "may only change its own Node", patch_node(&nodes, other, status_label.clone())),
+        attack(format!("release {other}'s hold of the upgrade Lease"), "its own hold of the upgrade Lease", {
+            let (api, name, pp) = (leases.clone(), upgrade_lease.clone(), dry_patch.clone());
+            move || {
+                let (api, name, pp) = (api.clone(), name.clone(), pp.clone());
+                async move { api.patch(&name, &pp, &Patch::Merge(json!({"spec": {"holderIdentity": null}}))).await }
+            }
+        }),
+        attack(format!("renew {other}'s hold of the upgrade Lease"), "its own hold of the upgrade Lease", {
+            let (api, name, pp) = (leases.clone(), upgrade_lease.clone(), dry_patch.clone());
+            move || {
+                let (api, name, pp) = (api.clone(), name.clone(), pp.clone());
+                async move { api.patch(&name, &pp, &Patch::Merge(json!({"spec": {"leaseDurationSeconds": 3600}}))).await }
+            }
+        }),
         // A token bound to no pod carries no node: nothing at all.
         attack(format!("unbound token: conforming pod on {own}"), NO_NODE, create(&verify_unbound, conforming.clone())),
         attack(format!("unbound token: status label on {own}"), NO_NODE, patch_node(&nodes_unbound, own, status_label.clone())),
@@ -983,6 +1019,23 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     kd.delete(&kd_name(own), &DeleteParams::default())
         .await
         .context("the agent could not delete the kata-deploy pod on its node")?;
+    // Taking the Lease for its own node (when the holder's hold expired) and releasing it.
+    leases
+        .patch(
+            &upgrade_lease,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": own}})),
+        )
+        .await
+        .context("the agent could not take the upgrade Lease")?;
+    leases
+        .patch(
+            &upgrade_lease,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": null}})),
+        )
+        .await
+        .context("the agent could not release its hold of the upgrade Lease")?;
     kd_admin
         .delete(&kd_name(other), &DeleteParams::default())
         .await?;
