@@ -155,6 +155,24 @@ def refuses_a_verification_pod_that_is_not_a_never_restarting_pod():
 
 
 @test
+def refuses_a_verification_pod_not_pinned_to_its_node():
+    unpinned = write("unpinned.yaml", VERIFICATION_POD.replace(
+        "  nodeSelector:\n    kubernetes.io/hostname: ${NODE}\n", ""))
+    assert "${NODE}\n  tolerations" not in open(unpinned).read()
+    err = template("--set-file", f"defaults.verificationPod={unpinned}", pod=False, expect_ok=False)
+    assert "must run on the node it verifies" in err and "kubernetes.io/hostname: ${NODE}" in err, err
+    elsewhere = write("elsewhere.yaml", VERIFICATION_POD.replace("hostname: ${NODE}", "hostname: worker-1"))
+    template("--set-file", f"defaults.verificationPod={elsewhere}", pod=False, expect_ok=False)
+    for pin in ["  nodeName: ${NODE}\n",
+                "  affinity:\n    nodeAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n"
+                "        nodeSelectorTerms:\n          - matchFields:\n"
+                "              - {key: metadata.name, operator: In, values: [\"${NODE}\"]}\n"]:
+        pinned = write("pinned.yaml", open(unpinned).read().replace("  restartPolicy: Never\n",
+                                                                   "  restartPolicy: Never\n" + pin))
+        template("--set-file", f"defaults.verificationPod={pinned}", pod=False)
+
+
+@test
 def renders_the_expected_objects():
     r = template()
     expected = sorted([

@@ -91,6 +91,14 @@ file that is not a Pod with restartPolicy Never is refused here instead of at th
 {{- if ne (toString (dig "spec" "restartPolicy" "" $parsed)) "Never" -}}
 {{- fail "defaults.verificationPod must set spec.restartPolicy: Never (its exit code is the verdict)" -}}
 {{- end -}}
+{{- /* Pinned to ${NODE}: the coordinator checks this and the rest of protocol/src/pod_policy.rs
+       per run; refusing the common mistake here saves an install that could never run. */ -}}
+{{- $byName := eq (toString (dig "spec" "nodeName" "" $parsed)) "node" -}}
+{{- $bySelector := eq (toString (dig "spec" "nodeSelector" "kubernetes.io/hostname" "" $parsed)) "node" -}}
+{{- $byAffinity := not (empty (dig "spec" "affinity" "nodeAffinity" "requiredDuringSchedulingIgnoredDuringExecution" "" $parsed)) -}}
+{{- if not (or $byName $bySelector $byAffinity) -}}
+{{- fail "defaults.verificationPod must run on the node it verifies: set spec.nodeSelector kubernetes.io/hostname: ${NODE} (or spec.nodeName: ${NODE})" -}}
+{{- end -}}
 {{- $pod -}}
 {{- end }}
 
