@@ -833,6 +833,15 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         created_or_exists(kd_admin.create(&PostParams::default(), &kd_pod(node)).await)?;
     }
     let kd_name = |node: &str| format!("klm-security-probe-{node}");
+    // A ServiceAccount in the verification namespace that is not `default` (e.g. one with
+    // rights the verification pod must not borrow); absent, the API server would refuse the
+    // pod for that reason before our policy is asked.
+    let builder: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "builder"}}))?;
+    created_or_exists(
+        Api::<ServiceAccount>::namespaced(admin.clone(), VERIFY_NS)
+            .create(&PostParams::default(), &builder)
+            .await,
+    )?;
     // The upgrade Lease, held by the other node (the coordinator that would create it is a
     // simulated pod here).
     let upgrade_lease = format!("{FULLNAME}-upgrade");
