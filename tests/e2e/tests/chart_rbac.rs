@@ -1051,6 +1051,102 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     Ok(())
 }
 
+/// The coordinator's template check (`klm_protocol::pod_policy`) and the agents' admission policy
+/// must agree: a template the coordinator accepts is never refused when the agent creates its
+/// pod (a run would fail on its first node), and one it refuses is refused by the API server too
+/// (the policy is the backstop for a forged run record or a compromised node).
+#[tokio::test]
+async fn template_check_and_agent_admission_policy_agree() -> Result<()> {
+    use klm_protocol::pod_policy;
+    use klm_protocol::verification::{PodTemplate, tolerate_cordon};
+    let inst = installed().await;
+    let admin = inst.cluster.client().await?;
+    let own = NODES[0];
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let builder: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "builder"}}))?;
+    created_or_exists(
+        Api::<ServiceAccount>::namespaced(admin.clone(), VERIFY_NS)
+            .create(&PostParams::default(), &builder)
+            .await,
+    )?;
+    let agent = client_with_token(
+        inst.cluster.kubeconfig_path(),
+        &agent_token(&admin, Some(own)).await?,
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(agent, VERIFY_NS);
+
+    let head = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ${TEST_POD}\nspec:\n  restartPolicy: Never\n";
+    let pin = "  nodeSelector:\n    kubernetes.io/hostname: ${NODE}\n";
+    let verify = "  containers:\n    - name: verify\n      image: quay.io/kata-containers/alpine-bash-curl:latest\n";
+    let template = |spec: &str, container: &str| format!("{head}{spec}{verify}{container}");
+    #[rustfmt::skip]
+    let templates = vec![
+        ("this file's verification pod", VERIFICATION_POD.to_string()),
+        ("nodeName", template("  nodeName: ${NODE}\n", "")),
+        ("hostname affinity", template("  affinity:\n    nodeAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n        nodeSelectorTerms:\n          - matchExpressions:\n              - {key: kubernetes.io/hostname, operator: In, values: [\"${NODE}\"]}\n", "")),
+        ("metadata.name affinity", template("  affinity:\n    nodeAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n        nodeSelectorTerms:\n          - matchFields:\n              - {key: metadata.name, operator: In, values: [\"${NODE}\"]}\n", "")),
+        ("harmless volumes", template(&format!("{pin}  volumes:\n    - {{name: a, emptyDir: {{}}}}\n    - {{name: b, configMap: {{name: c}}}}\n    - name: d\n      projected:\n        sources:\n          - configMap: {{name: c}}\n"), "")),
+        ("locked-down container", template(pin, "      securityContext: {allowPrivilegeEscalation: false, privileged: false, capabilities: {drop: [ALL]}}\n")),
+        ("unpinned", template("", "")),
+        ("pinned elsewhere", template("  nodeSelector:\n    kubernetes.io/hostname: klm-chart-e2e-2\n", "")),
+        ("privileged", template(pin, "      securityContext: {privileged: true}\n")),
+        ("added capability", template(pin, "      securityContext: {capabilities: {add: [NET_ADMIN]}}\n")),
+        ("privilege escalation", template(pin, "      securityContext: {allowPrivilegeEscalation: true}\n")),
+        ("hostPID", template(&format!("{pin}  hostPID: true\n"), "")),
+        ("hostPort", template(pin, "      ports: [{containerPort: 80, hostPort: 80}]\n")),
+        ("hostPath", template(&format!("{pin}  volumes:\n    - {{name: h, hostPath: {{path: /etc}}}}\n"), "")),
+        ("secret volume", template(&format!("{pin}  volumes:\n    - {{name: s, secret: {{secretName: x}}}}\n"), "")),
+        ("projected secret", template(&format!("{pin}  volumes:\n    - name: p\n      projected:\n        sources:\n          - secret: {{name: x}}\n"), "")),
+        ("env from a Secret", template(pin, "      envFrom: [{secretRef: {name: x}}]\n")),
+        ("another ServiceAccount", template(&format!("{pin}  serviceAccountName: builder\n"), "")),
+    ];
+    let mut disagree = Vec::new();
+    for (what, text) in &templates {
+        let parsed = PodTemplate::parse(text).with_context(|| format!("{what}: {text}"))?;
+        let check = pod_policy::check(&parsed, &[]);
+        let mut pod = parsed.render(own, "klm-policy-agreement", VERIFY_NS, "agreement")?;
+        tolerate_cordon(&mut pod);
+        loop {
+            let answer = pods.create(&dry_post(), &pod).await;
+            let api_accepts = match &answer {
+                Ok(_) => true,
+                Err(kube::Error::Api(e))
+                    if e.code == 403 && e.message.contains("kata-lifecycle-manager agent") =>
+                {
+                    false
+                }
+                Err(e) => bail!("{what}: the API server refused for another reason: {e}"),
+            };
+            if api_accepts == check.is_ok() {
+                break;
+            }
+            // An accepted-but-should-be-refused answer may come before the policy is live.
+            if api_accepts && tokio::time::Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            disagree.push(format!(
+                "{what}: template check {:?}, API server {}",
+                check.as_ref().map_err(ToString::to_string),
+                match answer {
+                    Ok(_) => "accepted".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            ));
+            break;
+        }
+    }
+    ensure!(
+        disagree.is_empty(),
+        "{} of {} templates are judged differently:\n{}",
+        disagree.len(),
+        templates.len(),
+        disagree.join("\n")
+    );
+    Ok(())
+}
+
 /// A client for the test cluster acting as `user` (the admin impersonating it).
 async fn impersonating(admin_kubeconfig: &Path, user: &str) -> Result<kube::Client> {
     let kubeconfig = Kubeconfig::read_from(admin_kubeconfig)?;
