@@ -146,6 +146,6 @@ for c in kube-apiserver kube-controller-manager kube-scheduler; do
 done
 ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm3"
 ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm4"
-ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm"
+ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm"
 ln -sf "$CACHE/kwok-$KWOK_VERSION/kwok" "$bin/kwok"
 echo "$bin"
