@@ -9,8 +9,9 @@
 
 ARG RUST_VERSION=1.95
 ARG GO_VERSION=1.26
-# Keep in step with HELM_VERSION in tests/tools/install.sh (what the tests run against).
-ARG HELM_VERSION=v3.22.0
+# Keep in step with HELM4_VERSION in tests/tools/install.sh (what the tests run against; the
+# coordinator also works with Helm 3 >= 3.14, see the README).
+ARG HELM_VERSION=v4.3.1
 
 FROM docker.io/library/rust:${RUST_VERSION}-alpine AS build
 RUN apk add --no-cache musl-dev
@@ -22,20 +23,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/klm-coordinator /out/klm-coordinator
 
 # helm from source at the pinned tag: the Go module checksum database verifies the source, so
-# no release tarball (and no checksum to maintain) is needed. CGO off = a static binary.
-# The k8sVersion ldflags are what helm's own Makefile sets (its client-go is v0.37 -> 1.37);
-# without them `helm template`/`helm lint` assume Kubernetes 1.20.
+# no release tarball (and no checksum to maintain) is needed. CGO off = a static binary. Helm 4
+# reads the Kubernetes version it assumes from its client-go build info: only the version stamp.
 FROM docker.io/library/golang:${GO_VERSION}-alpine AS helm
 ARG HELM_VERSION
-ARG HELM_K8S_MINOR=37
 ENV CGO_ENABLED=0 GOFLAGS=-trimpath
 RUN --mount=type=cache,target=/go/pkg/mod \
     --mount=type=cache,target=/root/.cache/go-build \
     GOBIN=/out go install \
-      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
-        -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${HELM_K8S_MINOR} \
-        -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${HELM_K8S_MINOR}" \
-      helm.sh/helm/v3/cmd/helm@${HELM_VERSION} \
+      -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
+      helm.sh/helm/v4/cmd/helm@${HELM_VERSION} \
  && /out/helm version --short
 
 FROM gcr.io/distroless/static-debian12:nonroot

@@ -132,7 +132,9 @@ impl Helm {
             &revision.to_string(),
             "-n",
             namespace,
-            "--wait",
+            // No `--wait`: Helm 4's (kstatus) never finishes on an `OnDelete` DaemonSet, and
+            // nothing needs it: each restore turn waits for its own node's pod. `--timeout`
+            // still bounds the chart's hooks.
             "--timeout",
             &format!("{}s", timeout.as_secs().max(1)),
         ])
@@ -174,7 +176,7 @@ mod tests {
         );
         assert_eq!(
             Helm::rollback_args("kd", "ns", 3, Duration::from_secs(300)).join(" "),
-            "rollback kd 3 -n ns --wait --timeout 300s"
+            "rollback kd 3 -n ns --timeout 300s"
         );
     }
 }

@@ -13,9 +13,11 @@ set -euo pipefail
 K8S_VERSION=v1.36.3        # kube-apiserver, kube-controller-manager, kube-scheduler
 K8S_STAGING_VERSION=v0.36.3
 ETCD_VERSION=v3.6.16
-# helm 3: the CLI every kata-deploy document and our users' pipelines use; its
-# --reset-then-reuse-values and `rollback <rev> --wait` behave as the design expects.
+# helm 3 and helm 4: the coordinator supports both (Helm 3's security support ends in
+# February 2027; the coordinator image ships Helm 4). `helm` on the tools PATH is HELM_DEFAULT;
+# `helm3` and `helm4` name each explicitly.
 HELM_VERSION=v3.22.0
+HELM4_VERSION=v4.3.1
 KWOK_VERSION=v0.8.0
 
 log() { printf '[tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -126,18 +128,24 @@ else
   helm_ldflags=""
 fi
 build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ldflags" "$HELM_RECIPE"
+# Helm 4 takes the Kubernetes version it assumes from its client-go module's build info, so
+# only the version stamp is needed.
+build_go_install helm "$HELM4_VERSION" helm.sh/helm/v4/cmd/helm \
+  "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM4_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
 build_go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 build_kubernetes
 
 # One directory of symlinks per version set, so callers need a single PATH entry.
-set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-$HELM_RECIPE-kwok$KWOK_VERSION"
+set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-$HELM_RECIPE-helm$HELM4_VERSION-kwok$KWOK_VERSION"
 bin="$CACHE/$set_key"
 mkdir -p "$bin"
 ln -sf "$CACHE/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
 for c in kube-apiserver kube-controller-manager kube-scheduler; do
   ln -sf "$CACHE/kubernetes-$K8S_VERSION/$c" "$bin/$c"
 done
-ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm"
+ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm3"
+ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm4"
+ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm"
 ln -sf "$CACHE/kwok-$KWOK_VERSION/kwok" "$bin/kwok"
 echo "$bin"
