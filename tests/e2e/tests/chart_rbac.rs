@@ -99,6 +99,10 @@ struct Installed {
 
 static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
 
+/// kata-deploy's cluster-scoped objects (`kata-deploy-role`, `kata-deploy-rb`, RuntimeClasses)
+/// belong to one release at a time: the tests that install a kata-deploy release take turns.
+static KATA_DEPLOY_RELEASE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn installed() -> &'static Installed {
     INSTALLED
         .get_or_try_init(install)
@@ -433,6 +437,7 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
 /// `lookup` runs) and rolls it back to the recorded revision. The agent cannot even read it.
 #[tokio::test]
 async fn coordinator_can_upgrade_and_roll_back_kata_deploy_and_the_agent_cannot() -> Result<()> {
+    let _one_release = KATA_DEPLOY_RELEASE.lock().await;
     let inst = installed().await;
     let helm = Helm::new(inst.cluster, &inst.work);
     let charts = inst.work.join("kata-deploy-charts");
@@ -569,6 +574,219 @@ async fn coordinator_can_upgrade_and_roll_back_kata_deploy_and_the_agent_cannot(
     );
 
     helm.run(&["uninstall", "kata-deploy", "-n", KD_NS, "--wait"])?;
+    Ok(())
+}
+
+/// The upstream kata-deploy charts (`../shared/kata-deploy-charts`, packaged unmodified), each
+/// upgrade path users take, with the coordinator's ServiceAccount rights (helm impersonating it):
+/// the upgrade as the coordinator makes it (`--reset-then-reuse-values`, `OnDelete`, kata-deploy's
+/// own verification off), then the restore the coordinator makes on failure — back to the
+/// recorded chart version with the recorded user values, still `OnDelete`, so that no pod moves
+/// by itself. The release's user values (narrowed shims, a pinned default shim, a mirrored
+/// image) are asserted on the rendered DaemonSet, and the pods never move during either step.
+#[tokio::test]
+async fn coordinator_rights_upgrade_and_restore_the_real_kata_deploy_charts() -> Result<()> {
+    let _one_release = KATA_DEPLOY_RELEASE.lock().await;
+    let inst = installed().await;
+    let helm = Helm::new(inst.cluster, &inst.work);
+    let coordinator = helm.impersonating(&coordinator_sa());
+    let charts = root()
+        .parent()
+        .context("the workspace has a parent")?
+        .join("shared/kata-deploy-charts");
+    let chart = |v: &str| {
+        charts
+            .join(format!("kata-deploy-{v}.tgz"))
+            .display()
+            .to_string()
+    };
+    let client = inst.cluster.client().await?;
+    let ds_api: Api<DaemonSet> = Api::namespaced(client.clone(), KD_NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), KD_NS);
+    let on_our_nodes = format!(r#"nodeSelector={{"{NODE_LABEL}":"true"}}"#);
+    const MIRROR: &str = "registry.example/mirror/kata-deploy";
+
+    for (from, to) in [
+        ("3.27.0", "3.29.0"),
+        ("3.29.0", "3.31.0"),
+        ("3.31.0", "4.0.0"),
+        ("4.0.0", "4.1.0"),
+    ] {
+        let path = format!("{from} -> {to}");
+        // Post-delete hooks would start cleanup Jobs; the next install reuses the names.
+        helm.run(&[
+            "uninstall",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--ignore-not-found",
+            "--no-hooks",
+            "--wait",
+        ])?;
+        // As users install it: default RollingUpdate, their own values.
+        helm.run(&[
+            "install",
+            "kata-deploy",
+            &chart(from),
+            "-n",
+            KD_NS,
+            "--set-json",
+            &on_our_nodes,
+            "--set",
+            "shims.disableAll=true",
+            "--set",
+            "shims.qemu.enabled=true",
+            "--set",
+            "shims.clh.enabled=true",
+            "--set",
+            "defaultShim.amd64=clh",
+            "--set",
+            &format!("image.reference={MIRROR}"),
+            "--wait",
+            "--timeout",
+            HELM_TIMEOUT,
+        ])
+        .with_context(|| format!("{path}: install {from}"))?;
+        let before = pod_images(&pods).await?;
+        ensure!(
+            before.len() == NODES.len() && before.iter().all(|i| i == &format!("{MIRROR}:{from}")),
+            "{path}: kata-deploy pods after the install: {before:?}"
+        );
+
+        coordinator
+            .run(&[
+                "upgrade",
+                "kata-deploy",
+                &chart(to),
+                "-n",
+                KD_NS,
+                "--reset-then-reuse-values",
+                "--set",
+                "updateStrategy.type=OnDelete",
+                "--set",
+                "verification.pod=",
+            ])
+            .with_context(|| format!("{path}: upgrade as the coordinator"))?;
+        let ds = ds_api.get("kata-deploy").await?;
+        check_rendered(&ds, &format!("{MIRROR}:{to}"))
+            .with_context(|| format!("{path}: after the upgrade"))?;
+        ensure!(
+            pod_images(&pods).await? == before,
+            "{path}: a pod moved by itself after the upgrade"
+        );
+
+        // The restore: the recorded revision's user values, the recorded chart, still OnDelete.
+        let values = coordinator.run(&[
+            "get",
+            "values",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--revision",
+            "1",
+            "-o",
+            "json",
+        ])?;
+        let values_file = inst.work.join(format!("recorded-values-{from}.json"));
+        std::fs::write(&values_file, values)?;
+        coordinator
+            .run(&[
+                "upgrade",
+                "kata-deploy",
+                &chart(from),
+                "-n",
+                KD_NS,
+                "--reset-values",
+                "-f",
+                values_file.to_str().context("utf-8 path")?,
+                "--set",
+                "updateStrategy.type=OnDelete",
+                "--set",
+                "verification.pod=",
+            ])
+            .with_context(|| format!("{path}: restore as the coordinator"))?;
+        let ds = ds_api.get("kata-deploy").await?;
+        check_rendered(&ds, &format!("{MIRROR}:{from}"))
+            .with_context(|| format!("{path}: after the restore"))?;
+        ensure!(
+            pod_images(&pods).await? == before,
+            "{path}: a pod moved by itself after the restore"
+        );
+        let history = coordinator.run(&["history", "kata-deploy", "-n", KD_NS, "-o", "json"])?;
+        let history: Vec<Value> = serde_json::from_str(&history)?;
+        let charts_seen: Vec<&str> = history.iter().filter_map(|r| r["chart"].as_str()).collect();
+        ensure!(
+            charts_seen
+                == [
+                    format!("kata-deploy-{from}"),
+                    format!("kata-deploy-{to}"),
+                    format!("kata-deploy-{from}")
+                ],
+            "{path}: helm history {charts_seen:?}"
+        );
+    }
+    helm.run(&[
+        "uninstall",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--no-hooks",
+        "--wait",
+    ])?;
+    Ok(())
+}
+
+/// Images of the kata-deploy pods, sorted.
+async fn pod_images(pods: &Api<Pod>) -> Result<Vec<String>> {
+    let mut images: Vec<String> = pods
+        .list(&ListParams::default().labels("name=kata-deploy"))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec?.containers.first()?.image.clone())
+        .collect();
+    images.sort();
+    Ok(images)
+}
+
+/// The rendered DaemonSet keeps pacing (`OnDelete`) and the user's values.
+fn check_rendered(ds: &DaemonSet, image: &str) -> Result<()> {
+    let spec = ds.spec.as_ref().context("DaemonSet without spec")?;
+    let strategy = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.type_.as_deref());
+    ensure!(strategy == Some("OnDelete"), "updateStrategy {strategy:?}");
+    let container = spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|p| p.containers.first())
+        .context("DaemonSet without a container")?;
+    ensure!(
+        container.image.as_deref() == Some(image),
+        "image {:?}, expected {image}",
+        container.image
+    );
+    let env = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    ensure!(
+        env("SHIMS_X86_64").as_deref() == Some("clh qemu"),
+        "SHIMS_X86_64 {:?}",
+        env("SHIMS_X86_64")
+    );
+    ensure!(
+        env("DEFAULT_SHIM_X86_64").as_deref() == Some("clh"),
+        "DEFAULT_SHIM_X86_64 {:?}",
+        env("DEFAULT_SHIM_X86_64")
+    );
     Ok(())
 }
 
