@@ -13,6 +13,7 @@ pub mod params;
 pub mod plan;
 pub mod procedure;
 pub mod run;
+pub mod run_machine;
 pub mod selector;
 pub mod status;
 pub mod verification;
