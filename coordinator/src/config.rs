@@ -10,7 +10,10 @@ use std::time::Duration;
 #[command(
     name = "klm-coordinator",
     version,
-    about = "Upgrades kata-deploy node by node (coordinator)"
+    about = "Upgrades kata-deploy node by node (coordinator)",
+    // A flag given twice takes its last value (the environment and wrappers can then be
+    // overridden on the command line).
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]

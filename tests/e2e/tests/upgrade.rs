@@ -827,3 +827,143 @@ async fn a_release_left_pending_is_refused_and_nothing_changes() -> anyhow::Resu
     assert_eq!(p.node_labels("node-1").await?, (None, None));
     Ok(())
 }
+
+/// Issue 9.1: a healthy turn much longer than the turn-start timeout and the Lease duration
+/// (the verification pod runs ~20 s; turn-start timeout 3 s, Lease 6 s) must not be declared
+/// lost, whatever order the coordinator sees "completed" and the Lease release in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let p = Product::start_with("longturn", 2, "3.27.0", &["--turn-start-timeout", "3s"]).await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let n1 = p.node("node-1");
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
+    // The scenario is a long verification: keep it pending well past every coordinator bound.
+    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={n1}",
+            klm_protocol::keys::verification::NODE_LABEL
+        )))
+        .await?;
+    assert_eq!(list.items.len(), 1, "one verification pod on node-1");
+    let name = list.items[0].metadata.name.clone().unwrap_or_default();
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"labels": {klm_testkit::verification::OUTCOME_LABEL: Outcome::Succeed.label()}}
+        })),
+    )
+    .await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("completed".into()), Some("3.28.0".into()))
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// Issue 9.3: the leader is killed while its `helm upgrade` runs, leaving the release
+/// `pending-upgrade` one revision above the recorded one. The next leader rolls back to the
+/// recorded revision: never a second upgrade, never stuck, no node touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helm_upgrade_killed_midway_is_rolled_back_by_the_next_leader() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // A helm whose `upgrade` never returns (the process the SIGKILL interrupts).
+    let hang = std::env::temp_dir().join(format!("klm-hanging-helm-{}", std::process::id()));
+    std::fs::write(
+        &hang,
+        "#!/bin/sh\nif [ \"$1\" = upgrade ]; then exec sleep 300; fi\nexec helm \"$@\"\n",
+    )?;
+    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755))?;
+    let hang_arg = hang.display().to_string();
+    let mut p = Product::start_with("helmkill", 1, "3.27.0", &["--helm", &hang_arg]).await?;
+    p.opt_in(&["node-1"]).await?;
+    let (recorded, ..) = p.release().await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(
+        |r| r.phase == RunPhase::Upgrading && r.release.as_ref().is_some_and(|x| x.upgrade_issued),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    // What helm had written when it was killed.
+    leave_release_pending(&p).await?;
+    p.kill_coordinator();
+    p.extra_coordinator_args.clear();
+    p.start_coordinator()?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert!(run.message.contains("interrupted"), "{}", run.message);
+    let (rev, version, status) = p.release().await?;
+    assert_eq!(
+        (version.as_str(), status.as_str()),
+        ("3.27.0", "deployed"),
+        "rolled back to the recorded version"
+    );
+    assert_eq!(
+        rev,
+        recorded + 2,
+        "the interrupted revision, then the rollback: no second upgrade"
+    );
+    assert_eq!(p.node_labels("node-1").await?, (None, None));
+    p.assert_safe(&run.plan).await?;
+    let _ = std::fs::remove_file(&hang);
+    Ok(())
+}
+
+/// Issue 9.5: an unreadable run record pauses the coordinator with a clear message; it is
+/// never overwritten, and no new run starts on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_run_record_pauses_with_a_message() -> anyhow::Result<()> {
+    let mut p = Product::start("corrupt", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    p.kill_coordinator();
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    cms.patch(
+        product::CM,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"data": {"run.json": "{truncated"}})),
+    )
+    .await?;
+    p.start_coordinator()?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    klm_testkit::wait::wait_for(
+        &cms,
+        product::CM,
+        "a notice saying the coordinator is paused",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|cm: &k8s_openapi::api::core::v1::ConfigMap| {
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get("notice"))
+                .is_some_and(|n| n.contains("unreadable") && n.contains("paused"))
+        }),
+    )
+    .await?;
+    let cm = cms.get(product::CM).await?;
+    assert_eq!(
+        cm.data
+            .unwrap_or_default()
+            .get("run.json")
+            .map(String::as_str),
+        Some("{truncated"),
+        "the record is left for a human"
+    );
+    assert_eq!(p.release().await?.1, "3.27.0", "no run started");
+    assert_eq!(p.node_labels("node-1").await?, (None, None));
+    Ok(())
+}
