@@ -1,6 +1,6 @@
 //! Command line and environment (the chart sets the environment from its values).
 use clap::{Args, Parser, Subcommand};
-use klm_kube::logging::LogFormat;
+use klm_kube::cli::ProcessArgs;
 use klm_protocol::duration::parse_timeout;
 use klm_protocol::keys::defaults;
 use klm_protocol::params::Defaults;
@@ -86,10 +86,8 @@ pub struct RunArgs {
     pub chart_repo: String,
     #[arg(long = "helm", env = "KLM_HELM_BIN", default_value = "helm")]
     pub helm_bin: String,
-    #[arg(long, env = "KLM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
-    pub health_addr: String,
-    #[arg(long, env = "KLM_LOG_FORMAT", default_value = "json")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub process: ProcessArgs,
     #[command(flatten)]
     pub defaults: DefaultArgs,
 }

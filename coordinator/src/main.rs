@@ -26,10 +26,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    klm_kube::logging::init(args.log_format);
+    klm_kube::logging::init(args.process.log_format);
     let (client, requests) = klm_kube::client::counted().await?;
     let (ready_tx, ready_rx) = watch::channel(false);
-    if let Some(addr) = klm_kube::health::serve(&args.health_addr, ready_rx).await? {
+    if let Some(addr) = klm_kube::health::serve(&args.process.health_addr, ready_rx).await? {
         tracing::info!(%addr, "health endpoint listening");
     }
     let ns = args.common.namespace.clone();
