@@ -88,6 +88,15 @@ impl Coordinator {
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         leases.wait_until_ready().await?;
+        if trigger
+            .get(&ObjectRef::new(&s.trigger_configmap).within(&ns))
+            .is_none()
+        {
+            anyhow::bail!(
+                "trigger ConfigMap {ns}/{} not found: install the chart, or pass --trigger-configmap",
+                s.trigger_configmap
+            );
+        }
         let events = Events::new(
             client.clone(),
             klm_protocol::keys::defaults::EVENT_REPORTER,

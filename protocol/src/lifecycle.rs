@@ -201,11 +201,18 @@ pub fn reduce(
             && !ours
             && !lease.held_by(&turn.node)
         {
-            // Not started yet: take the turn back rather than let the node begin.
-            let report = run.nodes.entry(turn.node.clone()).or_default();
-            report.started_at_ms = None;
-            run.turn = None;
-            continue;
+            // Not started, as far as we can see: take the turn back rather than let the node
+            // begin, but only on a direct read made after the cancel (the watch may not show
+            // yet that the agent started).
+            let since = run.cancel_requested_at_ms.unwrap_or(i64::MIN);
+            if obs.read_at_ms.is_some_and(|at| at >= since) {
+                let report = run.nodes.entry(turn.node.clone()).or_default();
+                report.started_at_ms = None;
+                run.turn = None;
+                continue;
+            }
+            effects.push(Effect::ReadNode(turn.node.clone()));
+            return effects;
         }
         let report = run.nodes.entry(turn.node.clone()).or_default();
         if ours && obs.status.is_some() {

@@ -28,7 +28,7 @@ pub struct Defaults {
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
 /// agents act on exactly what the coordinator validated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunParams {
     pub target_version: String,
@@ -249,12 +249,12 @@ pub fn describe(p: &RunParams) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ${TEST_POD}\nspec:\n  restartPolicy: Never\n  nodeSelector:\n    kubernetes.io/hostname: ${NODE}\n  containers:\n  - name: verify\n    image: busybox\n";
 
-    fn defaults() -> Defaults {
+    pub(crate) fn defaults() -> Defaults {
         Defaults {
             helm_release: "kata-deploy".into(),
             helm_namespace: "kube-system".into(),

@@ -178,6 +178,10 @@ pub struct RunRecord {
     /// `action=cancel` was given: no further turns; roll back what was done.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// When the cancel was taken (coordinator clock): a turn is taken back only on a direct
+    /// read of its node made after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at_ms: Option<i64>,
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
@@ -204,6 +208,7 @@ impl RunRecord {
             finished_at_ms: None,
             rollback_candidates: Vec::new(),
             cancel_requested: false,
+            cancel_requested_at_ms: None,
             coordinator_api_requests: None,
         }
     }

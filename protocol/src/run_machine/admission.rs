@@ -141,16 +141,7 @@ mod tests {
         r.phase = RunPhase::Succeeded;
         r.params = Some(crate::params::RunParams {
             target_version: "3.28.0".into(),
-            helm_release: "kd".into(),
-            helm_namespace: "ns".into(),
-            node_selector: String::new(),
-            node_taint_key: String::new(),
-            node_taint_value: String::new(),
-            verification_namespace: "default".into(),
-            verification_pod: String::new(),
-            drain_enabled: false,
-            drain_timeout_seconds: 1,
-            verification_timeout_seconds: 1,
+            ..Default::default()
         });
         r.plan = vec!["a".into(), "b".into()];
         r.nodes.insert(

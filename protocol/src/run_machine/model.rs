@@ -83,19 +83,7 @@ struct Sim {
 }
 
 fn cfg() -> Config {
-    Config {
-        timing: Timing {
-            turn_start_timeout_ms: 60_000,
-            expiry_grace_ms: 5_000,
-        },
-        defaults: super::tests::defaults(),
-        rollback_retry: RetryPolicy {
-            attempts: 3,
-            base: Duration::from_secs(5),
-            cap: Duration::from_secs(20),
-        },
-        seed: 7,
-    }
+    super::tests::config()
 }
 
 impl Sim {
@@ -307,16 +295,25 @@ impl Sim {
                     kind,
                     evidence,
                 } => {
-                    let completed = self
-                        .completed_observed
-                        .contains(&format!("{}/{node}", evidence.run_id));
+                    // (A restore turn after a completed upgrade turn may be lost: that is
+                    // another turn.)
+                    if kind == crate::TurnKind::Upgrade {
+                        let completed = self
+                            .completed_observed
+                            .contains(&format!("{}/{node}", evidence.run_id));
+                        assert!(
+                            !completed,
+                            "{node} declared lost after its `completed` was observed"
+                        );
+                    }
+                    let truth = &self.truth[&node];
+                    let finished = truth.run_id.as_deref() == Some(evidence.run_id.as_str())
+                        && truth.turn == Some(kind)
+                        && truth.status.is_some_and(NodeStatus::is_terminal);
                     assert!(
-                        !completed,
-                        "{node} declared lost after its `completed` was observed"
+                        !finished,
+                        "{node} declared lost after it finished its turn: {truth:?}"
                     );
-                    let truth_completed = self.truth[&node].status == Some(NodeStatus::Completed)
-                        && self.truth[&node].run_id.as_deref() == Some(evidence.run_id.as_str());
-                    assert!(!truth_completed, "{node} declared lost while completed");
                     self.write_node(&node, |o| {
                         o.status = Some(NodeStatus::Failed);
                         o.run_id = Some(evidence.run_id.clone());
@@ -367,9 +364,14 @@ impl Sim {
                 if n != &t.node && o.run_id.as_deref() == Some(r.id.as_str()) {
                     assert!(
                         !o.status.is_some_and(NodeStatus::is_in_progress),
-                        "{n} still in progress ({:?}) while {} has the turn",
+                        "{n} still in progress ({:?}) while {} has the turn ({:?}, {:?}, cancel {}, {}); restarts {}",
                         o.status,
-                        t.node
+                        t.node,
+                        t.kind,
+                        r.phase,
+                        r.cancel_requested,
+                        r.message,
+                        self.restarts
                     );
                 }
             }

@@ -5,24 +5,9 @@ use super::release::{
 use super::*;
 use crate::keys::node::WINDOW_LABEL;
 
-pub(super) const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ${TEST_POD}\nspec:\n  nodeName: ${NODE}\n  restartPolicy: Never\n  containers:\n  - name: verify\n    image: busybox\n";
+use crate::params::tests::defaults;
 
-pub(super) fn defaults() -> Defaults {
-    Defaults {
-        helm_release: "kata-deploy".into(),
-        helm_namespace: "kube-system".into(),
-        node_selector: String::new(),
-        node_taint_key: String::new(),
-        node_taint_value: String::new(),
-        verification_namespace: "default".into(),
-        verification_pod: POD.into(),
-        drain_enabled: false,
-        drain_timeout: Duration::from_secs(300),
-        verification_timeout: Duration::from_secs(300),
-    }
-}
-
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config {
         timing: Timing {
             turn_start_timeout_ms: 60_000,
