@@ -967,3 +967,36 @@ async fn an_unreadable_run_record_pauses_with_a_message() -> anyhow::Result<()> 
     assert_eq!(p.node_labels("node-1").await?, (None, None));
     Ok(())
 }
+
+/// Issue 9.5: the upgrade Lease deleted while the coordinator runs is recreated without a
+/// restart, and the next run works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_upgrade_lease_is_recreated_without_a_restart() -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let p = Product::start("leasegone", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    let name = klm_protocol::keys::defaults::UPGRADE_LEASE;
+    klm_testkit::wait::wait_for(
+        &leases,
+        name,
+        "the coordinator's upgrade Lease",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|_: &Lease| true),
+    )
+    .await?;
+    let uid = leases.get(name).await?.metadata.uid;
+    leases.delete(name, &Default::default()).await?;
+    klm_testkit::wait::wait_for(
+        &leases,
+        name,
+        "the upgrade Lease recreated",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(move |l: &Lease| l.metadata.uid != uid),
+    )
+    .await?;
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
