@@ -828,12 +828,35 @@ async fn a_release_left_pending_is_refused_and_nothing_changes() -> anyhow::Resu
     Ok(())
 }
 
+/// Lets the (pending) verification pod on `node` succeed now.
+async fn let_verification_succeed(p: &Product, node: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={node}",
+            klm_protocol::keys::verification::NODE_LABEL
+        )))
+        .await?;
+    anyhow::ensure!(list.items.len() == 1, "one verification pod on {node}");
+    let name = list.items[0].metadata.name.clone().unwrap_or_default();
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"labels": {klm_testkit::verification::OUTCOME_LABEL: Outcome::Succeed.label()}}
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Issue 9.1: a healthy turn much longer than the turn-start timeout and the Lease duration
 /// (the verification pod runs ~20 s; turn-start timeout 3 s, Lease 6 s) must not be declared
 /// lost, whatever order the coordinator sees "completed" and the Lease release in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
     let p = Product::start_with("longturn", 2, "3.27.0", &["--turn-start-timeout", "3s"]).await?;
     p.opt_in(&["node-1", "node-2"]).await?;
     let n1 = p.node("node-1");
@@ -845,24 +868,7 @@ async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> a
     p.wait_node_status(&n1, NodeStatus::Verifying).await?;
     // The scenario is a long verification: keep it pending well past every coordinator bound.
     tokio::time::sleep(std::time::Duration::from_secs(20)).await;
-    let pods: kube::Api<Pod> =
-        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
-    let list = pods
-        .list(&kube::api::ListParams::default().labels(&format!(
-            "{}={n1}",
-            klm_protocol::keys::verification::NODE_LABEL
-        )))
-        .await?;
-    assert_eq!(list.items.len(), 1, "one verification pod on node-1");
-    let name = list.items[0].metadata.name.clone().unwrap_or_default();
-    pods.patch(
-        &name,
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(serde_json::json!({
-            "metadata": {"labels": {klm_testkit::verification::OUTCOME_LABEL: Outcome::Succeed.label()}}
-        })),
-    )
-    .await?;
+    let_verification_succeed(&p, &n1).await?;
     let run = p.wait_finished_after(before).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     assert_eq!(
@@ -997,6 +1003,57 @@ async fn a_deleted_upgrade_lease_is_recreated_without_a_restart() -> anyhow::Res
     .await?;
     let run = p.run("3.28.0", &[]).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// Issue 9.8: a `rollback-node` refused while a run is in progress is consumed, so the same
+/// request made again once the run is over is acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rollback_node_can_be_requested_again() -> anyhow::Result<()> {
+    let p = Product::start("rbagain", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let n1 = p.node("node-1");
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&n1))]).await?;
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    klm_testkit::wait::wait_for(
+        &cms,
+        product::CM,
+        "the refused rollback-node consumed",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|cm: &k8s_openapi::api::core::v1::ConfigMap| {
+            let refused = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("notice"))
+                .is_some_and(|n| n.contains("ignored"));
+            let gone = !cm
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(trigger::ROLLBACK_NODE));
+            refused && gone
+        }),
+    )
+    .await?;
+    let_verification_succeed(&p, &n1).await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    // The same request again.
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&n1))]).await?;
+    let rb = p.wait_finished_after(Some(run.id.clone())).await?;
+    assert_eq!(rb.phase, RunPhase::Succeeded, "{rb:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("rolled-back".into()), Some("3.27.0".into()))
+    );
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
