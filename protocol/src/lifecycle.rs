@@ -97,8 +97,10 @@ impl LeaseTrack {
 pub enum WakeReason {
     /// The node in turn counts as lost at this time unless something changes.
     TurnDeadline,
-    /// A failed `helm rollback` (or release read) is retried at this time.
+    /// A failed `helm rollback` is retried at this time.
     RetryRollback,
+    /// helm could not say what the release is; it is asked again at this time.
+    RetryReleaseRead,
     /// The driver's last reconcile failed (an API error); try again.
     RetryAfterError,
 }

@@ -37,7 +37,8 @@ pub struct Machine {
     upgrade_error: Option<Option<String>>,
     action_seen_in: Option<String>,
     rollback_failures: u32,
-    rollback_retry_at: Option<i64>,
+    /// A retry (of a helm rollback or a release read) scheduled for this time.
+    retry_at: Option<Wake>,
     requests_at_start: u64,
     env: Env,
     fx: Vec<Effect>,
@@ -64,7 +65,7 @@ impl Machine {
             upgrade_error: None,
             action_seen_in: None,
             rollback_failures: 0,
-            rollback_retry_at: None,
+            retry_at: None,
             requests_at_start: 0,
             env: Env::default(),
             fx: Vec::new(),
@@ -455,7 +456,7 @@ impl Machine {
         self.helm = None;
         self.upgrade_error = None;
         self.rollback_failures = 0;
-        self.rollback_retry_at = None;
+        self.retry_at = None;
     }
 
     /// Sets the run's API request count once it finished (before its first write as finished).

@@ -510,3 +510,34 @@ fn legacy_fingerprints_start_no_run() {
         "an upgraded coordinator must not restart an old trigger"
     );
 }
+
+#[test]
+fn an_unreadable_release_after_the_upgrade_is_asked_again_not_abandoned() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    let reads = |h: &H| h.count(|e| matches!(e, Effect::ReadRelease { .. }));
+    let before = reads(&h);
+    let fx = h.feed(Input::Release(ReleaseRead::Error(
+        "connection refused".into(),
+    )));
+    let at = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::WakeAt(w) if w.reason == WakeReason::RetryReleaseRead => Some(w.at_ms),
+            _ => None,
+        })
+        .expect("a retry is scheduled");
+    assert_eq!(h.run().phase, RunPhase::Upgrading, "{}", h.run().message);
+    h.feed(Input::Tick);
+    assert_eq!(reads(&h), before, "not before the retry time");
+    h.now = at;
+    h.feed(Input::Tick);
+    assert_eq!(reads(&h), before + 1);
+    h.feed(found(4, "3.28.0", "deployed"));
+    h.feed(ds());
+    assert_eq!(h.run().phase, RunPhase::Running);
+}

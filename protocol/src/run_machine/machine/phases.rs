@@ -1,6 +1,9 @@
 //! The run's phases: `Pending` → `Upgrading` → `Running` → finished, or `RollingBack`.
 use super::*;
 
+/// Wait before asking helm about the release again after it could not answer.
+const RELEASE_READ_RETRY_MS: i64 = 5_000;
+
 impl Machine {
     pub(super) fn advance(&mut self) {
         // Each pass either changes the phase (or the release's rolled-back flag) or stops.
@@ -166,7 +169,7 @@ impl Machine {
 
     /// The run's single `helm upgrade`, or adoption / undoing of one made before a restart.
     fn upgrading(&mut self) {
-        if self.awaiting.is_some() {
+        if self.awaiting.is_some() || self.waiting_to_retry() {
             return;
         }
         if let Some(result) = self.helm.take() {
@@ -290,13 +293,29 @@ impl Machine {
         }
     }
 
+    /// Asks the release again in a few seconds (helm or the API server is briefly unhappy).
     fn retry_later(&mut self, msg: String) {
-        let at = self.now() + 5_000;
+        let wake = Wake {
+            at_ms: self.now() + RELEASE_READ_RETRY_MS,
+            reason: WakeReason::RetryReleaseRead,
+        };
+        self.retry_at = Some(wake);
         self.run_mut().message = format!("{msg}; retrying");
-        self.fx.push(Effect::WakeAt(Wake {
-            at_ms: at,
-            reason: WakeReason::RetryRollback,
-        }));
+        self.fx.push(Effect::WakeAt(wake));
+    }
+
+    /// A retry is scheduled and its time has not come: ask to be woken then, do nothing now.
+    fn waiting_to_retry(&mut self) -> bool {
+        match self.retry_at {
+            Some(w) if self.now() < w.at_ms => {
+                self.fx.push(Effect::WakeAt(w));
+                true
+            }
+            _ => {
+                self.retry_at = None;
+                false
+            }
+        }
     }
 
     fn fail_before_nodes(&mut self, msg: String) {
@@ -319,17 +338,7 @@ impl Machine {
     /// `helm rollback` to the recorded revision unless the release history shows it happened;
     /// retried with backoff; after the budget the run ends saying what a human must do.
     fn rollback(&mut self) {
-        if self.awaiting.is_some() {
-            return;
-        }
-        let now = self.now();
-        if let Some(at) = self.rollback_retry_at
-            && now < at
-        {
-            self.fx.push(Effect::WakeAt(Wake {
-                at_ms: at,
-                reason: WakeReason::RetryRollback,
-            }));
+        if self.awaiting.is_some() || self.waiting_to_retry() {
             return;
         }
         let run = self.state.run.as_ref().expect("run");
@@ -342,10 +351,7 @@ impl Machine {
             };
         }
         match self.release.take() {
-            None => {
-                self.rollback_retry_at = None;
-                self.read_release()
-            }
+            None => self.read_release(),
             Some(ReleaseRead::Found(rel)) if release::rolled_back(&recorded, &rel) => {
                 self.rolled_back(&p, &recorded)
             }
@@ -368,7 +374,7 @@ impl Machine {
 
     fn rolled_back(&mut self, p: &crate::params::RunParams, recorded: &ReleaseState) {
         self.rollback_failures = 0;
-        self.rollback_retry_at = None;
+        self.retry_at = None;
         let run = self.run_mut();
         if let Some(r) = run.release.as_mut() {
             r.rolled_back = true;
@@ -402,7 +408,10 @@ impl Machine {
         if attempt < policy.attempts {
             let wait = backoff::jittered(attempt - 1, policy.base, policy.cap, 1.0);
             let at = self.now() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-            self.rollback_retry_at = Some(at);
+            self.retry_at = Some(Wake {
+                at_ms: at,
+                reason: WakeReason::RetryRollback,
+            });
             let run = self.run_mut();
             run.message = format!(
                 "helm rollback to revision {} failed (attempt {attempt} of {}): {error}; retrying in {}s",
