@@ -879,19 +879,26 @@ async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> a
     Ok(())
 }
 
+/// A helm wrapper whose `verb` subcommand never returns; every other call runs the real helm.
+fn hanging_helm(verb: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path =
+        std::env::temp_dir().join(format!("klm-helm-hanging-on-{verb}-{}", std::process::id()));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nif [ \"$1\" = {verb} ]; then exec sleep 300; fi\nexec helm \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
 /// Issue 9.3: the leader is killed while its `helm upgrade` runs, leaving the release
 /// `pending-upgrade` one revision above the recorded one. The next leader rolls back to the
 /// recorded revision: never a second upgrade, never stuck, no node touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helm_upgrade_killed_midway_is_rolled_back_by_the_next_leader() -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     // A helm whose `upgrade` never returns (the process the SIGKILL interrupts).
-    let hang = std::env::temp_dir().join(format!("klm-hanging-helm-{}", std::process::id()));
-    std::fs::write(
-        &hang,
-        "#!/bin/sh\nif [ \"$1\" = upgrade ]; then exec sleep 300; fi\nexec helm \"$@\"\n",
-    )?;
-    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755))?;
+    let hang = hanging_helm("upgrade")?;
     let hang_arg = hang.display().to_string();
     let mut p = Product::start_with("helmkill", 1, "3.27.0", &["--helm", &hang_arg]).await?;
     p.opt_in(&["node-1"]).await?;
@@ -1055,5 +1062,46 @@ async fn a_refused_rollback_node_can_be_requested_again() -> anyhow::Result<()> 
         (Some("rolled-back".into()), Some("3.27.0".into()))
     );
     p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// Issue 9.3: the leader is killed while its `helm rollback` runs; the next leader finishes the
+/// rollback (one rollback revision, no second upgrade) and restores the touched nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_during_helm_rollback_is_finished_by_the_next_leader()
+-> anyhow::Result<()> {
+    let hang = hanging_helm("rollback")?;
+    let hang_arg = hang.display().to_string();
+    let mut p = Product::start_with("rbkill", 2, "3.27.0", &["--helm", &hang_arg]).await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    let (recorded, ..) = p.release().await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(|r| r.phase == RunPhase::RollingBack, product::RUN_TIMEOUT)
+        .await?;
+    p.kill_coordinator();
+    p.extra_coordinator_args.clear();
+    p.start_coordinator()?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert_eq!(
+        run.failure.as_ref().and_then(|f| f.node.clone()),
+        Some(p.node("node-2"))
+    );
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.27.0".into())),
+            "{n}"
+        );
+    }
+    let (rev, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
+    assert_eq!(rev, recorded + 2, "one upgrade, one rollback");
+    p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
+    let _ = std::fs::remove_file(&hang);
     Ok(())
 }
