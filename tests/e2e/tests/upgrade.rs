@@ -1105,3 +1105,27 @@ async fn a_coordinator_killed_during_helm_rollback_is_finished_by_the_next_leade
     let _ = std::fs::remove_file(&hang);
     Ok(())
 }
+
+/// Issue 11: an annotation under our prefix that nothing reads (a typo) is reported in the run,
+/// not silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_a_trigger_annotation_is_reported_in_the_run() -> anyhow::Result<()> {
+    let p = Product::start("typo", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let run = p
+        .run(
+            "3.28.0",
+            &[("lifecycle.katacontainers.io/drain-enable", "true")],
+        )
+        .await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("lifecycle.katacontainers.io/drain-enable")),
+        "{:?}",
+        run.warnings
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
