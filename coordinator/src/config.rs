@@ -1,7 +1,7 @@
 //! Command line and environment (the chart sets the environment from its values).
 use clap::{Args, Parser, Subcommand};
-use klm_kube::logging::LogFormat;
-use klm_protocol::duration::parse_duration;
+use klm_kube::cli::ProcessArgs;
+use klm_protocol::duration::parse_timeout;
 use klm_protocol::keys::defaults;
 use klm_protocol::params::Defaults;
 use std::time::Duration;
@@ -10,7 +10,10 @@ use std::time::Duration;
 #[command(
     name = "klm-coordinator",
     version,
-    about = "Upgrades kata-deploy node by node (coordinator)"
+    about = "Upgrades kata-deploy node by node (coordinator)",
+    // A flag given twice takes its last value (the environment and wrappers can then be
+    // overridden on the command line).
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -59,9 +62,17 @@ pub struct RunArgs {
     pub leader_lease_name: String,
     #[arg(long, env = "KLM_LEASE_DURATION_SECONDS", default_value_t = defaults::LEASE_DURATION_SECONDS)]
     pub lease_duration_seconds: i32,
-    /// How long an agent has to take its turn before its node counts as failed.
+    /// How long an agent has to take its turn (or take the Lease back after letting go of it
+    /// mid-turn) before its node counts as failed.
     #[arg(long, env = "KLM_TURN_START_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub turn_start_timeout: Duration,
+    /// Once an agent holds the upgrade Lease, its node counts as lost this long after the Lease
+    /// expired (measured from when the coordinator last saw it renewed).
+    #[arg(long, env = "KLM_LEASE_EXPIRY_GRACE", default_value = "10s", value_parser = duration)]
+    pub lease_expiry_grace: Duration,
+    /// How many times a failed `helm rollback` is tried before the run ends asking a human.
+    #[arg(long, env = "KLM_ROLLBACK_RETRY_ATTEMPTS", default_value_t = 5)]
+    pub rollback_retry_attempts: u32,
     /// How long to wait for the DaemonSet controller to observe a new template.
     #[arg(long, env = "KLM_ROLLOUT_OBSERVE_TIMEOUT", default_value = "120s", value_parser = duration)]
     pub rollout_observe_timeout: Duration,
@@ -75,10 +86,8 @@ pub struct RunArgs {
     pub chart_repo: String,
     #[arg(long = "helm", env = "KLM_HELM_BIN", default_value = "helm")]
     pub helm_bin: String,
-    #[arg(long, env = "KLM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
-    pub health_addr: String,
-    #[arg(long, env = "KLM_LOG_FORMAT", default_value = "json")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub process: ProcessArgs,
     #[command(flatten)]
     pub defaults: DefaultArgs,
 }
@@ -118,7 +127,7 @@ pub struct DefaultArgs {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+    parse_timeout(s).map_err(|e| e.to_string())
 }
 
 impl DefaultArgs {

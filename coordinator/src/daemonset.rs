@@ -6,11 +6,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::wait::{Condition, await_condition};
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonSetRevision {
-    pub hash: String,
-    pub on_delete: bool,
-}
+pub use klm_protocol::run_machine::release::DaemonSetObservation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonSetError {
@@ -50,7 +46,7 @@ pub async fn current_revision(
     client: kube::Client,
     namespace: &str,
     timeout: Duration,
-) -> Result<DaemonSetRevision, DaemonSetError> {
+) -> Result<DaemonSetObservation, DaemonSetError> {
     let name = kata_deploy::DAEMONSET;
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
     let ds = api
@@ -110,5 +106,5 @@ pub async fn current_revision(
         .as_ref()
         .and_then(|l| l.get(kata_deploy::REVISION_HASH_LABEL).cloned())
         .ok_or_else(|| DaemonSetError::NoRevision(format!("{namespace}/{name}")))?;
-    Ok(DaemonSetRevision { hash, on_delete })
+    Ok(DaemonSetObservation { hash, on_delete })
 }

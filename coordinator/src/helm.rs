@@ -42,7 +42,9 @@ pub enum HelmError {
 
 impl Helm {
     async fn run(&self, args: &[String]) -> Result<String, HelmError> {
-        tracing::info!(helm = %self.bin, args = ?args, "running helm");
+        // argv is logged and copied into Events and the run record: never with credentials.
+        let shown: Vec<String> = args.iter().map(|a| redact(a)).collect();
+        tracing::info!(helm = %self.bin, args = ?shown, "running helm");
         let out = Command::new(&self.bin)
             .args(args)
             .stdin(Stdio::null())
@@ -57,8 +59,8 @@ impl Helm {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(HelmError::Failed {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                args: shown.join(" "),
+                stderr: redact(String::from_utf8_lossy(&out.stderr).trim()),
             })
         }
     }
@@ -153,6 +155,32 @@ impl Helm {
     }
 }
 
+/// `text` with the user-info part of every URL in it (`scheme://user:password@host`) replaced
+/// by `***`, so a chart repository's credentials never reach logs, Events or the run record.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or whitespace.
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -160,6 +188,36 @@ fn strings(a: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact("--repo https://bob:s3cret@charts.example.com/kata?x=1"),
+            "--repo https://***@charts.example.com/kata?x=1"
+        );
+        assert_eq!(
+            redact("oci://token@ghcr.io/kata and http://plain.example/x"),
+            "oci://***@ghcr.io/kata and http://plain.example/x"
+        );
+        assert_eq!(redact("no url here"), "no url here");
+        assert_eq!(redact("user@host is not a URL"), "user@host is not a URL");
+    }
+
+    #[tokio::test]
+    async fn a_failing_helm_reports_its_argv_redacted() {
+        let h = Helm {
+            bin: "false".into(),
+            chart_ref: "oci://robot:pa55@registry.example/kata-deploy".into(),
+            chart_repo: None,
+        };
+        let e = h
+            .upgrade("kd", "ns", "3.28.0")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("pa55") && !e.contains("robot"), "{e}");
+        assert!(e.contains("oci://***@registry.example/kata-deploy"), "{e}");
+    }
 
     #[test]
     fn upgrade_argv_is_exact() {

@@ -12,6 +12,7 @@ use config::{Cli, Command, RunArgs};
 use klm_kube::lease::UpgradeLease;
 use klm_kube::time::now_ms;
 use klm_protocol::lifecycle::Timing;
+use klm_protocol::run_machine::{self, RetryPolicy};
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 
@@ -25,10 +26,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    klm_kube::logging::init(args.log_format);
+    klm_kube::logging::init(args.process.log_format);
     let (client, requests) = klm_kube::client::counted().await?;
     let (ready_tx, ready_rx) = watch::channel(false);
-    if let Some(addr) = klm_kube::health::serve(&args.health_addr, ready_rx).await? {
+    if let Some(addr) = klm_kube::health::serve(&args.process.health_addr, ready_rx).await? {
         tracing::info!(%addr, "health endpoint listening");
     }
     let ns = args.common.namespace.clone();
@@ -51,9 +52,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         trigger_configmap: args.common.trigger_configmap.clone(),
         lease_name: args.lease_name.clone(),
         lease_duration_seconds: args.lease_duration_seconds,
-        timing: Timing {
-            turn_start_timeout_ms: args.turn_start_timeout.as_millis() as i64,
-            expiry_grace_ms: i64::from(args.lease_duration_seconds) * 1000 / 3,
+        machine: run_machine::Config {
+            timing: Timing {
+                turn_start_timeout_ms: millis(args.turn_start_timeout),
+                expiry_grace_ms: millis(args.lease_expiry_grace),
+            },
+            defaults: args.defaults.load(),
+            rollback_retry: RetryPolicy {
+                attempts: args.rollback_retry_attempts.max(1),
+                base: ROLLBACK_RETRY_BASE,
+                cap: ROLLBACK_RETRY_CAP,
+            },
+            seed: rand::random(),
         },
         rollout_observe_timeout: args.rollout_observe_timeout,
         rollback_timeout: args.rollback_timeout,
@@ -62,7 +72,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             chart_ref: args.chart_ref.clone(),
             chart_repo: Some(args.chart_repo.clone()).filter(|s| !s.is_empty()),
         },
-        defaults: args.defaults.load(),
         leadership: Some(fence.clone()),
     };
     let notify = Arc::new(Notify::new());
@@ -76,11 +85,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile failed; retrying on the next change");
-                Some(now_ms() + 2_000)
+                Some(klm_protocol::lifecycle::Wake {
+                    at_ms: now_ms() + 2_000,
+                    reason: klm_protocol::lifecycle::WakeReason::RetryAfterError,
+                })
             }
         };
         let sleep_ms = wake
-            .map(|w| (w - now_ms()).max(0) as u64)
+            .map(|w| (w.at_ms - now_ms()).max(0) as u64)
             .unwrap_or(3_600_000);
         tokio::select! {
             _ = notify.notified() => {}
@@ -97,6 +109,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// First wait before retrying a failed `helm rollback`; doubles up to the cap.
+const ROLLBACK_RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(10);
+const ROLLBACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 async fn shutdown_signal() {

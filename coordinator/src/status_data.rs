@@ -1,65 +1,40 @@
-//! Reading and writing the run status in the trigger ConfigMap's `data`.
+//! The trigger ConfigMap as the coordinator's store: its `data` holds what the run machine
+//! persists (`klm_protocol::run_machine::Persisted::to_data`), its annotations the requests.
 use k8s_openapi::api::core::v1::ConfigMap;
-use klm_protocol::RunRecord;
-use klm_protocol::keys::status_data as keys;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
+use std::collections::BTreeMap;
 
-pub const OBSERVED_TRIGGER: &str = "observedTrigger";
-pub const OBSERVED_ROLLBACK: &str = "observedRollbackNode";
-/// The last request the coordinator refused outside a run (e.g. a `rollback-node` it cannot do).
-pub const NOTICE: &str = "notice";
-
-/// What a coordinator remembers across restarts.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Persisted {
-    pub run: Option<RunRecord>,
-    pub observed_trigger: String,
-    pub observed_rollback: String,
-    pub notice: String,
-}
-
-pub fn load(cm: &ConfigMap) -> Persisted {
-    let data = cm.data.clone().unwrap_or_default();
-    Persisted {
-        run: data
-            .get(keys::RUN)
-            .and_then(|s| match RunRecord::from_json(s) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring unreadable run record");
-                    None
-                }
-            }),
-        observed_trigger: data.get(OBSERVED_TRIGGER).cloned().unwrap_or_default(),
-        observed_rollback: data.get(OBSERVED_ROLLBACK).cloned().unwrap_or_default(),
-        notice: data.get(NOTICE).cloned().unwrap_or_default(),
-    }
-}
-
-/// Writes the record plus the human-readable summary keys in one merge patch.
-pub async fn save(api: &Api<ConfigMap>, name: &str, p: &Persisted) -> kube::Result<()> {
-    let mut data = serde_json::Map::new();
-    data.insert(OBSERVED_TRIGGER.into(), json!(p.observed_trigger));
-    data.insert(OBSERVED_ROLLBACK.into(), json!(p.observed_rollback));
-    data.insert(NOTICE.into(), json!(p.notice));
-    if let Some(run) = &p.run {
-        data.insert(keys::RUN.into(), json!(run.to_json()));
-        data.insert(keys::PHASE.into(), json!(run.phase.as_str()));
-        data.insert(keys::TARGET_VERSION.into(), json!(run.target_version));
-        data.insert(keys::PROGRESS.into(), json!(run.progress()));
-        data.insert(
-            keys::CURRENT_NODE.into(),
-            json!(
-                run.turn
-                    .as_ref()
-                    .map(|t| t.node.clone())
-                    .unwrap_or_default()
-            ),
-        );
-        data.insert(keys::MESSAGE.into(), json!(run.message));
-    }
+/// Merges `data` into the ConfigMap; recreates the ConfigMap if it was deleted mid-run, so the
+/// agents can still read their turns.
+pub async fn save(
+    api: &Api<ConfigMap>,
+    name: &str,
+    data: &BTreeMap<String, String>,
+) -> kube::Result<()> {
     let patch = json!({ "data": data });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                },
+                data: Some(data.clone()),
+                ..Default::default()
+            };
+            api.create(&PostParams::default(), &cm).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
+/// Removes one annotation (a request the coordinator consumed).
+pub async fn remove_annotation(api: &Api<ConfigMap>, name: &str, key: &str) -> kube::Result<()> {
+    let patch = json!({"metadata": {"annotations": {key: null}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())

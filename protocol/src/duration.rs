@@ -10,6 +10,24 @@ pub enum DurationError {
     Syntax(String),
     #[error("duration {0:?} must be greater than zero")]
     Zero(String),
+    #[error("duration {0:?} is out of range: a timeout must be between 1s and 24h")]
+    OutOfRange(String),
+}
+
+/// The shortest timeout accepted (shorter ones cannot even see a pod start).
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest timeout accepted: a node cordoned longer than a day is an incident, and larger
+/// values overflow deadline arithmetic.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// [`parse_duration`] for timeouts: also within [`MIN_TIMEOUT`]..=[`MAX_TIMEOUT`].
+pub fn parse_timeout(text: &str) -> Result<Duration, DurationError> {
+    let d = parse_duration(text)?;
+    if (MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d) {
+        Ok(d)
+    } else {
+        Err(DurationError::OutOfRange(text.trim().to_string()))
+    }
 }
 
 /// Parses a positive duration made of `<integer><unit>` parts, units `ms`, `s`, `m`, `h`.
@@ -88,6 +106,31 @@ mod tests {
         for bad in ["", "s", "5 m", "5min", "-5s", "1.5s", "5x", "m5", "0s", "0"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
         }
+    }
+
+    #[test]
+    fn timeouts_are_bounded_without_panicking() {
+        assert_eq!(parse_timeout("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_timeout("24h"), Ok(MAX_TIMEOUT));
+        for bad in [
+            "500ms",
+            "24h1s",
+            "25h",
+            "10000000000000000000",
+            "99999999999h",
+        ] {
+            let e = parse_timeout(bad).unwrap_err();
+            assert!(
+                matches!(e, DurationError::OutOfRange(_) | DurationError::Syntax(_)),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            parse_timeout("10000000000000000000")
+                .unwrap_err()
+                .to_string()
+                .contains("between 1s and 24h")
+        );
     }
 
     #[test]

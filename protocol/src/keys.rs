@@ -51,6 +51,12 @@ pub mod status_data {
     pub const PROGRESS: &str = "progress";
     pub const CURRENT_NODE: &str = "currentNode";
     pub const MESSAGE: &str = "message";
+    /// Fingerprint of the last trigger the coordinator acted on (started or ignored).
+    pub const OBSERVED_TRIGGER: &str = "observedTrigger";
+    /// The last `rollback-node` value acted on.
+    pub const OBSERVED_ROLLBACK: &str = "observedRollbackNode";
+    /// The last request the coordinator refused outside a run, or why it paused.
+    pub const NOTICE: &str = "notice";
 }
 
 /// Labels and annotations on Nodes.

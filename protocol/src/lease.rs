@@ -44,6 +44,11 @@ impl LeaseView {
     }
 }
 
+/// The node a Lease holder identity names: `<node>/<instance>` (or a bare `<node>`).
+pub fn holder_node(identity: &str) -> &str {
+    identity.split_once('/').map_or(identity, |(node, _)| node)
+}
+
 /// Fencing token held by the agent: the Lease it owns and when it last renewed it (local
 /// monotonic milliseconds). Every mutating step checks it, so an agent that lost its Lease
 /// stops mutating even before it notices the loss from the API.

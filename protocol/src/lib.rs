@@ -15,6 +15,7 @@ pub mod plan;
 pub mod pod_policy;
 pub mod procedure;
 pub mod run;
+pub mod run_machine;
 pub mod selector;
 pub mod status;
 pub mod verification;

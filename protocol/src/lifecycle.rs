@@ -5,7 +5,7 @@
 //! Invariants enforced here (and property-tested below): at most one turn at a time; upgrade
 //! turns follow the plan order; no upgrade turn after a failure; only nodes this run touched
 //! are restored.
-use crate::lease::LeaseView;
+use crate::lease::{LeaseView, holder_node};
 use crate::run::{Evidence, RunFailure, RunKind, RunRecord, Turn, TurnKind};
 use crate::status::{NodeStatus, RunPhase};
 
@@ -17,6 +17,10 @@ pub struct ObservedNode {
     pub run_id: Option<String>,
     pub turn: Option<TurnKind>,
     pub evidence: Option<Evidence>,
+    /// Local time (ms) of the last direct read of this Node (not a watch event), if any. A node
+    /// is declared lost only on a view read after its deadline passed: a watch may deliver the
+    /// Lease release before the `completed` the agent wrote just before it.
+    pub read_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +29,97 @@ pub struct Timing {
     pub turn_start_timeout_ms: i64,
     /// Extra time after the Lease expired before the node counts as lost.
     pub expiry_grace_ms: i64,
+}
+
+/// The upgrade Lease as this coordinator watched it, on its own clock: expiry is measured from
+/// when *we saw* the holder renew (as client-go's leader election does), never by comparing
+/// our clock with the agent's `renewTime`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaseTrack {
+    /// The node named by the holder identity (`<node>/<instance>`), if held.
+    pub holder: Option<String>,
+    /// `leaseDurationSeconds` in ms, clamped to sane bounds.
+    pub duration_ms: i64,
+    /// Local time the current holder was first seen.
+    pub holder_since_ms: i64,
+    /// Local time the current `renewTime` was first seen.
+    pub renew_seen_ms: i64,
+    renew_ms: Option<i64>,
+}
+
+impl LeaseTrack {
+    /// Bounds on a (possibly hand-edited) `leaseDurationSeconds`.
+    pub const MIN_DURATION_MS: i64 = 5_000;
+    pub const MAX_DURATION_MS: i64 = 600_000;
+
+    /// A track starting from the first observation, at `now_ms`.
+    pub fn new(view: &LeaseView, now_ms: i64) -> Self {
+        let mut t = LeaseTrack {
+            holder: None,
+            duration_ms: 0,
+            holder_since_ms: now_ms,
+            renew_seen_ms: now_ms,
+            renew_ms: None,
+        };
+        t.observe(view, now_ms);
+        t.holder_since_ms = now_ms;
+        t.renew_seen_ms = now_ms;
+        t
+    }
+
+    /// Folds one observation in; only a change of holder or `renewTime` moves the times, so
+    /// duplicates and re-deliveries change nothing.
+    pub fn observe(&mut self, view: &LeaseView, now_ms: i64) {
+        let holder = view
+            .holder
+            .as_deref()
+            .filter(|h| !h.is_empty())
+            .map(|h| holder_node(h).to_string());
+        if holder != self.holder {
+            self.holder = holder;
+            self.holder_since_ms = now_ms;
+            self.renew_seen_ms = now_ms;
+        } else if view.renew_ms != self.renew_ms {
+            self.renew_seen_ms = now_ms;
+        }
+        self.renew_ms = view.renew_ms;
+        self.duration_ms = (i64::from(view.duration_seconds) * 1000)
+            .clamp(Self::MIN_DURATION_MS, Self::MAX_DURATION_MS);
+    }
+
+    pub fn held_by(&self, node: &str) -> bool {
+        self.holder.as_deref() == Some(node)
+    }
+}
+
+/// Why the lifecycle asked to be called again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeReason {
+    /// The node in turn counts as lost at this time unless something changes.
+    TurnDeadline,
+    /// A failed `helm rollback` is retried at this time.
+    RetryRollback,
+    /// helm could not say what the release is; it is asked again at this time.
+    RetryReleaseRead,
+    /// The driver's last reconcile failed (an API error); try again.
+    RetryAfterError,
+}
+
+/// "Call `reduce` again at this time even if nothing changes" (unix ms on the coordinator's
+/// clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    pub at_ms: i64,
+    pub reason: WakeReason,
+}
+
+impl Wake {
+    pub fn turn_deadline(at_ms: i64) -> Self {
+        Wake {
+            at_ms,
+            reason: WakeReason::TurnDeadline,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +139,10 @@ pub enum Effect {
         kind: TurnKind,
         reason: String,
     },
+    /// Read this Node directly (not from the watch) and observe it again with `read_at_ms`.
+    ReadNode(String),
     /// Call `reduce` again at this time even if nothing changes.
-    WakeAt(i64),
+    WakeAt(Wake),
 }
 
 fn event(node: Option<&str>, warning: bool, reason: &'static str, message: String) -> Effect {
@@ -57,11 +154,12 @@ fn event(node: Option<&str>, warning: bool, reason: &'static str, message: Strin
     }
 }
 
-/// Advances a run in phase Running or RollingBack. Other phases are driven by I/O steps.
+/// Advances a run in phase Running or RollingBack (the turns); `run_machine` drives the other
+/// phases and calls this.
 pub fn reduce(
     run: &mut RunRecord,
     observe: &dyn Fn(&str) -> ObservedNode,
-    lease: &LeaseView,
+    lease: &LeaseTrack,
     now_ms: i64,
     timing: Timing,
 ) -> Vec<Effect> {
@@ -73,7 +171,7 @@ pub fn reduce(
             Some(t) => t.clone(),
             None => match run.phase {
                 RunPhase::Running if run.cancel_requested => {
-                    start_cancel(run, &mut effects);
+                    start_cancel(run, None, &mut effects);
                     continue;
                 }
                 RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
@@ -103,13 +201,20 @@ pub fn reduce(
         if run.cancel_requested
             && turn.kind == TurnKind::Upgrade
             && !ours
-            && lease.holder.as_deref() != Some(turn.node.as_str())
+            && !lease.held_by(&turn.node)
         {
-            // Not started yet: take the turn back rather than let the node begin.
-            let report = run.nodes.entry(turn.node.clone()).or_default();
-            report.started_at_ms = None;
-            run.turn = None;
-            continue;
+            // Not started, as far as we can see: take the turn back rather than let the node
+            // begin, but only on a direct read made after the cancel (the watch may not show
+            // yet that the agent started).
+            let since = run.cancel_requested_at_ms.unwrap_or(i64::MIN);
+            if obs.read_at_ms.is_some_and(|at| at >= since) {
+                let report = run.nodes.entry(turn.node.clone()).or_default();
+                report.started_at_ms = None;
+                run.turn = None;
+                continue;
+            }
+            effects.push(Effect::ReadNode(turn.node.clone()));
+            return effects;
         }
         let report = run.nodes.entry(turn.node.clone()).or_default();
         if ours && obs.status.is_some() {
@@ -136,6 +241,19 @@ pub fn reduce(
                         turn.node, run.target_version
                     ),
                 ));
+                continue;
+            }
+            (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed))
+                if run.cancel_requested
+                    && obs.evidence.as_ref().is_some_and(|e| {
+                        e.run_id == run.id
+                            && e.failure.as_ref().is_some_and(|f| f.reason == CANCELLED)
+                    }) =>
+            {
+                // The agent stopped its step because of the cancel: not a failure.
+                report.finished_at_ms = Some(now_ms);
+                let node = turn.node.clone();
+                start_cancel(run, Some(&node), &mut effects);
                 continue;
             }
             (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed)) => {
@@ -181,40 +299,65 @@ pub fn reduce(
             _ => {}
         }
         // The turn is in flight: is its agent alive?
-        let deadline = liveness_deadline(&turn, lease, timing);
-        if now_ms >= deadline {
-            let reason = if lease.holder.as_deref() == Some(turn.node.as_str()) {
-                format!(
-                    "the agent on {} stopped renewing the upgrade Lease (agent or node lost)",
-                    turn.node
-                )
-            } else {
-                format!(
-                    "the agent on {} did not take its turn within {}s; check that the agent pod runs on that node",
-                    turn.node,
-                    timing.turn_start_timeout_ms / 1000
-                )
-            };
+        let started = ours && obs.status.is_some_and(NodeStatus::is_in_progress);
+        let (deadline, reason) = liveness_deadline(&turn, started, lease, timing);
+        // Loss is declared only on a direct read made after the deadline: the watch may still
+        // hold a status the agent has since moved past.
+        let confirmed = obs.read_at_ms.is_some_and(|at| at >= deadline);
+        if now_ms >= deadline && confirmed {
             node_lost(run, &turn, reason, now_ms, &mut effects);
             continue;
         }
-        effects.push(Effect::WakeAt(deadline));
+        let released_unread = started
+            && !lease.held_by(&turn.node)
+            && obs.read_at_ms.is_none_or(|at| at < lease.holder_since_ms);
+        if now_ms >= deadline || released_unread {
+            // Deadline passed, or the agent let go of the Lease mid-turn (it writes its outcome
+            // before releasing): look at the Node itself before deciding anything.
+            effects.push(Effect::ReadNode(turn.node.clone()));
+        }
+        if now_ms < deadline {
+            effects.push(Effect::WakeAt(Wake::turn_deadline(deadline)));
+        }
         return effects;
     }
     effects
 }
 
-/// When the node in turn counts as lost if nothing changes.
-fn liveness_deadline(turn: &Turn, lease: &LeaseView, timing: Timing) -> i64 {
-    let start_deadline = turn.granted_at_ms + timing.turn_start_timeout_ms;
-    if lease.holder.as_deref() == Some(turn.node.as_str())
-        && let Some(exp) = lease.expires_at_ms()
-    {
-        return (exp + timing.expiry_grace_ms).max(start_deadline);
+/// When the node in turn counts as lost if nothing changes, and what the loss would say.
+/// Once the agent holds the Lease, only the Lease decides (its duration plus a grace, from when
+/// we last saw it renewed); otherwise it has the turn-start timeout to (re)take it, counted from
+/// the grant or from when we saw it let go, whichever is later.
+fn liveness_deadline(
+    turn: &Turn,
+    started: bool,
+    lease: &LeaseTrack,
+    timing: Timing,
+) -> (i64, String) {
+    if lease.held_by(&turn.node) {
+        return (
+            lease.renew_seen_ms + lease.duration_ms + timing.expiry_grace_ms,
+            format!(
+                "the agent on {} stopped renewing the upgrade Lease (agent or node lost)",
+                turn.node
+            ),
+        );
     }
-    // Not (or no longer) holding the Lease: it has the start timeout to (re)take it. An agent
-    // that had started and released the Lease is judged the same way.
-    start_deadline
+    let deadline = turn.granted_at_ms.max(lease.holder_since_ms) + timing.turn_start_timeout_ms;
+    let reason = if started {
+        format!(
+            "the agent on {} let go of the upgrade Lease mid-turn and did not take it back within {}s (agent or node lost)",
+            turn.node,
+            timing.turn_start_timeout_ms / 1000
+        )
+    } else {
+        format!(
+            "the agent on {} did not take its turn within {}s; check that the agent pod runs on that node",
+            turn.node,
+            timing.turn_start_timeout_ms / 1000
+        )
+    };
+    (deadline, reason)
 }
 
 fn next_upgrade(
@@ -376,16 +519,25 @@ fn start_rollback(
     effects.push(Effect::HelmRollback);
 }
 
-/// `action=cancel` with no node mid-procedure: roll back what this run completed.
-fn start_cancel(run: &mut RunRecord, effects: &mut Vec<Effect>) {
+/// The `reason` an agent's evidence carries when it stopped its step because the run was
+/// cancelled (contract with the agent).
+pub const CANCELLED: &str = "Cancelled";
+
+/// `action=cancel` with no node mid-procedure (or `stopped`, whose agent halted its step for the
+/// cancel): roll back what this run did, the stopped node first.
+fn start_cancel(run: &mut RunRecord, stopped: Option<&str>, effects: &mut Vec<Effect>) {
     run.phase = RunPhase::RollingBack;
-    run.restore_queue = run
-        .plan
-        .iter()
-        .rev()
-        .filter(|n| run.nodes.get(*n).and_then(|r| r.status) == Some(NodeStatus::Completed))
-        .cloned()
-        .collect();
+    run.turn = None;
+    let mut queue: Vec<String> = stopped.map(str::to_string).into_iter().collect();
+    queue.extend(
+        run.plan
+            .iter()
+            .rev()
+            .filter(|n| run.nodes.get(*n).and_then(|r| r.status) == Some(NodeStatus::Completed))
+            .filter(|n| Some(n.as_str()) != stopped)
+            .cloned(),
+    );
+    run.restore_queue = queue;
     run.message = format!(
         "cancelled after {} of {} node(s); rolling back",
         run.completed(),

@@ -1,7 +1,7 @@
 //! Run parameters: chart defaults overridden per run by trigger annotations, validated up front.
 //! Every check here runs before the coordinator touches anything, so a bad input ends the run
 //! with a message and no side effect.
-use crate::duration::{format_duration, parse_duration};
+use crate::duration::{format_duration, parse_timeout};
 use crate::keys::{node::DEFAULT_SELECTOR, trigger};
 use crate::selector::{LabelSelector, valid_key, valid_value};
 use crate::verification::PodTemplate;
@@ -31,7 +31,7 @@ pub struct Defaults {
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
 /// agents act on exactly what the coordinator validated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunParams {
     pub target_version: String,
@@ -174,7 +174,7 @@ pub fn resolve(
         None => defaults.drain_enabled,
     };
     let duration = |key: &'static str, default: Duration| match get(key) {
-        Some(v) => parse_duration(&v).map_err(|e| invalid(key, e.to_string())),
+        Some(v) => parse_timeout(&v).map_err(|e| invalid(key, e.to_string())),
         None => Ok(default),
     };
     let drain_timeout = duration(trigger::DRAIN_TIMEOUT, defaults.drain_timeout)?;
@@ -254,12 +254,12 @@ pub fn describe(p: &RunParams) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ${TEST_POD}\nspec:\n  restartPolicy: Never\n  nodeSelector:\n    kubernetes.io/hostname: ${NODE}\n  containers:\n  - name: verify\n    image: busybox\n";
 
-    fn defaults() -> Defaults {
+    pub(crate) fn defaults() -> Defaults {
         Defaults {
             helm_release: "kata-deploy".into(),
             helm_namespace: "kube-system".into(),
@@ -396,6 +396,22 @@ mod tests {
             }
             let err = resolve(&a, &defaults()).unwrap_err().to_string();
             assert!(err.contains(needle), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_timeouts_are_rejected_with_a_message() {
+        for (key, value) in [
+            (trigger::DRAIN_TIMEOUT, "10000000000000000000"),
+            (trigger::DRAIN_TIMEOUT, "25h"),
+            (trigger::VERIFICATION_TIMEOUT, "500ms"),
+        ] {
+            let a = ann(&[(trigger::TARGET_VERSION, "3.28.0"), (key, value)]);
+            let err = resolve(&a, &defaults()).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("between 1s and 24h"),
+                "{value}: {err}"
+            );
         }
     }
 

@@ -6,7 +6,7 @@ use crate::verification::FailureCause;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TurnKind {
     /// cordon → (drain) → restart kata-deploy at the new revision → verify → uncordon.
@@ -72,6 +72,10 @@ pub struct ReleaseState {
     /// Set once `helm rollback` to `recorded_revision` has completed.
     #[serde(default)]
     pub rolled_back: bool,
+    /// Set (and persisted) just before the run's `helm upgrade` starts, so a restarted
+    /// coordinator never issues a second one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upgrade_issued: bool,
 }
 
 /// Evidence of a node's outcome, written by its agent to the Node and copied into the run.
@@ -174,6 +178,10 @@ pub struct RunRecord {
     /// `action=cancel` was given: no further turns; roll back what was done.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// When the cancel was taken (coordinator clock): a turn is taken back only on a direct
+    /// read of its node made after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at_ms: Option<i64>,
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
@@ -200,6 +208,7 @@ impl RunRecord {
             finished_at_ms: None,
             rollback_candidates: Vec::new(),
             cancel_requested: false,
+            cancel_requested_at_ms: None,
             coordinator_api_requests: None,
         }
     }
@@ -265,21 +274,28 @@ pub fn new_run_id(target: &str, now_ms: i64, rng: &mut impl rand::Rng) -> String
     )
 }
 
-/// Fingerprint of the run-defining trigger annotations (order-independent, stable).
+/// Prefix of trigger fingerprints (earlier builds stored unprefixed `DefaultHasher` values).
+pub const FINGERPRINT_PREFIX: &str = "sha256:";
+
+/// Fingerprint of the run-defining trigger annotations: order-independent and stable across
+/// builds and platforms (SHA-256 over `key=value` lines in a fixed key order).
 pub fn trigger_fingerprint(annotations: &BTreeMap<String, String>) -> String {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut h = DefaultHasher::new();
-    let mut any = false;
-    for key in crate::keys::trigger::RUN_DEFINING {
-        if let Some(v) = annotations.get(key) {
-            any = true;
-            (key, v.trim()).hash(&mut h);
-        }
-    }
-    if !annotations.contains_key(crate::keys::trigger::TARGET_VERSION) || !any {
+    use sha2::{Digest, Sha256};
+    if !annotations.contains_key(crate::keys::trigger::TARGET_VERSION) {
         return String::new();
     }
-    format!("{:016x}", h.finish())
+    let mut h = Sha256::new();
+    for key in crate::keys::trigger::RUN_DEFINING {
+        if let Some(v) = annotations.get(key) {
+            h.update(key.as_bytes());
+            h.update(b"=");
+            h.update(v.trim().as_bytes());
+            h.update(b"\n");
+        }
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{FINGERPRINT_PREFIX}{hex}")
 }
 
 #[cfg(test)]
@@ -311,6 +327,18 @@ mod tests {
         assert_eq!(trigger_fingerprint(&a), f1);
         a.insert(crate::keys::trigger::DRAIN_ENABLED.into(), "true".into());
         assert_ne!(trigger_fingerprint(&a), f1);
+    }
+
+    #[test]
+    fn fingerprint_is_stable_across_builds() {
+        // A fixed value: `DefaultHasher` output may change between Rust releases, which made
+        // an upgraded coordinator see a "new" trigger and start a run nobody asked for.
+        let a: BTreeMap<String, String> = [(
+            crate::keys::trigger::TARGET_VERSION.to_string(),
+            " 3.28.0".to_string(),
+        )]
+        .into();
+        assert_eq!(trigger_fingerprint(&a), "sha256:66f9f03b10967579");
     }
 
     #[test]

@@ -8,9 +8,11 @@ const TIMING: Timing = Timing {
     expiry_grace_ms: 10_000,
 };
 
+/// A world whose every Node observation counts as a direct read made just now (the 9.1 tests
+/// below use `LaggingWorld`-style explicit read times instead).
 struct World {
     nodes: RefCell<BTreeMap<String, ObservedNode>>,
-    lease: LeaseView,
+    lease: LeaseTrack,
 }
 
 impl World {
@@ -30,14 +32,21 @@ impl World {
                     })
                     .collect(),
             ),
-            lease: LeaseView {
-                duration_seconds: 30,
-                ..Default::default()
-            },
+            lease: LeaseTrack::new(
+                &LeaseView {
+                    duration_seconds: 30,
+                    ..Default::default()
+                },
+                0,
+            ),
         }
     }
     fn observe(&self) -> impl Fn(&str) -> ObservedNode + '_ {
-        |n| self.nodes.borrow().get(n).cloned().unwrap_or_default()
+        |n| {
+            let mut o = self.nodes.borrow().get(n).cloned().unwrap_or_default();
+            o.read_at_ms = Some(i64::MAX);
+            o
+        }
     }
     fn set(&self, run: &RunRecord, node: &str, kind: TurnKind, status: NodeStatus) {
         let mut nodes = self.nodes.borrow_mut();
@@ -62,8 +71,13 @@ impl World {
         }
     }
     fn hold(&mut self, node: &str, now: i64) {
-        self.lease.holder = Some(node.into());
-        self.lease.renew_ms = Some(now);
+        let view = LeaseView {
+            holder: Some(format!("{node}/agent-pod-uid")),
+            renew_ms: Some(now),
+            duration_seconds: 30,
+            transitions: 0,
+        };
+        self.lease.observe(&view, now);
     }
 }
 
@@ -79,6 +93,7 @@ fn running(plan: &[&str]) -> RunRecord {
         new_hash: Some("new".into()),
         on_delete: Some(true),
         rolled_back: false,
+        upgrade_issued: true,
     });
     r
 }
@@ -162,7 +177,7 @@ fn an_agent_that_never_takes_its_turn_fails_the_node() {
     let w = World::new(&["n1", "n2"]);
     let mut r = running(&["n1", "n2"]);
     let effects = reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
-    assert!(effects.contains(&Effect::WakeAt(60_000)));
+    assert!(effects.contains(&Effect::WakeAt(Wake::turn_deadline(60_000))));
     reduce(&mut r, &w.observe(), &w.lease, 59_999, TIMING);
     assert_eq!(r.phase, RunPhase::Running);
     let effects = reduce(&mut r, &w.observe(), &w.lease, 60_000, TIMING);
@@ -183,12 +198,13 @@ fn lease_expiry_mid_node_is_a_failure_after_the_grace() {
     reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
     w.hold("n1", 1_000);
     w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Verifying);
-    // Renewed at 1s, expires at 31s, grace 10s: lost at 41s (but never before the start timeout).
+    // Renewed at 1s, expires at 31s, grace 10s: lost at 41s. Once the agent holds the Lease,
+    // only the Lease decides (issue 9.10: this was `max(41s, turn-start timeout 60s)`).
     let effects = reduce(&mut r, &w.observe(), &w.lease, 2_000, TIMING);
-    assert!(effects.contains(&Effect::WakeAt(60_000)));
+    assert!(effects.contains(&Effect::WakeAt(Wake::turn_deadline(41_000))));
     w.hold("n1", 50_000);
     let effects = reduce(&mut r, &w.observe(), &w.lease, 55_000, TIMING);
-    assert!(effects.contains(&Effect::WakeAt(90_000)));
+    assert!(effects.contains(&Effect::WakeAt(Wake::turn_deadline(90_000))));
     reduce(&mut r, &w.observe(), &w.lease, 90_000, TIMING);
     assert_eq!(r.phase, RunPhase::RollingBack);
     assert!(r.failure.unwrap().reason.contains("stopped renewing"));
@@ -281,6 +297,213 @@ fn cancel_takes_back_a_turn_not_yet_started() {
     reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
     assert_eq!(r.phase, RunPhase::Cancelled);
     assert!(r.nodes.get("n1").and_then(|n| n.status).is_none());
+}
+
+/// Observations where n1 looks like `o` and every other node exists, untouched.
+fn n1_is(o: &ObservedNode) -> impl Fn(&str) -> ObservedNode + '_ {
+    move |n| {
+        if n == "n1" {
+            o.clone()
+        } else {
+            ObservedNode {
+                exists: true,
+                ..Default::default()
+            }
+        }
+    }
+}
+
+/// Issue 9.1: the agent writes `completed`, then releases the Lease; the coordinator's watches
+/// may deliver these in either order, long after the turn-start timeout. Every ordering (and
+/// the release alone, `completed` never delivered by the watch) must end the turn as completed,
+/// never as lost: loss is declared only on a direct read, and the direct read shows `completed`.
+#[test]
+fn completed_and_lease_release_in_any_order_never_declare_a_long_turn_lost() {
+    #[derive(Clone, Copy, Debug)]
+    enum Delivery {
+        Completed,
+        Released,
+    }
+    let orderings: [&[Delivery]; 3] = [
+        &[Delivery::Completed, Delivery::Released],
+        &[Delivery::Released, Delivery::Completed],
+        &[Delivery::Released],
+    ];
+    for order in orderings {
+        let mut r = running(&["n1", "n2"]);
+        let lease_view = |holder: Option<&str>, renew: i64| LeaseView {
+            holder: holder.map(|h| format!("{h}/uid-1")),
+            renew_ms: Some(renew),
+            duration_seconds: 15,
+            transitions: 1,
+        };
+        let mut lease = LeaseTrack::new(&lease_view(None, 0), 0);
+        // What the watch shows, and what a direct read returns.
+        let mut watched = ObservedNode {
+            exists: true,
+            ..Default::default()
+        };
+        reduce(&mut r, &n1_is(&watched), &lease, 0, TIMING);
+        assert_eq!(turn_of(&r), Some(("n1".into(), TurnKind::Upgrade)));
+        watched.run_id = Some(r.id.clone());
+        watched.turn = Some(TurnKind::Upgrade);
+        watched.status = Some(NodeStatus::Verifying);
+        // A long, healthy turn: the Lease is renewed every 5 s for 100 s.
+        let mut now = 0;
+        while now < 100_000 {
+            now += 5_000;
+            lease.observe(&lease_view(Some("n1"), now), now);
+            let fx = reduce(&mut r, &n1_is(&watched), &lease, now, TIMING);
+            assert_eq!(r.phase, RunPhase::Running, "{order:?} at {now}: {fx:?}");
+        }
+        let mut truth = watched.clone();
+        truth.status = Some(NodeStatus::Completed);
+        let mut direct: Option<ObservedNode> = None;
+        for d in order {
+            now += 100;
+            match d {
+                Delivery::Completed => watched.status = Some(NodeStatus::Completed),
+                Delivery::Released => lease.observe(&lease_view(None, now), now),
+            }
+            // Feed the step, then answer any direct read the reducer asks for.
+            for _ in 0..3 {
+                let view = direct.clone().unwrap_or_else(|| watched.clone());
+                let fx = reduce(&mut r, &n1_is(&view), &lease, now, TIMING);
+                assert!(
+                    !fx.iter()
+                        .any(|e| matches!(e, Effect::MarkNodeFailed { .. })),
+                    "{order:?}: n1 declared lost: {fx:?}"
+                );
+                if fx.contains(&Effect::ReadNode("n1".into())) {
+                    let mut read = truth.clone();
+                    read.read_at_ms = Some(now);
+                    direct = Some(read);
+                    watched = truth.clone();
+                }
+            }
+        }
+        assert_eq!(
+            r.nodes["n1"].status,
+            Some(NodeStatus::Completed),
+            "{order:?}"
+        );
+        assert_eq!(
+            turn_of(&r),
+            Some(("n2".into(), TurnKind::Upgrade)),
+            "{order:?}"
+        );
+        assert!(r.failure.is_none(), "{order:?}: {:?}", r.failure);
+    }
+}
+
+/// Issue 9.10: with a 15 s Lease, a dead agent that held it is noticed about 15 s + grace after
+/// its last renewal, not at a fixed minute after its turn was granted.
+#[test]
+fn a_dead_agent_is_noticed_by_its_lease_not_a_fixed_minute() {
+    let mut r = running(&["n1"]);
+    let mut lease = LeaseTrack::new(
+        &LeaseView {
+            duration_seconds: 15,
+            ..Default::default()
+        },
+        0,
+    );
+    let node = |read_at: Option<i64>| ObservedNode {
+        exists: true,
+        run_id: Some("r1".into()),
+        turn: Some(TurnKind::Upgrade),
+        status: Some(NodeStatus::Upgrading),
+        read_at_ms: read_at,
+        ..Default::default()
+    };
+    reduce(&mut r, &|_| node(None), &lease, 0, TIMING);
+    let held = LeaseView {
+        holder: Some("n1/uid".into()),
+        renew_ms: Some(1_000),
+        duration_seconds: 15,
+        transitions: 1,
+    };
+    lease.observe(&held, 1_000);
+    let fx = reduce(&mut r, &|_| node(None), &lease, 2_000, TIMING);
+    // 1 s (seen renewed) + 15 s + 10 s grace.
+    assert!(
+        fx.contains(&Effect::WakeAt(Wake::turn_deadline(26_000))),
+        "{fx:?}"
+    );
+    let fx = reduce(&mut r, &|_| node(None), &lease, 26_000, TIMING);
+    assert!(fx.contains(&Effect::ReadNode("n1".into())), "{fx:?}");
+    assert_eq!(r.phase, RunPhase::Running, "not before a direct read");
+    reduce(&mut r, &|_| node(Some(26_050)), &lease, 26_050, TIMING);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+    assert!(r.failure.unwrap().reason.contains("stopped renewing"));
+}
+
+/// Issue 9.6: the agent's `renewTime` is written by its own (skewed) clock; expiry counts from
+/// when the coordinator saw it change, so a renewTime far in the past is no loss.
+#[test]
+fn lease_expiry_is_measured_on_the_coordinators_clock() {
+    let mut lease = LeaseTrack::new(&LeaseView::default(), 0);
+    let behind = |renew: i64| LeaseView {
+        holder: Some("n1/uid".into()),
+        renew_ms: Some(renew),
+        duration_seconds: 30,
+        transitions: 1,
+    };
+    lease.observe(&behind(-45_000), 100_000);
+    assert_eq!(lease.renew_seen_ms, 100_000);
+    lease.observe(&behind(-45_000), 120_000);
+    assert_eq!(lease.renew_seen_ms, 100_000, "a duplicate is no renewal");
+    lease.observe(&behind(-35_000), 130_000);
+    assert_eq!(lease.renew_seen_ms, 130_000);
+    // A hand-edited duration is clamped.
+    lease.observe(
+        &LeaseView {
+            duration_seconds: 0,
+            ..behind(-35_000)
+        },
+        131_000,
+    );
+    assert_eq!(lease.duration_ms, LeaseTrack::MIN_DURATION_MS);
+}
+
+/// Issue 9.9: an agent that stopped its step because of the cancel ends the run `Cancelled`,
+/// after restoring that node and every node the run completed.
+#[test]
+fn a_step_stopped_by_cancel_ends_the_run_cancelled() {
+    let w = World::new(&["n1", "n2", "n3"]);
+    let mut r = running(&["n1", "n2", "n3"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Completed);
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::Verifying);
+    r.cancel_requested = true;
+    reduce(&mut r, &w.observe(), &w.lease, 2, TIMING);
+    assert_eq!(turn_of(&r), Some(("n2".into(), TurnKind::Upgrade)));
+    w.set(&r, "n2", TurnKind::Upgrade, NodeStatus::RollingBack);
+    w.nodes.borrow_mut().get_mut("n2").unwrap().evidence = Some(Evidence {
+        run_id: r.id.clone(),
+        node: "n2".into(),
+        step: "verifying".into(),
+        failure: Some(crate::verification::FailureCause {
+            reason: CANCELLED.into(),
+            message: "the run was cancelled".into(),
+            exit_code: None,
+        }),
+        ..Default::default()
+    });
+    let effects = reduce(&mut r, &w.observe(), &w.lease, 3, TIMING);
+    assert!(effects.contains(&Effect::HelmRollback));
+    assert_eq!(r.restore_queue, ["n2", "n1"]);
+    assert!(r.failure.is_none());
+    r.release.as_mut().unwrap().rolled_back = true;
+    for n in ["n2", "n1"] {
+        reduce(&mut r, &w.observe(), &w.lease, 4, TIMING);
+        assert_eq!(turn_of(&r), Some((n.into(), TurnKind::Restore)));
+        w.set(&r, n, TurnKind::Restore, NodeStatus::RolledBack);
+    }
+    reduce(&mut r, &w.observe(), &w.lease, 5, TIMING);
+    assert_eq!(r.phase, RunPhase::Cancelled, "{}", r.message);
+    assert!(r.nodes.get("n3").and_then(|n| n.status).is_none());
 }
 
 mod properties {

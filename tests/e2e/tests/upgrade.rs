@@ -827,3 +827,305 @@ async fn a_release_left_pending_is_refused_and_nothing_changes() -> anyhow::Resu
     assert_eq!(p.node_labels("node-1").await?, (None, None));
     Ok(())
 }
+
+/// Lets the (pending) verification pod on `node` succeed now.
+async fn let_verification_succeed(p: &Product, node: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={node}",
+            klm_protocol::keys::verification::NODE_LABEL
+        )))
+        .await?;
+    anyhow::ensure!(list.items.len() == 1, "one verification pod on {node}");
+    let name = list.items[0].metadata.name.clone().unwrap_or_default();
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"labels": {klm_testkit::verification::OUTCOME_LABEL: Outcome::Succeed.label()}}
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Issue 9.1: a healthy turn much longer than the turn-start timeout and the Lease duration
+/// (the verification pod runs ~20 s; turn-start timeout 3 s, Lease 6 s) must not be declared
+/// lost, whatever order the coordinator sees "completed" and the Lease release in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> anyhow::Result<()> {
+    let p = Product::start_with("longturn", 2, "3.27.0", &["--turn-start-timeout", "3s"]).await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let n1 = p.node("node-1");
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
+    // The scenario is a long verification: keep it pending well past every coordinator bound.
+    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+    let_verification_succeed(&p, &n1).await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("completed".into()), Some("3.28.0".into()))
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// A helm wrapper whose `verb` subcommand never returns; every other call runs the real helm.
+fn hanging_helm(verb: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path =
+        std::env::temp_dir().join(format!("klm-helm-hanging-on-{verb}-{}", std::process::id()));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nif [ \"$1\" = {verb} ]; then exec sleep 300; fi\nexec helm \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+/// Issue 9.3: the leader is killed while its `helm upgrade` runs, leaving the release
+/// `pending-upgrade` one revision above the recorded one. The next leader rolls back to the
+/// recorded revision: never a second upgrade, never stuck, no node touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helm_upgrade_killed_midway_is_rolled_back_by_the_next_leader() -> anyhow::Result<()> {
+    // A helm whose `upgrade` never returns (the process the SIGKILL interrupts).
+    let hang = hanging_helm("upgrade")?;
+    let hang_arg = hang.display().to_string();
+    let mut p = Product::start_with("helmkill", 1, "3.27.0", &["--helm", &hang_arg]).await?;
+    p.opt_in(&["node-1"]).await?;
+    let (recorded, ..) = p.release().await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(
+        |r| r.phase == RunPhase::Upgrading && r.release.as_ref().is_some_and(|x| x.upgrade_issued),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    // What helm had written when it was killed.
+    leave_release_pending(&p).await?;
+    p.kill_coordinator();
+    p.extra_coordinator_args.clear();
+    p.start_coordinator()?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert!(run.message.contains("interrupted"), "{}", run.message);
+    let (rev, version, status) = p.release().await?;
+    assert_eq!(
+        (version.as_str(), status.as_str()),
+        ("3.27.0", "deployed"),
+        "rolled back to the recorded version"
+    );
+    assert_eq!(
+        rev,
+        recorded + 2,
+        "the interrupted revision, then the rollback: no second upgrade"
+    );
+    assert_eq!(p.node_labels("node-1").await?, (None, None));
+    p.assert_safe(&run.plan).await?;
+    let _ = std::fs::remove_file(&hang);
+    Ok(())
+}
+
+/// Issue 9.5: an unreadable run record pauses the coordinator with a clear message; it is
+/// never overwritten, and no new run starts on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_run_record_pauses_with_a_message() -> anyhow::Result<()> {
+    let mut p = Product::start("corrupt", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    p.kill_coordinator();
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    cms.patch(
+        product::CM,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"data": {"run.json": "{truncated"}})),
+    )
+    .await?;
+    p.start_coordinator()?;
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    klm_testkit::wait::wait_for(
+        &cms,
+        product::CM,
+        "a notice saying the coordinator is paused",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|cm: &k8s_openapi::api::core::v1::ConfigMap| {
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get("notice"))
+                .is_some_and(|n| n.contains("unreadable") && n.contains("paused"))
+        }),
+    )
+    .await?;
+    let cm = cms.get(product::CM).await?;
+    assert_eq!(
+        cm.data
+            .unwrap_or_default()
+            .get("run.json")
+            .map(String::as_str),
+        Some("{truncated"),
+        "the record is left for a human"
+    );
+    assert_eq!(p.release().await?.1, "3.27.0", "no run started");
+    assert_eq!(p.node_labels("node-1").await?, (None, None));
+    Ok(())
+}
+
+/// Issue 9.5: the upgrade Lease deleted while the coordinator runs is recreated without a
+/// restart, and the next run works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_upgrade_lease_is_recreated_without_a_restart() -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let p = Product::start("leasegone", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    let name = klm_protocol::keys::defaults::UPGRADE_LEASE;
+    klm_testkit::wait::wait_for(
+        &leases,
+        name,
+        "the coordinator's upgrade Lease",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|_: &Lease| true),
+    )
+    .await?;
+    let uid = leases.get(name).await?.metadata.uid;
+    leases.delete(name, &Default::default()).await?;
+    klm_testkit::wait::wait_for(
+        &leases,
+        name,
+        "the upgrade Lease recreated",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(move |l: &Lease| l.metadata.uid != uid),
+    )
+    .await?;
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// Issue 9.8: a `rollback-node` refused while a run is in progress is consumed, so the same
+/// request made again once the run is over is acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rollback_node_can_be_requested_again() -> anyhow::Result<()> {
+    let p = Product::start("rbagain", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let n1 = p.node("node-1");
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_node_status(&n1, NodeStatus::Verifying).await?;
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&n1))]).await?;
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    klm_testkit::wait::wait_for(
+        &cms,
+        product::CM,
+        "the refused rollback-node consumed",
+        std::time::Duration::from_secs(60),
+        klm_testkit::wait::when(|cm: &k8s_openapi::api::core::v1::ConfigMap| {
+            let refused = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("notice"))
+                .is_some_and(|n| n.contains("ignored"));
+            let gone = !cm
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(trigger::ROLLBACK_NODE));
+            refused && gone
+        }),
+    )
+    .await?;
+    let_verification_succeed(&p, &n1).await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    // The same request again.
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&n1))]).await?;
+    let rb = p.wait_finished_after(Some(run.id.clone())).await?;
+    assert_eq!(rb.phase, RunPhase::Succeeded, "{rb:#?}");
+    assert_eq!(
+        p.node_labels("node-1").await?,
+        (Some("rolled-back".into()), Some("3.27.0".into()))
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
+/// Issue 9.3: the leader is killed while its `helm rollback` runs; the next leader finishes the
+/// rollback (one rollback revision, no second upgrade) and restores the touched nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_during_helm_rollback_is_finished_by_the_next_leader()
+-> anyhow::Result<()> {
+    let hang = hanging_helm("rollback")?;
+    let hang_arg = hang.display().to_string();
+    let mut p = Product::start_with("rbkill", 2, "3.27.0", &["--helm", &hang_arg]).await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    let (recorded, ..) = p.release().await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(|r| r.phase == RunPhase::RollingBack, product::RUN_TIMEOUT)
+        .await?;
+    p.kill_coordinator();
+    p.extra_coordinator_args.clear();
+    p.start_coordinator()?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert_eq!(
+        run.failure.as_ref().and_then(|f| f.node.clone()),
+        Some(p.node("node-2"))
+    );
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.27.0".into())),
+            "{n}"
+        );
+    }
+    let (rev, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
+    assert_eq!(rev, recorded + 2, "one upgrade, one rollback");
+    p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
+    let _ = std::fs::remove_file(&hang);
+    Ok(())
+}
+
+/// Issue 11: an annotation under our prefix that nothing reads (a typo) is reported in the run,
+/// not silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_a_trigger_annotation_is_reported_in_the_run() -> anyhow::Result<()> {
+    let p = Product::start("typo", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let run = p
+        .run(
+            "3.28.0",
+            &[("lifecycle.katacontainers.io/drain-enable", "true")],
+        )
+        .await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("lifecycle.katacontainers.io/drain-enable")),
+        "{:?}",
+        run.warnings
+    );
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! humans running the binaries locally. Level from `RUST_LOG` (default `info`).
 use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     #[default]
     Json,

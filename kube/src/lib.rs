@@ -2,6 +2,7 @@
 //! endpoint, Event publishing, Node patch helpers and wall-clock time. Decisions live in
 //! `klm-protocol`; this crate only performs I/O.
 
+pub mod cli;
 pub mod client;
 pub mod events;
 pub mod health;

@@ -3,6 +3,7 @@ use k8s_openapi::api::core::v1::Node;
 use klm_protocol::keys::node as keys;
 use klm_protocol::lifecycle::ObservedNode;
 use klm_protocol::plan::{NodeFacts, Taint};
+use klm_protocol::run_machine::NodeSnapshot;
 use klm_protocol::{Evidence, NodeStatus, TurnKind};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -27,6 +28,15 @@ pub fn observe(node: Option<&Node>) -> ObservedNode {
         turn: annotation(node, keys::TURN).and_then(TurnKind::parse),
         evidence: annotation(node, keys::EVIDENCE)
             .and_then(|e| serde_json::from_str::<Evidence>(e).ok()),
+        read_at_ms: None,
+    }
+}
+
+/// Everything the run machine needs from a Node: planning facts and the lifecycle's view.
+pub fn snapshot(node: &Node) -> NodeSnapshot {
+    NodeSnapshot {
+        facts: facts(node),
+        observed: observe(Some(node)),
     }
 }
 

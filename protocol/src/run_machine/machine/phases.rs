@@ -1,0 +1,530 @@
+//! The run's phases: `Pending` → `Upgrading` → `Running` → finished, or `RollingBack`.
+use super::*;
+
+/// Wait before asking helm about the release again after it could not answer.
+const RELEASE_READ_RETRY_MS: i64 = 5_000;
+
+impl Machine {
+    pub(super) fn advance(&mut self) {
+        // Each pass either changes the phase (or the release's rolled-back flag) or stops.
+        for _ in 0..8 {
+            let Some(run) = self.state.run.as_ref() else {
+                return;
+            };
+            let before = (run.phase, run.release.as_ref().map(|r| r.rolled_back));
+            match run.phase {
+                RunPhase::Pending => self.pending(),
+                RunPhase::Upgrading => self.upgrading(),
+                RunPhase::RollingBack if !run.release.as_ref().is_some_and(|r| r.rolled_back) => {
+                    self.rollback()
+                }
+                RunPhase::Running | RunPhase::RollingBack => self.turns(),
+                RunPhase::Succeeded | RunPhase::Failed | RunPhase::Cancelled => return,
+            }
+            self.count_requests();
+            let run = self.state.run.as_ref().expect("run");
+            if (run.phase, run.release.as_ref().map(|r| r.rolled_back)) == before {
+                return;
+            }
+        }
+    }
+
+    fn run_mut(&mut self) -> &mut RunRecord {
+        self.state.run.as_mut().expect("a run is active")
+    }
+
+    fn request(&mut self, what: Awaiting, effect: Effect) {
+        self.awaiting = Some(what);
+        self.fx.push(effect);
+    }
+
+    fn read_release(&mut self) {
+        let p = self.run_mut().params.clone().unwrap_or_else(missing_params);
+        self.request(
+            Awaiting::Release,
+            Effect::ReadRelease {
+                release: p.helm_release,
+                namespace: p.helm_namespace,
+            },
+        );
+    }
+
+    fn finish(&mut self, phase: RunPhase, reason: &'static str, msg: String) {
+        let now = self.now();
+        let run = self.run_mut();
+        run.finish(phase, msg.clone(), now);
+        let id = run.id.clone();
+        self.event(
+            None,
+            phase != RunPhase::Succeeded,
+            reason,
+            format!("run {id}: {msg}"),
+        );
+    }
+
+    /// Reads the release and the DaemonSet; touches nothing.
+    fn pending(&mut self) {
+        let run = self.state.run.as_ref().expect("run");
+        if run.cancel_requested {
+            return self.finish(
+                RunPhase::Cancelled,
+                "RunCancelled",
+                "cancelled before any change was made".into(),
+            );
+        }
+        let Some(p) = run.params.clone() else {
+            return self.finish(
+                RunPhase::Failed,
+                "RunRejected",
+                "the run has no parameters".into(),
+            );
+        };
+        if self.awaiting.is_some() {
+            return;
+        }
+        let have_release = run.release.is_some();
+        if !have_release {
+            let Some(read) = self.release.take() else {
+                return self.read_release();
+            };
+            let rel = match read {
+                ReleaseRead::Found(rel) => rel,
+                ReleaseRead::NotFound => {
+                    return self.finish(
+                        RunPhase::Failed,
+                        "RunRejected",
+                        format!(
+                            "release {:?} not found in namespace {:?}: install kata-deploy with helm first, or set \
+                             lifecycle.katacontainers.io/helm-release / helm-namespace",
+                            p.helm_release, p.helm_namespace
+                        ),
+                    );
+                }
+                ReleaseRead::Error(e) => return self.finish(RunPhase::Failed, "RunRejected", e),
+            };
+            if let Err(e) = release::admit_release(&rel, &p.helm_release, &p.helm_namespace) {
+                return self.finish(RunPhase::Failed, "RunRejected", e);
+            }
+            let facts: Vec<NodeFacts> = self
+                .nodes
+                .iter()
+                .flat_map(|n| n.values())
+                .map(|s| s.facts.clone())
+                .collect();
+            let run = self.run_mut();
+            run.plan = plan::select(&facts, &p);
+            run.release = Some(ReleaseState {
+                recorded_revision: rel.revision,
+                recorded_version: rel.version.clone(),
+                ..Default::default()
+            });
+            if rel.version == p.target_version {
+                return self.finish(
+                    RunPhase::Succeeded,
+                    "RunSucceeded",
+                    format!(
+                        "release {}/{} is already at {}; nothing to do (no helm call, no node touched)",
+                        p.helm_namespace, p.helm_release, p.target_version
+                    ),
+                );
+            }
+            if run.plan.is_empty() {
+                return self.finish(
+                    RunPhase::Succeeded,
+                    "RunSucceeded",
+                    format!(
+                        "no nodes selected ({}); nothing to do, no helm call",
+                        crate::params::describe(&p)
+                    ),
+                );
+            }
+        }
+        let Some(ds) = self.daemonset.take() else {
+            return self.request(
+                Awaiting::DaemonSet,
+                Effect::ReadDaemonSet {
+                    namespace: p.helm_namespace.clone(),
+                },
+            );
+        };
+        let ds = match ds {
+            Ok(ds) => ds,
+            Err(e) => return self.finish(RunPhase::Failed, "RunRejected", e),
+        };
+        let run = self.run_mut();
+        if let Some(r) = run.release.as_mut() {
+            r.old_hash = ds.hash;
+        }
+        run.message = format!(
+            "upgrading {} node(s): {}; {}",
+            run.plan.len(),
+            run.plan.join(", "),
+            crate::params::describe(&p)
+        );
+        let msg = format!("run {}: {}", run.id, run.message);
+        // Persisted before helm runs: a restarted coordinator must know helm may have run.
+        run.phase = RunPhase::Upgrading;
+        self.event(None, false, "RunStarted", msg);
+    }
+
+    /// The run's single `helm upgrade`, or adoption / undoing of one made before a restart.
+    fn upgrading(&mut self) {
+        if self.awaiting.is_some() || self.waiting_to_retry() {
+            return;
+        }
+        if let Some(result) = self.helm.take() {
+            // Whatever helm said, decide from what the release now is.
+            self.upgrade_error = Some(result.err());
+            return self.read_release();
+        }
+        let run = self.state.run.as_ref().expect("run");
+        let p = run.params.clone().unwrap_or_else(missing_params);
+        let recorded = run.release.clone().unwrap_or_default();
+        if recorded.upgraded_revision.is_some()
+            && let Some(ds) = self.daemonset.take()
+        {
+            return self.upgraded(ds, &p);
+        }
+        let rel = match self.release.take() {
+            None => return self.read_release(),
+            Some(ReleaseRead::Found(rel)) => rel,
+            Some(ReleaseRead::NotFound) => {
+                return self.fail_before_nodes(format!(
+                    "release {}/{} disappeared during the upgrade",
+                    p.helm_namespace, p.helm_release
+                ));
+            }
+            Some(ReleaseRead::Error(e)) if !recorded.upgrade_issued => {
+                return self.fail_before_nodes(format!("cannot read the release: {e}"));
+            }
+            Some(ReleaseRead::Error(e)) => {
+                // helm may have changed the release: never give up blind, ask again.
+                return self.retry_later(format!("cannot read the release after the upgrade: {e}"));
+            }
+        };
+        match release::upgrade_step(&recorded, &p.target_version, recorded.upgrade_issued, &rel) {
+            UpgradeStep::Upgrade if run.cancel_requested => self.finish(
+                RunPhase::Cancelled,
+                "RunCancelled",
+                "cancelled before any change was made".into(),
+            ),
+            UpgradeStep::Upgrade => {
+                if let Some(r) = self.run_mut().release.as_mut() {
+                    r.upgrade_issued = true;
+                }
+                self.persist();
+                self.request(
+                    Awaiting::Helm,
+                    Effect::HelmUpgrade {
+                        release: p.helm_release.clone(),
+                        namespace: p.helm_namespace.clone(),
+                        version: p.target_version.clone(),
+                    },
+                );
+            }
+            UpgradeStep::Adopt { revision } => {
+                if self.upgrade_error.is_none() {
+                    let id = run.id.clone();
+                    self.event(
+                        None,
+                        false,
+                        "UpgradeAdopted",
+                        format!("run {id}: adopting helm revision {revision}, made before a coordinator restart"),
+                    );
+                }
+                self.upgrade_error = None;
+                if let Some(r) = self.run_mut().release.as_mut() {
+                    r.upgraded_revision = Some(revision);
+                }
+                self.request(
+                    Awaiting::DaemonSet,
+                    Effect::ReadDaemonSet {
+                        namespace: p.helm_namespace.clone(),
+                    },
+                );
+            }
+            UpgradeStep::RollBack { reason } => {
+                let reason = match self.upgrade_error.take().flatten() {
+                    Some(e) => format!("helm upgrade failed: {e}"),
+                    None => reason,
+                };
+                if let Some(r) = self.run_mut().release.as_mut() {
+                    r.upgraded_revision = Some(rel.revision);
+                }
+                self.rollback_before_nodes(reason);
+            }
+            UpgradeStep::Abandon { reason } => {
+                let msg = match self.upgrade_error.take().flatten() {
+                    Some(e) => format!("helm upgrade failed, nothing was changed: {e}"),
+                    None => reason,
+                };
+                self.fail_before_nodes(msg);
+            }
+        }
+    }
+
+    fn upgraded(&mut self, ds: Result<DaemonSetObservation, String>, p: &crate::params::RunParams) {
+        let ds = match ds {
+            Ok(ds) => ds,
+            Err(e) => return self.rollback_before_nodes(e),
+        };
+        let run = self.run_mut();
+        let release = run.release.as_mut().expect("release");
+        release.new_hash = Some(ds.hash);
+        release.on_delete = Some(ds.on_delete);
+        let revision = release.upgraded_revision.unwrap_or_default();
+        run.phase = RunPhase::Running;
+        run.message = format!("helm revision {revision} deployed; upgrading node by node");
+        if !ds.on_delete {
+            let w = format!(
+                "kata-deploy chart {} ignores updateStrategy (charts before 3.27.0 hard-code RollingUpdate): \
+                 the DaemonSet replaces pods on all nodes by itself, so the runtime update is NOT paced node by node; \
+                 nodes are still cordoned and verified one at a time in plan order, and the first failure still rolls back",
+                p.target_version
+            );
+            run.warnings.push(w.clone());
+            let id = run.id.clone();
+            self.event(
+                None,
+                true,
+                "UpdateStrategyIgnored",
+                format!("run {id}: {w}"),
+            );
+        }
+    }
+
+    /// Asks the release again in a few seconds (helm or the API server is briefly unhappy).
+    fn retry_later(&mut self, msg: String) {
+        let wake = Wake {
+            at_ms: self.now() + RELEASE_READ_RETRY_MS,
+            reason: WakeReason::RetryReleaseRead,
+        };
+        self.retry_at = Some(wake);
+        self.run_mut().message = format!("{msg}; retrying");
+        self.fx.push(Effect::WakeAt(wake));
+    }
+
+    /// A retry is scheduled and its time has not come: ask to be woken then, do nothing now.
+    fn waiting_to_retry(&mut self) -> bool {
+        match self.retry_at {
+            Some(w) if self.now() < w.at_ms => {
+                self.fx.push(Effect::WakeAt(w));
+                true
+            }
+            _ => {
+                self.retry_at = None;
+                false
+            }
+        }
+    }
+
+    fn fail_before_nodes(&mut self, msg: String) {
+        self.finish(RunPhase::Failed, "RunFailed", msg);
+    }
+
+    fn rollback_before_nodes(&mut self, reason: String) {
+        let run = self.run_mut();
+        run.failure = Some(RunFailure {
+            node: None,
+            reason: reason.clone(),
+            evidence: None,
+        });
+        run.phase = RunPhase::RollingBack;
+        run.message = format!("{reason}; rolling back");
+        let id = run.id.clone();
+        self.event(None, true, "RunFailing", format!("run {id}: {reason}"));
+    }
+
+    /// `helm rollback` to the recorded revision unless the release history shows it happened;
+    /// retried with backoff; after the budget the run ends saying what a human must do.
+    fn rollback(&mut self) {
+        if self.awaiting.is_some() || self.waiting_to_retry() {
+            return;
+        }
+        let run = self.state.run.as_ref().expect("run");
+        let p = run.params.clone().unwrap_or_else(missing_params);
+        let recorded = run.release.clone().unwrap_or_default();
+        if let Some(result) = self.helm.take() {
+            return match result {
+                Ok(()) => self.rolled_back(&p, &recorded),
+                Err(e) => self.rollback_failed(e, &p, &recorded),
+            };
+        }
+        match self.release.take() {
+            None => self.read_release(),
+            Some(ReleaseRead::Found(rel)) if release::rolled_back(&recorded, &rel) => {
+                self.rolled_back(&p, &recorded)
+            }
+            Some(ReleaseRead::Found(_)) => self.request(
+                Awaiting::Helm,
+                Effect::HelmRollback {
+                    release: p.helm_release.clone(),
+                    namespace: p.helm_namespace.clone(),
+                    revision: recorded.recorded_revision,
+                },
+            ),
+            Some(ReleaseRead::NotFound) => self.rollback_failed(
+                format!("release {}/{} not found", p.helm_namespace, p.helm_release),
+                &p,
+                &recorded,
+            ),
+            Some(ReleaseRead::Error(e)) => self.rollback_failed(e, &p, &recorded),
+        }
+    }
+
+    fn rolled_back(&mut self, p: &crate::params::RunParams, recorded: &ReleaseState) {
+        self.rollback_failures = 0;
+        self.retry_at = None;
+        let run = self.run_mut();
+        if let Some(r) = run.release.as_mut() {
+            r.rolled_back = true;
+        }
+        if matches!(run.kind, RunKind::ManualRollback) || run.failure.is_some() {
+            let id = run.id.clone();
+            self.event(
+                None,
+                true,
+                "ReleaseRolledBack",
+                format!(
+                    "run {id}: release {}/{} rolled back to revision {} ({})",
+                    p.helm_namespace,
+                    p.helm_release,
+                    recorded.recorded_revision,
+                    recorded.recorded_version
+                ),
+            );
+        }
+    }
+
+    fn rollback_failed(
+        &mut self,
+        error: String,
+        p: &crate::params::RunParams,
+        recorded: &ReleaseState,
+    ) {
+        self.rollback_failures += 1;
+        let policy = self.cfg.rollback_retry;
+        let attempt = self.rollback_failures;
+        if attempt < policy.attempts {
+            let wait = backoff::jittered(attempt - 1, policy.base, policy.cap, 1.0);
+            let at = self.now() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+            self.retry_at = Some(Wake {
+                at_ms: at,
+                reason: WakeReason::RetryRollback,
+            });
+            let run = self.run_mut();
+            run.message = format!(
+                "helm rollback to revision {} failed (attempt {attempt} of {}): {error}; retrying in {}s",
+                recorded.recorded_revision,
+                policy.attempts,
+                wait.as_secs()
+            );
+            let (id, msg) = (run.id.clone(), run.message.clone());
+            self.event(None, true, "RollbackRetrying", format!("run {id}: {msg}"));
+            self.fx.push(Effect::WakeAt(Wake {
+                at_ms: at,
+                reason: WakeReason::RetryRollback,
+            }));
+            return;
+        }
+        let run = self.state.run.as_ref().expect("run");
+        let touched: Vec<(String, NodeStatus)> = run
+            .plan
+            .iter()
+            .filter_map(|n| Some((n.clone(), run.nodes.get(n)?.status?)))
+            .collect();
+        let touched_text = if touched.is_empty() {
+            "none".to_string()
+        } else {
+            touched
+                .iter()
+                .map(|(n, s)| format!("{n} ({s})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let msg = format!(
+            "helm rollback of {ns}/{rel} to revision {rev} ({ver}) failed {attempt} time(s), last: {error}. \
+             Nothing more was done; nodes this run touched are left as they are: {touched_text}. \
+             A human must: 1) run `helm rollback {rel} {rev} -n {ns} --wait` until it succeeds; 2) on each node listed, \
+             delete its kata-deploy pod (`kubectl delete pod -n {ns} -l name=kata-deploy --field-selector spec.nodeName=<node>`) \
+             and, once the new pod is Ready, `kubectl uncordon <node>` where the node carries the annotation \
+             lifecycle.katacontainers.io/cordoned-by",
+            ns = p.helm_namespace,
+            rel = p.helm_release,
+            rev = recorded.recorded_revision,
+            ver = recorded.recorded_version,
+        );
+        for (node, status) in &touched {
+            self.event(
+                Some(node),
+                true,
+                "NodeNeedsAttention",
+                format!(
+                    "node {node} ({status}) was not restored: the release could not be rolled back; see the run's message"
+                ),
+            );
+        }
+        self.finish(RunPhase::Failed, "RollbackFailed", msg);
+    }
+
+    /// Node turns (phases Running and RollingBack after the release rollback).
+    fn turns(&mut self) {
+        let now = self.now();
+        let nodes = self.nodes.clone().unwrap_or_default();
+        let observe = move |n: &str| nodes.get(n).map(|s| s.observed.clone()).unwrap_or_default();
+        let lease = self.lease.clone().unwrap_or_default();
+        let run = self.state.run.as_mut().expect("run");
+        let effects = lifecycle::reduce(run, &observe, &lease, now, self.cfg.timing);
+        let id = run.id.clone();
+        for effect in effects {
+            match effect {
+                lifecycle::Effect::Event {
+                    node,
+                    warning,
+                    reason,
+                    message,
+                } => self.event(
+                    node.as_deref(),
+                    warning,
+                    reason,
+                    format!("run {id}: {message}"),
+                ),
+                // The rollback phase runs it (RollingBack with `rolled_back` unset).
+                lifecycle::Effect::HelmRollback => {}
+                lifecycle::Effect::MarkNodeFailed { node, kind, reason } => {
+                    let evidence = Evidence {
+                        run_id: id.clone(),
+                        node: node.clone(),
+                        step: "lost".into(),
+                        succeeded: false,
+                        failure: Some(FailureCause {
+                            reason: "NodeLost".into(),
+                            message: reason,
+                            exit_code: None,
+                        }),
+                        ..Default::default()
+                    };
+                    self.fx.push(Effect::MarkNodeFailed {
+                        node,
+                        kind,
+                        evidence,
+                    });
+                }
+                lifecycle::Effect::ReadNode(node) => {
+                    if self.reading_node.is_none() {
+                        self.reading_node = Some(node.clone());
+                        self.fx.push(Effect::ReadNode(node));
+                    }
+                }
+                lifecycle::Effect::WakeAt(w) => self.fx.push(Effect::WakeAt(w)),
+            }
+        }
+    }
+}
+
+/// Runs past `Pending` always carry validated parameters (a record without them is refused
+/// before it leaves `Pending`); a hand-edited record that lost them gets empty ones and fails
+/// at helm with a message rather than a panic.
+fn missing_params() -> crate::params::RunParams {
+    crate::params::RunParams::default()
+}

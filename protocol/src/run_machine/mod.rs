@@ -1,0 +1,213 @@
+//! The whole run as one pure state machine: the coordinator feeds it what it observes (the
+//! trigger ConfigMap, Nodes, the upgrade Lease, helm's view of the release, the DaemonSet, the
+//! results of the effects it performed) with the time, and performs the effects it returns.
+//! Every decision about a run lives here or in the pure modules it calls:
+//!
+//! - [`admission`]: whether a trigger starts a run, is ignored or refused; manual rollbacks;
+//! - [`release`]: whether the release may be touched, adopting or undoing an earlier
+//!   `helm upgrade`, whether the rollback already happened;
+//! - [`crate::lifecycle`]: node turns in phases `Running` and `RollingBack`.
+//!
+//! Phases: `Pending` (read the release and the DaemonSet; touch nothing) → `Upgrading` (the one
+//! `helm upgrade`, persisted as issued before it runs) → `Running` (turns) → `Succeeded`; on a
+//! failure or cancel `RollingBack` (`helm rollback`, retried with backoff, then restore turns)
+//! → `Failed` / `Cancelled`. A restarted coordinator is a new machine fed the persisted record.
+pub mod admission;
+mod machine;
+pub mod release;
+
+pub use machine::Machine;
+
+use crate::backoff;
+use crate::keys::{status_data as keys, trigger};
+use crate::lease::LeaseView;
+use crate::lifecycle::{self, ObservedNode, Timing, Wake, WakeReason};
+use crate::params::Defaults;
+use crate::plan::{self, NodeFacts};
+use crate::run::{Evidence, ReleaseState, RunFailure, RunKind, RunRecord, new_run_id};
+use crate::status::{NodeStatus, RunPhase};
+use crate::verification::FailureCause;
+use rand::SeedableRng;
+use release::{DaemonSetObservation, ReleaseRead, UpgradeStep};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How often and how patiently a failed `helm rollback` is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub timing: Timing,
+    pub defaults: Defaults,
+    pub rollback_retry: RetryPolicy,
+    /// Seeds run ids (tests pass a fixed seed).
+    pub seed: u64,
+}
+
+/// What the coordinator keeps across restarts, in the trigger ConfigMap's `data`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Persisted {
+    pub run: Option<RunRecord>,
+    pub observed_trigger: String,
+    pub observed_rollback: String,
+    pub notice: String,
+}
+
+impl Persisted {
+    /// Reads the ConfigMap's `data`; an unreadable `run.json` comes back as the error beside
+    /// everything else that could be read.
+    pub fn from_data(data: &BTreeMap<String, String>) -> (Self, Option<String>) {
+        let text = |k: &str| data.get(k).cloned().unwrap_or_default();
+        let (run, error) = match data.get(keys::RUN) {
+            None => (None, None),
+            Some(s) => match RunRecord::from_json(s) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        (
+            Persisted {
+                run,
+                observed_trigger: text(keys::OBSERVED_TRIGGER),
+                observed_rollback: text(keys::OBSERVED_ROLLBACK),
+                notice: text(keys::NOTICE),
+            },
+            error,
+        )
+    }
+
+    /// The `data` keys to merge into the ConfigMap: the record plus a human-readable summary.
+    pub fn to_data(&self) -> BTreeMap<String, String> {
+        let mut d = BTreeMap::new();
+        d.insert(keys::OBSERVED_TRIGGER.into(), self.observed_trigger.clone());
+        d.insert(
+            keys::OBSERVED_ROLLBACK.into(),
+            self.observed_rollback.clone(),
+        );
+        d.insert(keys::NOTICE.into(), self.notice.clone());
+        if let Some(run) = &self.run {
+            d.insert(keys::RUN.into(), run.to_json());
+            d.insert(keys::PHASE.into(), run.phase.as_str().into());
+            d.insert(keys::TARGET_VERSION.into(), run.target_version.clone());
+            d.insert(keys::PROGRESS.into(), run.progress());
+            d.insert(
+                keys::CURRENT_NODE.into(),
+                run.turn
+                    .as_ref()
+                    .map(|t| t.node.clone())
+                    .unwrap_or_default(),
+            );
+            d.insert(keys::MESSAGE.into(), run.message.clone());
+        }
+        d
+    }
+}
+
+/// The trigger ConfigMap as observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerView {
+    pub resource_version: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    pub data: BTreeMap<String, String>,
+}
+
+/// One Node as observed: planning facts and the lifecycle's view.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeSnapshot {
+    pub facts: NodeFacts,
+    pub observed: ObservedNode,
+}
+
+/// Everything the machine is told. (Each input is built and consumed once per step, so the
+/// variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The trigger ConfigMap changed (`None`: it was deleted).
+    Trigger(Option<TriggerView>),
+    /// Every Node, as a fresh list (the first observation, and after a re-list).
+    NodesListed(Vec<(String, NodeSnapshot)>),
+    /// One Node changed (`None`: deleted). `direct` when it answers [`Effect::ReadNode`].
+    Node {
+        name: String,
+        node: Option<NodeSnapshot>,
+        direct: bool,
+    },
+    /// The upgrade Lease changed (`None`: it does not exist).
+    Lease(Option<LeaseView>),
+    /// Answer to [`Effect::ReadRelease`].
+    Release(ReleaseRead),
+    /// Answer to [`Effect::HelmUpgrade`] / [`Effect::HelmRollback`]: the error text on failure.
+    HelmFinished(Result<(), String>),
+    /// Answer to [`Effect::ReadDaemonSet`].
+    DaemonSet(Result<DaemonSetObservation, String>),
+    /// Nothing changed; time passed (a wake-up).
+    Tick,
+}
+
+/// The coordinator's environment at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Env {
+    /// Unix ms on the coordinator's clock.
+    pub now_ms: i64,
+    /// API requests the coordinator sent so far (reported per run).
+    pub api_requests: u64,
+}
+
+/// What the driver must do, in order. If `Persist` fails, the driver performs none of the
+/// effects after it and calls [`Machine::persist_failed`].
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Merge this into the trigger ConfigMap's data (create the ConfigMap if it was deleted).
+    /// Granting and taking back a turn is this: agents read their turn from `run.json`.
+    Persist(BTreeMap<String, String>),
+    /// Remove this annotation from the trigger ConfigMap (a consumed request).
+    RemoveAnnotation(&'static str),
+    /// Publish an Event on the trigger ConfigMap (and on the node when given).
+    Event {
+        node: Option<String>,
+        warning: bool,
+        reason: &'static str,
+        message: String,
+    },
+    /// `helm get metadata`; answer with [`Input::Release`].
+    ReadRelease { release: String, namespace: String },
+    /// Wait until the DaemonSet controller observed the current template, then read its newest
+    /// revision; answer with [`Input::DaemonSet`].
+    ReadDaemonSet { namespace: String },
+    /// The run's single `helm upgrade`; answer with [`Input::HelmFinished`].
+    HelmUpgrade {
+        release: String,
+        namespace: String,
+        version: String,
+    },
+    /// `helm rollback <release> <revision> --wait`; answer with [`Input::HelmFinished`].
+    HelmRollback {
+        release: String,
+        namespace: String,
+        revision: u32,
+    },
+    /// Read the Node directly; answer with [`Input::Node`] `direct: true`.
+    ReadNode(String),
+    /// The node's agent cannot report: write `failed` with this evidence on the Node.
+    MarkNodeFailed {
+        node: String,
+        kind: crate::TurnKind,
+        evidence: Evidence,
+    },
+    /// The upgrade Lease is missing: create it (free).
+    EnsureLease,
+    /// Step again (with [`Input::Tick`]) at this time even if nothing changes.
+    WakeAt(Wake),
+}
+
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,648 @@
+//! Model test: the whole run machine against a simulated cluster (agents, helm, watches) under
+//! random interleavings: observations delivered late, twice or stale, helm answers delayed,
+//! helm killed mid-operation, and the coordinator restarted from its persisted record at any
+//! point. Invariants are checked after every effect batch and at the end.
+use super::release::{
+    DaemonSetObservation, KATA_DEPLOY_CHART, ReleaseObservation, ReleaseRead, ReleaseStatus,
+};
+use super::*;
+use crate::keys::node::WINDOW_LABEL;
+use proptest::prelude::*;
+use std::collections::VecDeque;
+
+const LEASE_SECONDS: i32 = 15;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Succeeds,
+    /// Verifies for longer than the turn-start timeout, renewing the Lease (issue 9.1).
+    SlowSucceeds,
+    FailsVerification,
+    Absent,
+    DiesMidTurn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpgradeFault {
+    None,
+    /// helm fails without writing a revision.
+    FailsCleanly,
+    /// helm writes a failed revision.
+    FailsWithRevision,
+    /// The coordinator (and its helm) is killed mid-upgrade: release left pending-upgrade.
+    Killed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RollbackFault {
+    None,
+    FailsOnce,
+    Killed,
+    AlwaysFails,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    Working(i64),
+    Done,
+}
+
+struct Release {
+    revision: u32,
+    version: String,
+    status: ReleaseStatus,
+}
+
+struct Sim {
+    cfg: Config,
+    m: Machine,
+    now: i64,
+    annotations: BTreeMap<String, String>,
+    data: BTreeMap<String, String>,
+    rv: u64,
+    names: Vec<String>,
+    agents: BTreeMap<String, Agent>,
+    stage: BTreeMap<(String, crate::TurnKind), Stage>,
+    truth: BTreeMap<String, ObservedNode>,
+    node_history: BTreeMap<String, Vec<ObservedNode>>,
+    lease: LeaseView,
+    lease_history: Vec<LeaseView>,
+    release: Release,
+    upgrade_fault: UpgradeFault,
+    rollback_fault: RollbackFault,
+    rollback_failures: u32,
+    inbox: VecDeque<Input>,
+    // What happened, for the invariants.
+    upgrades: BTreeMap<String, u32>,
+    upgrade_turns: Vec<String>,
+    restore_turns: Vec<String>,
+    rolling_back_seen: bool,
+    completed_observed: Vec<String>,
+    restarts: u32,
+}
+
+fn cfg() -> Config {
+    super::tests::config()
+}
+
+impl Sim {
+    fn new(agents: &[Agent], upgrade_fault: UpgradeFault, rollback_fault: RollbackFault) -> Self {
+        let names: Vec<String> = (1..=agents.len()).map(|i| format!("n{i}")).collect();
+        let truth = names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    ObservedNode {
+                        exists: true,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let lease = LeaseView {
+            duration_seconds: LEASE_SECONDS,
+            ..Default::default()
+        };
+        let mut s = Sim {
+            cfg: cfg(),
+            m: Machine::new(cfg()),
+            now: 1_000_000,
+            annotations: BTreeMap::new(),
+            data: BTreeMap::new(),
+            rv: 1,
+            agents: names.iter().cloned().zip(agents.iter().copied()).collect(),
+            names,
+            stage: BTreeMap::new(),
+            truth,
+            node_history: BTreeMap::new(),
+            lease: lease.clone(),
+            lease_history: vec![lease],
+            release: Release {
+                revision: 3,
+                version: "3.27.0".into(),
+                status: ReleaseStatus::Deployed,
+            },
+            upgrade_fault,
+            rollback_fault,
+            rollback_failures: 0,
+            inbox: VecDeque::new(),
+            upgrades: BTreeMap::new(),
+            upgrade_turns: Vec::new(),
+            restore_turns: Vec::new(),
+            rolling_back_seen: false,
+            completed_observed: Vec::new(),
+            restarts: 0,
+        };
+        s.boot();
+        s
+    }
+
+    fn env(&self) -> Env {
+        Env {
+            now_ms: self.now,
+            api_requests: 0,
+        }
+    }
+
+    fn view(&self) -> TriggerView {
+        TriggerView {
+            resource_version: Some(self.rv.to_string()),
+            annotations: self.annotations.clone(),
+            data: self.data.clone(),
+        }
+    }
+
+    fn snapshot(&self, n: &str) -> NodeSnapshot {
+        NodeSnapshot {
+            facts: NodeFacts {
+                name: n.to_string(),
+                labels: [(WINDOW_LABEL.to_string(), "true".to_string())].into(),
+                taints: vec![],
+            },
+            observed: self.truth[n].clone(),
+        }
+    }
+
+    /// A (re)started coordinator: a new machine that first sees the stores' initial lists.
+    fn boot(&mut self) {
+        self.m = Machine::new(self.cfg.clone());
+        self.inbox.clear();
+        let listed = self
+            .names
+            .iter()
+            .map(|n| (n.clone(), self.snapshot(n)))
+            .collect();
+        self.feed(Input::NodesListed(listed));
+        self.feed(Input::Lease(Some(self.lease.clone())));
+        self.feed(Input::Trigger(Some(self.view())));
+    }
+
+    fn restart(&mut self) {
+        self.restarts += 1;
+        self.boot();
+    }
+
+    fn record(&self) -> Option<RunRecord> {
+        self.data
+            .get(keys::RUN)
+            .and_then(|s| RunRecord::from_json(s).ok())
+    }
+
+    fn feed(&mut self, input: Input) {
+        if let Input::Node { node: Some(s), .. } = &input
+            && s.observed.status == Some(NodeStatus::Completed)
+            && let Some(id) = &s.observed.run_id
+        {
+            self.completed_observed
+                .push(format!("{id}/{}", s.facts.name));
+        }
+        let effects = self.m.step(input, self.env());
+        self.perform(effects);
+    }
+
+    /// Performs a batch in order, like the driver: answers that the driver gets inline (direct
+    /// reads) are fed after the batch; a killed coordinator performs nothing more.
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let mut follow_up = Vec::new();
+        let mut killed = false;
+        for e in effects {
+            match e {
+                Effect::Persist(d) => {
+                    self.data.extend(d);
+                    self.rv += 1;
+                    self.check_record();
+                }
+                Effect::RemoveAnnotation(k) => {
+                    self.annotations.remove(k);
+                    self.rv += 1;
+                }
+                Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
+                Effect::ReadRelease { .. } => {
+                    self.inbox
+                        .push_back(Input::Release(ReleaseRead::Found(ReleaseObservation {
+                            chart: KATA_DEPLOY_CHART.into(),
+                            version: self.release.version.clone(),
+                            revision: self.release.revision,
+                            status: self.release.status.clone(),
+                        })))
+                }
+                Effect::ReadDaemonSet { .. } => {
+                    self.inbox
+                        .push_back(Input::DaemonSet(Ok(DaemonSetObservation {
+                            hash: format!("h{}", self.release.revision),
+                            on_delete: true,
+                        })))
+                }
+                Effect::HelmUpgrade { version, .. } => {
+                    let id = self.record().expect("persisted before helm").id;
+                    *self.upgrades.entry(id).or_default() += 1;
+                    match self.upgrade_fault {
+                        UpgradeFault::None => {
+                            self.set_release(version, ReleaseStatus::Deployed);
+                            self.inbox.push_back(Input::HelmFinished(Ok(())));
+                        }
+                        UpgradeFault::FailsCleanly => self
+                            .inbox
+                            .push_back(Input::HelmFinished(Err("timed out".into()))),
+                        UpgradeFault::FailsWithRevision => {
+                            self.set_release(version, ReleaseStatus::Failed);
+                            self.inbox
+                                .push_back(Input::HelmFinished(Err("failed".into())));
+                        }
+                        UpgradeFault::Killed => {
+                            self.set_release(version, ReleaseStatus::PendingUpgrade);
+                            killed = true;
+                            break;
+                        }
+                    }
+                }
+                Effect::HelmRollback { revision, .. } => {
+                    assert_eq!(revision, 3, "always back to the recorded revision");
+                    let fail = match self.rollback_fault {
+                        RollbackFault::None => false,
+                        RollbackFault::FailsOnce => self.rollback_failures == 0,
+                        RollbackFault::AlwaysFails => true,
+                        RollbackFault::Killed if self.rollback_failures == 0 => {
+                            self.rollback_failures += 1;
+                            self.set_release("3.27.0".into(), ReleaseStatus::PendingRollback);
+                            killed = true;
+                            break;
+                        }
+                        RollbackFault::Killed => false,
+                    };
+                    if fail {
+                        self.rollback_failures += 1;
+                        self.inbox
+                            .push_back(Input::HelmFinished(Err("conflict".into())));
+                    } else {
+                        self.set_release("3.27.0".into(), ReleaseStatus::Deployed);
+                        self.inbox.push_back(Input::HelmFinished(Ok(())));
+                    }
+                }
+                Effect::ReadNode(n) => {
+                    // The driver reads the Lease and the Node directly and feeds both at once.
+                    follow_up.push(Input::Lease(Some(self.lease.clone())));
+                    follow_up.push(Input::Node {
+                        node: Some(self.snapshot(&n)),
+                        name: n,
+                        direct: true,
+                    });
+                }
+                Effect::MarkNodeFailed {
+                    node,
+                    kind,
+                    evidence,
+                } => {
+                    // (A restore turn after a completed upgrade turn may be lost: that is
+                    // another turn.)
+                    if kind == crate::TurnKind::Upgrade {
+                        let completed = self
+                            .completed_observed
+                            .contains(&format!("{}/{node}", evidence.run_id));
+                        assert!(
+                            !completed,
+                            "{node} declared lost after its `completed` was observed"
+                        );
+                    }
+                    let truth = &self.truth[&node];
+                    let finished = truth.run_id.as_deref() == Some(evidence.run_id.as_str())
+                        && truth.turn == Some(kind)
+                        && truth.status.is_some_and(NodeStatus::is_terminal);
+                    assert!(
+                        !finished,
+                        "{node} declared lost after it finished its turn: {truth:?}"
+                    );
+                    self.write_node(&node, |o| {
+                        o.status = Some(NodeStatus::Failed);
+                        o.run_id = Some(evidence.run_id.clone());
+                        o.turn = Some(kind);
+                    });
+                }
+            }
+        }
+        if killed {
+            return self.restart();
+        }
+        for input in follow_up {
+            self.feed(input);
+        }
+    }
+
+    fn set_release(&mut self, version: String, status: ReleaseStatus) {
+        self.release = Release {
+            revision: self.release.revision + 1,
+            version,
+            status,
+        };
+    }
+
+    /// Invariants on every persisted record.
+    fn check_record(&mut self) {
+        let Some(r) = self.record() else { return };
+        if r.phase == RunPhase::RollingBack {
+            self.rolling_back_seen = true;
+        }
+        if let Some(t) = &r.turn {
+            let list = match t.kind {
+                crate::TurnKind::Upgrade => &mut self.upgrade_turns,
+                crate::TurnKind::Restore => &mut self.restore_turns,
+            };
+            if list.last() != Some(&t.node) {
+                list.push(t.node.clone());
+            }
+            assert!(
+                !(self.rolling_back_seen && t.kind == crate::TurnKind::Upgrade),
+                "upgrade turn after a failure: {:?} {t:?} {} restarts={}",
+                r.phase,
+                r.message,
+                self.restarts
+            );
+            // At most one node in progress: only the node in turn may be mid-procedure.
+            for (n, o) in &self.truth {
+                if n != &t.node && o.run_id.as_deref() == Some(r.id.as_str()) {
+                    assert!(
+                        !o.status.is_some_and(NodeStatus::is_in_progress),
+                        "{n} still in progress ({:?}) while {} has the turn ({:?}, {:?}, cancel {}, {}); restarts {}",
+                        o.status,
+                        t.node,
+                        t.kind,
+                        r.phase,
+                        r.cancel_requested,
+                        r.message,
+                        self.restarts
+                    );
+                }
+            }
+        }
+    }
+
+    fn write_node(&mut self, n: &str, f: impl FnOnce(&mut ObservedNode)) {
+        let o = self.truth.get_mut(n).expect("node");
+        f(o);
+        o.read_at_ms = None;
+        let o = o.clone();
+        self.node_history.entry(n.to_string()).or_default().push(o);
+    }
+
+    fn set_lease(&mut self, holder: Option<&str>) {
+        self.lease.holder = holder.map(|h| format!("{h}/uid"));
+        self.lease.renew_ms = Some(self.now);
+        self.lease_history.push(self.lease.clone());
+    }
+
+    fn lease_free_for(&self, n: &str) -> bool {
+        match self.lease.holder.as_deref().map(crate::lease::holder_node) {
+            None => true,
+            Some(h) if h == n => true,
+            Some(_) => {
+                self.now >= self.lease.renew_ms.unwrap_or(0) + i64::from(LEASE_SECONDS) * 1000
+            }
+        }
+    }
+
+    /// The agent whose turn the persisted record names does its next stage.
+    fn agent_acts(&mut self) {
+        let Some(r) = self.record() else { return };
+        let Some(t) = r.turn.clone() else { return };
+        if !matches!(r.phase, RunPhase::Running | RunPhase::RollingBack) {
+            return;
+        }
+        let agent = self.agents[&t.node];
+        let key = (t.node.clone(), t.kind);
+        let stage = *self.stage.get(&key).unwrap_or(&Stage::Idle);
+        let dead =
+            matches!(agent, Agent::Absent) || (agent == Agent::DiesMidTurn && stage != Stage::Idle);
+        if dead || !self.lease_free_for(&t.node) {
+            return;
+        }
+        let id = r.id.clone();
+        let set = |s: &mut Sim, st: NodeStatus, failure: Option<&str>| {
+            s.write_node(&t.node, |o| {
+                o.run_id = Some(id.clone());
+                o.turn = Some(t.kind);
+                o.status = Some(st);
+                o.evidence = failure.map(|reason| Evidence {
+                    run_id: id.clone(),
+                    node: t.node.clone(),
+                    step: "verifying".into(),
+                    failure: Some(FailureCause {
+                        reason: reason.into(),
+                        message: "exit 1".into(),
+                        exit_code: Some(1),
+                    }),
+                    ..Default::default()
+                });
+            })
+        };
+        match (t.kind, stage) {
+            (_, Stage::Done) => {}
+            (_, Stage::Idle) => {
+                self.set_lease(Some(&t.node));
+                let st = match t.kind {
+                    crate::TurnKind::Upgrade => NodeStatus::Verifying,
+                    crate::TurnKind::Restore => NodeStatus::RollingBack,
+                };
+                set(self, st, None);
+                self.stage.insert(key, Stage::Working(self.now));
+            }
+            (crate::TurnKind::Upgrade, Stage::Working(since)) => {
+                let (st, fail) = match agent {
+                    Agent::SlowSucceeds if self.now < since + 2 * 60_000 => {
+                        self.set_lease(Some(&t.node));
+                        return;
+                    }
+                    Agent::FailsVerification => (NodeStatus::RollingBack, Some("NonZeroExit")),
+                    _ => (NodeStatus::Completed, None),
+                };
+                // The outcome first, then the Lease goes (the order of issue 9.1).
+                set(self, st, fail);
+                self.set_lease(None);
+                self.stage.insert(key, Stage::Done);
+            }
+            (crate::TurnKind::Restore, Stage::Working(_)) => {
+                set(self, NodeStatus::RolledBack, None);
+                self.set_lease(None);
+                self.stage.insert(key, Stage::Done);
+            }
+        }
+    }
+
+    fn advance_time(&mut self, ms: i64) {
+        self.now += ms;
+        // Living agents renew the Lease they hold.
+        if let Some(h) = self.lease.holder.clone() {
+            let n = crate::lease::holder_node(&h).to_string();
+            let stage = self
+                .stage
+                .iter()
+                .find(|((node, _), _)| *node == n)
+                .map(|(_, s)| *s);
+            let alive = self.agents[&n] != Agent::DiesMidTurn && stage != Some(Stage::Done);
+            if alive {
+                self.set_lease(Some(&n));
+            }
+        }
+        self.feed(Input::Tick);
+    }
+
+    fn deliver_node(&mut self, i: usize, stale: bool) {
+        let n = self.names[i % self.names.len()].clone();
+        let hist = self.node_history.get(&n).cloned().unwrap_or_default();
+        let observed = if stale && !hist.is_empty() {
+            hist[i % hist.len()].clone()
+        } else {
+            self.truth[&n].clone()
+        };
+        let mut snap = self.snapshot(&n);
+        snap.observed = observed;
+        self.feed(Input::Node {
+            name: n,
+            node: Some(snap),
+            direct: false,
+        });
+    }
+
+    fn deliver_lease(&mut self, i: usize, stale: bool) {
+        let l = if stale {
+            self.lease_history[i % self.lease_history.len()].clone()
+        } else {
+            self.lease.clone()
+        };
+        self.feed(Input::Lease(Some(l)));
+    }
+
+    fn act(&mut self, op: u8, arg: usize) {
+        match op % 12 {
+            0 | 1 => {
+                if let Some(i) = self.inbox.pop_front() {
+                    self.feed(i);
+                }
+            }
+            2 | 3 => self.deliver_node(arg, false),
+            4 => self.deliver_node(arg, true),
+            5 => self.deliver_lease(arg, false),
+            6 => self.deliver_lease(arg, true),
+            7 | 8 => self.agent_acts(),
+            9 => self.advance_time((arg as i64 % 20 + 1) * 1_000),
+            10 => self.feed(Input::Trigger(Some(self.view()))),
+            _ => {
+                if arg.is_multiple_of(4) {
+                    self.restart()
+                } else {
+                    self.feed(Input::Tick)
+                }
+            }
+        }
+    }
+
+    /// Everything delivered promptly, time moving: the run must finish.
+    fn settle(&mut self) {
+        for _ in 0..3_000 {
+            if self.record().is_some_and(|r| r.phase.is_finished()) {
+                return;
+            }
+            while let Some(i) = self.inbox.pop_front() {
+                self.feed(i);
+            }
+            for i in 0..self.names.len() {
+                self.deliver_node(i, false);
+            }
+            self.deliver_lease(0, false);
+            self.agent_acts();
+            self.advance_time(2_000);
+        }
+    }
+}
+
+fn agent() -> impl Strategy<Value = Agent> {
+    prop_oneof![
+        5 => Just(Agent::Succeeds),
+        2 => Just(Agent::SlowSucceeds),
+        1 => Just(Agent::FailsVerification),
+        1 => Just(Agent::Absent),
+        1 => Just(Agent::DiesMidTurn),
+    ]
+}
+
+fn upgrade_fault() -> impl Strategy<Value = UpgradeFault> {
+    prop_oneof![
+        6 => Just(UpgradeFault::None),
+        1 => Just(UpgradeFault::FailsCleanly),
+        1 => Just(UpgradeFault::FailsWithRevision),
+        1 => Just(UpgradeFault::Killed),
+    ]
+}
+
+fn rollback_fault() -> impl Strategy<Value = RollbackFault> {
+    prop_oneof![
+        3 => Just(RollbackFault::None),
+        1 => Just(RollbackFault::FailsOnce),
+        1 => Just(RollbackFault::Killed),
+        1 => Just(RollbackFault::AlwaysFails),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_interleaving_keeps_the_run_safe(
+        agents in proptest::collection::vec(agent(), 1..5),
+        upgrade in upgrade_fault(),
+        rollback in rollback_fault(),
+        schedule in proptest::collection::vec((any::<u8>(), any::<usize>()), 0..250),
+        cancel_at in proptest::option::of(0usize..250),
+    ) {
+        let mut s = Sim::new(&agents, upgrade, rollback);
+        s.annotations.insert(trigger::TARGET_VERSION.into(), "3.28.0".into());
+        s.rv += 1;
+        s.feed(Input::Trigger(Some(s.view())));
+        for (i, (op, arg)) in schedule.iter().enumerate() {
+            if cancel_at == Some(i) {
+                s.annotations.insert(trigger::ACTION.into(), trigger::ACTION_CANCEL.into());
+                s.rv += 1;
+                s.feed(Input::Trigger(Some(s.view())));
+            }
+            s.act(*op, *arg);
+        }
+        s.settle();
+        let r = s.record().expect("a run");
+        prop_assert!(r.phase.is_finished(), "run did not finish: {:?} {}", r.phase, r.message);
+        // At most one upgrade per run, across restarts.
+        prop_assert!(s.upgrades.values().all(|n| *n <= 1), "{:?}", s.upgrades);
+        // Upgrade turns follow the plan order, each node at most once.
+        let expected: Vec<String> = r.plan.iter().take(s.upgrade_turns.len()).cloned().collect();
+        prop_assert_eq!(&s.upgrade_turns, &expected);
+        // Only nodes that had an upgrade turn are restored, each at most once.
+        for n in &s.restore_turns {
+            prop_assert!(s.upgrade_turns.contains(n), "{} restored, never upgraded", n);
+        }
+        let mut dedup = s.restore_turns.clone();
+        dedup.sort();
+        dedup.dedup();
+        prop_assert_eq!(dedup.len(), s.restore_turns.len());
+        // Success iff every node succeeded (and helm did not fail, nobody cancelled first).
+        let agents_ok = agents.iter().all(|a| matches!(a, Agent::Succeeds | Agent::SlowSucceeds));
+        if r.phase == RunPhase::Succeeded {
+            prop_assert!(agents_ok, "succeeded with a failing agent: {}", r.message);
+            prop_assert_eq!(r.completed(), r.plan.len());
+            prop_assert_eq!(s.release.version.as_str(), "3.28.0");
+        } else if agents_ok && upgrade == UpgradeFault::None && cancel_at.is_none() {
+            prop_assert!(false, "healthy run ended {:?}: {}", r.phase, r.message);
+        }
+        // Never left pending; a failed rollback says what a human must do.
+        if r.phase != RunPhase::Succeeded && !s.release.status.is_pending() {
+            prop_assert!(
+                s.release.version == "3.27.0" || r.message.contains("A human must"),
+                "release {} at {} after {:?}: {}", s.release.status, s.release.version, r.phase, r.message
+            );
+        }
+        prop_assert!(!s.release.status.is_pending() || r.message.contains("A human must"),
+            "release left {}: {}", s.release.status, r.message);
+        if rollback == RollbackFault::AlwaysFails && s.rollback_failures > 0 {
+            prop_assert!(r.message.contains("A human must"), "{}", r.message);
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! Scenario tests of the run machine: one per decision that used to live in the driver.
+use super::release::{
+    DaemonSetObservation, KATA_DEPLOY_CHART, ReleaseObservation, ReleaseRead, ReleaseStatus,
+};
+use super::*;
+use crate::keys::node::WINDOW_LABEL;
+
+use crate::params::tests::defaults;
+
+pub(super) fn config() -> Config {
+    Config {
+        timing: Timing {
+            turn_start_timeout_ms: 60_000,
+            expiry_grace_ms: 10_000,
+        },
+        defaults: defaults(),
+        rollback_retry: RetryPolicy {
+            attempts: 3,
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(60),
+        },
+        seed: 1,
+    }
+}
+
+/// A hand-driven coordinator: feed inputs, look at effects.
+struct H {
+    m: Machine,
+    now: i64,
+    annotations: BTreeMap<String, String>,
+    data: BTreeMap<String, String>,
+    rv: u64,
+    fx: Vec<Effect>,
+    requests: u64,
+}
+
+fn found(revision: u32, version: &str, status: &str) -> Input {
+    Input::Release(ReleaseRead::Found(ReleaseObservation {
+        chart: KATA_DEPLOY_CHART.into(),
+        version: version.into(),
+        revision,
+        status: ReleaseStatus::parse(status),
+    }))
+}
+
+fn ds() -> Input {
+    Input::DaemonSet(Ok(DaemonSetObservation {
+        hash: "h".into(),
+        on_delete: true,
+    }))
+}
+
+fn node(name: &str) -> (String, NodeSnapshot) {
+    (
+        name.to_string(),
+        NodeSnapshot {
+            facts: NodeFacts {
+                name: name.into(),
+                labels: [(WINDOW_LABEL.to_string(), "true".to_string())].into(),
+                taints: vec![],
+            },
+            observed: ObservedNode {
+                exists: true,
+                ..Default::default()
+            },
+        },
+    )
+}
+
+impl H {
+    fn new(nodes: &[&str]) -> Self {
+        Self::with_data(nodes, BTreeMap::new())
+    }
+
+    fn with_data(nodes: &[&str], data: BTreeMap<String, String>) -> Self {
+        let mut h = H {
+            m: Machine::new(config()),
+            now: 1_000_000,
+            annotations: BTreeMap::new(),
+            data,
+            rv: 1,
+            fx: Vec::new(),
+            requests: 0,
+        };
+        h.feed(Input::NodesListed(nodes.iter().map(|n| node(n)).collect()));
+        h.feed(Input::Lease(Some(LeaseView {
+            duration_seconds: 30,
+            ..Default::default()
+        })));
+        h.trigger();
+        h
+    }
+
+    fn feed(&mut self, input: Input) -> Vec<Effect> {
+        self.requests += 3;
+        let fx = self.m.step(
+            input,
+            Env {
+                now_ms: self.now,
+                api_requests: self.requests,
+            },
+        );
+        for e in &fx {
+            match e {
+                Effect::Persist(d) => {
+                    self.data.extend(d.clone());
+                    self.rv += 1;
+                }
+                Effect::RemoveAnnotation(k) => {
+                    self.annotations.remove(*k);
+                    self.rv += 1;
+                }
+                _ => {}
+            }
+        }
+        self.fx.extend(fx.clone());
+        fx
+    }
+
+    fn trigger(&mut self) -> Vec<Effect> {
+        let view = TriggerView {
+            resource_version: Some(self.rv.to_string()),
+            annotations: self.annotations.clone(),
+            data: self.data.clone(),
+        };
+        self.feed(Input::Trigger(Some(view)))
+    }
+
+    fn annotate(&mut self, k: &str, v: &str) -> Vec<Effect> {
+        self.annotations.insert(k.into(), v.into());
+        self.rv += 1;
+        self.trigger()
+    }
+
+    fn run(&self) -> RunRecord {
+        self.m.run().cloned().expect("run")
+    }
+
+    fn count(&self, f: impl Fn(&Effect) -> bool) -> usize {
+        self.fx.iter().filter(|e| f(e)).count()
+    }
+
+    fn has_event(&self, reason: &str) -> bool {
+        self.fx
+            .iter()
+            .any(|e| matches!(e, Effect::Event { reason: r, .. } if *r == reason))
+    }
+
+    /// Trigger → prepare → upgrade → Running with the first turn granted.
+    fn to_running(nodes: &[&str]) -> Self {
+        let mut h = H::new(nodes);
+        h.annotate(trigger::TARGET_VERSION, "3.28.0");
+        h.feed(found(3, "3.27.0", "deployed"));
+        h.feed(ds());
+        h.feed(found(3, "3.27.0", "deployed"));
+        h.feed(Input::HelmFinished(Ok(())));
+        h.feed(found(4, "3.28.0", "deployed"));
+        h.feed(ds());
+        assert_eq!(h.run().phase, RunPhase::Running, "{}", h.run().message);
+        h
+    }
+}
+
+#[test]
+fn a_trigger_runs_prepare_then_exactly_one_upgrade_persisted_before_helm() {
+    let mut h = H::new(&["n1", "n2"]);
+    let fx = h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    assert!(matches!(fx.last(), Some(Effect::Persist(_))), "{fx:?}");
+    assert!(fx.contains(&Effect::ReadRelease {
+        release: "kata-deploy".into(),
+        namespace: "kube-system".into()
+    }));
+    assert_eq!(h.run().phase, RunPhase::Pending);
+    let fx = h.feed(found(3, "3.27.0", "deployed"));
+    assert!(fx.contains(&Effect::ReadDaemonSet {
+        namespace: "kube-system".into()
+    }));
+    assert_eq!(h.run().plan, ["n1", "n2"]);
+    h.feed(ds());
+    let fx = h.feed(found(3, "3.27.0", "deployed"));
+    // The record says "upgrade issued" before helm runs.
+    let persist = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(d) if d[keys::RUN].contains("upgradeIssued")))
+        .expect("persisted");
+    let helm = fx
+        .iter()
+        .position(|e| matches!(e, Effect::HelmUpgrade { .. }))
+        .expect("helm");
+    assert!(persist < helm, "{fx:?}");
+    h.feed(Input::HelmFinished(Ok(())));
+    // The revision comes from the release history, not `recorded + 1`.
+    h.feed(found(7, "3.28.0", "deployed"));
+    h.feed(ds());
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Running);
+    assert_eq!(r.release.as_ref().unwrap().upgraded_revision, Some(7));
+    assert_eq!(r.turn.as_ref().unwrap().node, "n1");
+    assert!(h.has_event("RunStarted") && h.has_event("TurnGranted"));
+    assert_eq!(h.count(|e| matches!(e, Effect::HelmUpgrade { .. })), 1);
+}
+
+#[test]
+fn prepare_refuses_or_finishes_without_touching_anything() {
+    let cases: [(Input, &[&str], RunPhase, &str); 5] = [
+        (
+            found(3, "3.27.0", "pending-upgrade"),
+            &["n1"],
+            RunPhase::Failed,
+            "not deployed",
+        ),
+        (
+            found(3, "3.28.0", "deployed"),
+            &["n1"],
+            RunPhase::Succeeded,
+            "already at 3.28.0",
+        ),
+        (
+            found(3, "3.27.0", "deployed"),
+            &[],
+            RunPhase::Succeeded,
+            "no nodes selected",
+        ),
+        (
+            Input::Release(ReleaseRead::NotFound),
+            &["n1"],
+            RunPhase::Failed,
+            "not found",
+        ),
+        (
+            Input::Release(ReleaseRead::Found(ReleaseObservation {
+                chart: "platform".into(),
+                version: "1.0.0".into(),
+                revision: 3,
+                status: ReleaseStatus::Deployed,
+            })),
+            &["n1"],
+            RunPhase::Failed,
+            "not \"kata-deploy\"",
+        ),
+    ];
+    for (release, nodes, phase, needle) in cases {
+        let mut h = H::new(nodes);
+        h.annotate(trigger::TARGET_VERSION, "3.28.0");
+        h.feed(release);
+        let r = h.run();
+        assert_eq!(r.phase, phase, "{needle}: {}", r.message);
+        assert!(r.message.contains(needle), "{needle}: {}", r.message);
+        assert_eq!(
+            h.count(|e| matches!(e, Effect::HelmUpgrade { .. } | Effect::ReadDaemonSet { .. })),
+            0
+        );
+        assert!(
+            r.coordinator_api_requests.is_some(),
+            "counted when finished"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_rejected_and_typos_are_warned_about() {
+    let mut h = H::new(&["n1"]);
+    h.annotations.insert(
+        "lifecycle.katacontainers.io/drain-enable".into(),
+        "true".into(),
+    );
+    h.annotate(trigger::TARGET_VERSION, "latest");
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Failed);
+    assert!(
+        r.message.contains("invalid input, nothing was changed"),
+        "{}",
+        r.message
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("drain-enable")),
+        "{:?}",
+        r.warnings
+    );
+    assert!(h.has_event("RunRejected") && h.has_event("UnknownAnnotation"));
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
+}
+
+#[test]
+fn cancel_is_persisted_before_its_annotation_is_removed() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.annotations
+        .insert(trigger::ACTION.into(), trigger::ACTION_CANCEL.into());
+    h.rv += 1;
+    let acted_on = TriggerView {
+        resource_version: Some(h.rv.to_string()),
+        annotations: h.annotations.clone(),
+        data: h.data.clone(),
+    };
+    let fx = h.feed(Input::Trigger(Some(acted_on.clone())));
+    let persisted = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(d) if d[keys::RUN].contains("cancelRequested")))
+        .expect("cancel persisted");
+    let removed = fx
+        .iter()
+        .position(|e| *e == Effect::RemoveAnnotation(trigger::ACTION))
+        .expect("annotation removed");
+    assert!(persisted < removed, "{fx:?}");
+    // The same view delivered again (our removal not yet visible) is not acted on twice.
+    let fx = h.feed(Input::Trigger(Some(acted_on)));
+    assert!(
+        !fx.contains(&Effect::RemoveAnnotation(trigger::ACTION)),
+        "{fx:?}"
+    );
+    // Pending: nothing was changed, so the run ends at once, without helm.
+    h.feed(found(3, "3.27.0", "deployed"));
+    assert_eq!(h.run().phase, RunPhase::Cancelled);
+    assert_eq!(h.count(|e| matches!(e, Effect::HelmUpgrade { .. })), 0);
+}
+
+#[test]
+fn a_refused_manual_rollback_can_be_requested_again() {
+    let mut h = H::to_running(&["n1"]);
+    // Refused while the run is in progress: consumed, so the same request can come back.
+    let fx = h.annotate(trigger::ROLLBACK_NODE, "n1");
+    assert!(
+        fx.contains(&Effect::RemoveAnnotation(trigger::ROLLBACK_NODE)),
+        "{fx:?}"
+    );
+    assert!(h.has_event("RollbackIgnored"));
+    h.trigger(); // the removal shows up
+    // Finish the upgrade.
+    let id = h.run().id;
+    h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(NodeSnapshot {
+            observed: ObservedNode {
+                exists: true,
+                status: Some(NodeStatus::Completed),
+                run_id: Some(id),
+                turn: Some(crate::TurnKind::Upgrade),
+                ..Default::default()
+            },
+            ..node("n1").1
+        }),
+        direct: false,
+    });
+    assert_eq!(h.run().phase, RunPhase::Succeeded);
+    h.annotate(trigger::ROLLBACK_NODE, "n1");
+    let r = h.run();
+    assert_eq!(r.kind, RunKind::ManualRollback, "{}", r.message);
+    assert_eq!(r.phase, RunPhase::RollingBack);
+}
+
+#[test]
+fn a_new_leader_finding_the_upgrade_pending_rolls_back_never_upgrades_again() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(3, "3.27.0", "deployed"));
+    assert_eq!(h.count(|e| matches!(e, Effect::HelmUpgrade { .. })), 1);
+    // The coordinator (and helm with it) is killed; the release is left pending-upgrade.
+    let mut h2 = H::with_data(&["n1"], h.data.clone());
+    h2.annotations = h.annotations.clone();
+    h2.trigger();
+    h2.feed(found(4, "3.28.0", "pending-upgrade"));
+    assert_eq!(h2.run().phase, RunPhase::RollingBack);
+    let fx = h2.feed(Input::Tick);
+    assert!(fx.is_empty() || !fx.iter().any(|e| matches!(e, Effect::HelmUpgrade { .. })));
+    h2.feed(found(4, "3.28.0", "pending-upgrade"));
+    assert!(h2.fx.contains(&Effect::HelmRollback {
+        release: "kata-deploy".into(),
+        namespace: "kube-system".into(),
+        revision: 3
+    }));
+    h2.feed(Input::HelmFinished(Ok(())));
+    let r = h2.run();
+    assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
+    assert!(r.message.contains("interrupted"), "{}", r.message);
+    assert_eq!(h2.count(|e| matches!(e, Effect::HelmUpgrade { .. })), 0);
+}
+
+#[test]
+fn an_upgrade_issued_that_never_changed_the_release_is_not_issued_again() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(3, "3.27.0", "deployed"));
+    let mut h2 = H::with_data(&["n1"], h.data.clone());
+    h2.annotations = h.annotations.clone();
+    h2.trigger();
+    h2.feed(found(3, "3.27.0", "deployed"));
+    let r = h2.run();
+    assert_eq!(r.phase, RunPhase::Failed);
+    assert!(r.message.contains("nothing was changed"), "{}", r.message);
+    assert_eq!(h2.count(|e| matches!(e, Effect::HelmUpgrade { .. })), 0);
+}
+
+#[test]
+fn a_failing_rollback_is_retried_then_says_what_a_human_must_do() {
+    let mut h = H::to_running(&["n1", "n2"]);
+    let id = h.run().id;
+    let mut snap = node("n1").1;
+    snap.observed = ObservedNode {
+        exists: true,
+        status: Some(NodeStatus::RollingBack),
+        run_id: Some(id),
+        turn: Some(crate::TurnKind::Upgrade),
+        ..Default::default()
+    };
+    h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(snap),
+        direct: false,
+    });
+    assert_eq!(h.run().phase, RunPhase::RollingBack);
+    let mut waits = Vec::new();
+    for attempt in 1..=3 {
+        h.feed(found(4, "3.28.0", "deployed"));
+        let fx = h.feed(Input::HelmFinished(Err(
+            "another operation is in progress".into()
+        )));
+        if attempt < 3 {
+            let wake = fx.iter().find_map(|e| match e {
+                Effect::WakeAt(w) if w.reason == WakeReason::RetryRollback => Some(w.at_ms),
+                _ => None,
+            });
+            let at = wake.expect("a retry is scheduled");
+            waits.push(at - h.now);
+            // Nothing happens before the retry time.
+            let fx = h.feed(Input::Tick);
+            assert!(
+                !fx.iter()
+                    .any(|e| matches!(e, Effect::ReadRelease { .. } | Effect::HelmRollback { .. }))
+            );
+            h.now = at;
+            h.feed(Input::Tick);
+        }
+    }
+    assert!(waits[1] > waits[0], "backoff grows: {waits:?}");
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Failed);
+    assert!(r.message.contains("A human must"), "{}", r.message);
+    assert!(
+        r.message
+            .contains("helm rollback kata-deploy 3 -n kube-system"),
+        "{}",
+        r.message
+    );
+    assert!(r.message.contains("n1 (rolling-back)"), "{}", r.message);
+    assert!(h.has_event("NodeNeedsAttention"));
+}
+
+#[test]
+fn an_unreadable_record_pauses_until_it_is_readable() {
+    let mut data = BTreeMap::new();
+    data.insert(keys::RUN.to_string(), "{not json".to_string());
+    let mut h = H::with_data(&["n1"], data);
+    assert!(h.has_event("RunRecordUnreadable"));
+    let notice = h.data.get(keys::NOTICE).cloned().unwrap_or_default();
+    assert!(notice.contains("paused"), "{notice}");
+    assert_eq!(h.data[keys::RUN], "{not json", "never overwritten");
+    // While paused, triggers are not acted on.
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    assert!(h.m.run().is_none());
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
+    // Removing the key resumes (the human abandoned that run).
+    h.data.remove(keys::RUN);
+    h.trigger();
+    assert!(h.has_event("RunRecordReadable"));
+    assert!(h.m.run().is_some(), "the trigger is acted on once resumed");
+}
+
+#[test]
+fn a_deleted_lease_is_recreated_and_a_deleted_trigger_rewritten() {
+    let mut h = H::to_running(&["n1"]);
+    let fx = h.feed(Input::Lease(None));
+    assert_eq!(fx.iter().filter(|e| **e == Effect::EnsureLease).count(), 1);
+    let fx = h.feed(Input::Lease(None));
+    assert!(
+        !fx.contains(&Effect::EnsureLease),
+        "asked once per disappearance"
+    );
+    let fx = h.feed(Input::Trigger(None));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Persist(d) if d.contains_key(keys::RUN))),
+        "{fx:?}"
+    );
+    assert!(h.has_event("TriggerDeleted"));
+}
+
+#[test]
+fn legacy_fingerprints_start_no_run() {
+    let mut data = BTreeMap::new();
+    data.insert(
+        keys::OBSERVED_TRIGGER.to_string(),
+        "0123456789abcdef".to_string(),
+    );
+    let mut h = H {
+        annotations: [(trigger::TARGET_VERSION.to_string(), "3.28.0".to_string())].into(),
+        ..H::with_data(&["n1"], BTreeMap::new())
+    };
+    h.m = Machine::new(config());
+    h.data = data;
+    h.feed(Input::NodesListed(vec![node("n1")]));
+    h.feed(Input::Lease(Some(LeaseView::default())));
+    h.trigger();
+    assert!(
+        h.m.run().is_none(),
+        "an upgraded coordinator must not restart an old trigger"
+    );
+}
+
+#[test]
+fn an_unreadable_release_after_the_upgrade_is_asked_again_not_abandoned() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    let reads = |h: &H| h.count(|e| matches!(e, Effect::ReadRelease { .. }));
+    let before = reads(&h);
+    let fx = h.feed(Input::Release(ReleaseRead::Error(
+        "connection refused".into(),
+    )));
+    let at = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::WakeAt(w) if w.reason == WakeReason::RetryReleaseRead => Some(w.at_ms),
+            _ => None,
+        })
+        .expect("a retry is scheduled");
+    assert_eq!(h.run().phase, RunPhase::Upgrading, "{}", h.run().message);
+    h.feed(Input::Tick);
+    assert_eq!(reads(&h), before, "not before the retry time");
+    h.now = at;
+    h.feed(Input::Tick);
+    assert_eq!(reads(&h), before + 1);
+    h.feed(found(4, "3.28.0", "deployed"));
+    h.feed(ds());
+    assert_eq!(h.run().phase, RunPhase::Running);
+}
