@@ -290,12 +290,21 @@ impl Coordinator {
                 release,
                 namespace,
                 revision,
+                version,
+                clear_pending,
             } => {
                 self.check_leader()?;
                 let r = self
                     .s
                     .helm
-                    .rollback(&release, &namespace, revision, self.s.rollback_timeout)
+                    .restore(
+                        &release,
+                        &namespace,
+                        revision,
+                        &version,
+                        clear_pending,
+                        self.s.rollback_timeout,
+                    )
                     .await;
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }

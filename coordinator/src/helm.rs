@@ -122,37 +122,122 @@ impl Helm {
             .map(|_| ())
     }
 
-    pub fn rollback_args(
+    /// The argv that puts the release back to the recorded chart `version` with the recorded
+    /// revision's user values (`values_file`, from `helm get values --revision`), still
+    /// `OnDelete`: each upgraded node is then restored by its own restore turn, one at a time.
+    /// Not `helm rollback <revision>`: that restores the revision's `updateStrategy` too, and a
+    /// default install's `RollingUpdate` lets the DaemonSet controller replace every upgraded
+    /// node's pod at once — no cordon, no Lease, no verification. No `--wait` either: Helm 4's
+    /// (kstatus) never finishes on an `OnDelete` DaemonSet, and each restore turn waits for its
+    /// own node's pod; `--timeout` still bounds the chart's hooks.
+    pub fn restore_args(
+        &self,
         release: &str,
         namespace: &str,
-        revision: u32,
+        version: &str,
+        values_file: &str,
         timeout: Duration,
     ) -> Vec<String> {
-        strings(&[
-            "rollback",
+        let mut args = strings(&[
+            "upgrade",
             release,
-            &revision.to_string(),
+            &self.chart_ref,
             "-n",
             namespace,
-            // No `--wait`: Helm 4's (kstatus) never finishes on an `OnDelete` DaemonSet, and
-            // nothing needs it: each restore turn waits for its own node's pod. `--timeout`
-            // still bounds the chart's hooks.
+            "--version",
+            version,
+        ]);
+        if let Some(repo) = &self.chart_repo {
+            args.extend(strings(&["--repo", repo]));
+        }
+        args.extend(strings(&[
+            "--reset-values",
+            "-f",
+            values_file,
+            "--set",
+            "updateStrategy.type=OnDelete",
+            "--set",
+            "verification.pod=",
             "--timeout",
             &format!("{}s", timeout.as_secs().max(1)),
-        ])
+        ]));
+        args
     }
 
-    pub async fn rollback(
+    /// Restores the release to the recorded revision (see [`Helm::restore_args`]).
+    pub async fn restore(
         &self,
         release: &str,
         namespace: &str,
         revision: u32,
+        version: &str,
+        clear_pending: Option<u32>,
         timeout: Duration,
     ) -> Result<(), HelmError> {
-        self.run(&Self::rollback_args(release, namespace, revision, timeout))
-            .await
-            .map(|_| ())
+        if let Some(to) = clear_pending {
+            self.run(&strings(&[
+                "rollback",
+                release,
+                &to.to_string(),
+                "-n",
+                namespace,
+                "--timeout",
+                &format!("{}s", timeout.as_secs().max(1)),
+            ]))
+            .await?;
+        }
+        let values = self
+            .run(&strings(&[
+                "get",
+                "values",
+                release,
+                "-n",
+                namespace,
+                "--revision",
+                &revision.to_string(),
+                "-o",
+                "json",
+            ]))
+            .await?;
+        // A revision installed without user values prints `null`.
+        let values = match values.trim() {
+            "" | "null" => "{}".to_string(),
+            v => v.to_string(),
+        };
+        // helm's homes are writable (an emptyDir under /tmp in the chart); the file holds the
+        // release's own values, so it is private to this process and removed right after.
+        let path = std::env::temp_dir().join(format!(
+            "klm-restore-{namespace}-{release}-{revision}-{}.json",
+            std::process::id()
+        ));
+        write_private(&path, &values).map_err(|source| HelmError::Spawn {
+            bin: format!("(writing {})", path.display()),
+            source,
+        })?;
+        let result = self
+            .run(&self.restore_args(
+                release,
+                namespace,
+                version,
+                &path.display().to_string(),
+                timeout,
+            ))
+            .await;
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
     }
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 /// `text` with the user-info part of every URL in it (`scheme://user:password@host`) replaced
@@ -233,8 +318,16 @@ mod tests {
              --reset-then-reuse-values --set updateStrategy.type=OnDelete --set verification.pod="
         );
         assert_eq!(
-            Helm::rollback_args("kd", "ns", 3, Duration::from_secs(300)).join(" "),
-            "rollback kd 3 -n ns --timeout 300s"
+            h.restore_args(
+                "kd",
+                "ns",
+                "3.27.0",
+                "/tmp/v.json",
+                Duration::from_secs(300)
+            )
+            .join(" "),
+            "upgrade kd kata-deploy -n ns --version 3.27.0 --repo http://127.0.0.1:1 --reset-values \
+             -f /tmp/v.json --set updateStrategy.type=OnDelete --set verification.pod= --timeout 300s"
         );
     }
 }

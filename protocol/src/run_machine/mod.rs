@@ -187,11 +187,20 @@ pub enum Effect {
         namespace: String,
         version: String,
     },
-    /// `helm rollback <release> <revision> --wait`; answer with [`Input::HelmFinished`].
+    /// Put the release back to the recorded revision's chart `version` and user values, still
+    /// with `updateStrategy.type=OnDelete` (a plain `helm rollback` to a default install's
+    /// revision brings back `RollingUpdate`, and the DaemonSet controller would then replace
+    /// every upgraded node's pod at once, uncordoned and unverified); answer with
+    /// [`Input::HelmFinished`].
     HelmRollback {
         release: String,
         namespace: String,
         revision: u32,
+        version: String,
+        /// The release is `pending-*` (a helm process was killed): first `helm rollback` to
+        /// this revision, which clears the pending state without bringing back `RollingUpdate`
+        /// (see [`release::unpending_revision`]).
+        clear_pending: Option<u32>,
     },
     /// Read the Node directly; answer with [`Input::Node`] `direct: true`.
     ReadNode(String),

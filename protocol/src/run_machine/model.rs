@@ -525,7 +525,9 @@ impl Sim {
             5 => self.deliver_lease(arg, false),
             6 => self.deliver_lease(arg, true),
             7 | 8 => self.agent_acts(),
-            9 => self.advance_time((arg as i64 % 20 + 1) * 1_000),
+            // `arg % 20` before the cast: a usize above i64::MAX would turn negative and move
+            // the clock backwards, which the coordinator's clock never does.
+            9 => self.advance_time(((arg % 20) as i64 + 1) * 1_000),
             10 => self.feed(Input::Trigger(Some(self.view()))),
             _ => {
                 if arg.is_multiple_of(4) {

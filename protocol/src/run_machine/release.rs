@@ -169,6 +169,18 @@ pub fn upgrade_step(
     UpgradeStep::Upgrade
 }
 
+/// Helm refuses to upgrade a release left `pending-*` by a killed helm process; `helm rollback`
+/// clears that state. Roll back to the run's own deployed upgrade when the pending revision came
+/// after it (a killed restore): it has `OnDelete`, so no pod moves by itself before the restore
+/// that follows. Otherwise the pending revision is the run's own killed upgrade, no node was
+/// upgraded yet, and the recorded revision moves nothing either.
+pub fn unpending_revision(recorded: &ReleaseState, pending: &ReleaseObservation) -> u32 {
+    match recorded.upgraded_revision {
+        Some(upgraded) if upgraded < pending.revision => upgraded,
+        _ => recorded.recorded_revision,
+    }
+}
+
 /// Whether the release already is where a rollback to the recorded revision puts it.
 pub fn rolled_back(recorded: &ReleaseState, release: &ReleaseObservation) -> bool {
     if release.status != ReleaseStatus::Deployed || release.version != recorded.recorded_version {
@@ -201,6 +213,31 @@ mod tests {
             recorded_version: "3.27.0".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_pending_release_is_unblocked_without_bringing_back_rolling_update() {
+        // Killed during the run's own upgrade: nothing was upgraded, the recorded revision.
+        let mut r = recorded();
+        r.upgraded_revision = Some(4);
+        assert_eq!(
+            unpending_revision(&r, &obs(4, "3.28.0", "pending-upgrade")),
+            3
+        );
+        assert_eq!(
+            unpending_revision(&recorded(), &obs(4, "3.28.0", "pending-upgrade")),
+            3
+        );
+        // Killed during the restore that followed the upgrade: the upgrade's own revision,
+        // which has OnDelete.
+        assert_eq!(
+            unpending_revision(&r, &obs(5, "3.27.0", "pending-upgrade")),
+            4
+        );
+        assert_eq!(
+            unpending_revision(&r, &obs(5, "3.27.0", "pending-rollback")),
+            4
+        );
     }
 
     #[test]

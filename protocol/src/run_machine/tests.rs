@@ -369,7 +369,9 @@ fn a_new_leader_finding_the_upgrade_pending_rolls_back_never_upgrades_again() {
     assert!(h2.fx.contains(&Effect::HelmRollback {
         release: "kata-deploy".into(),
         namespace: "kube-system".into(),
-        revision: 3
+        revision: 3,
+        version: "3.27.0".into(),
+        clear_pending: Some(3),
     }));
     h2.feed(Input::HelmFinished(Ok(())));
     let r = h2.run();

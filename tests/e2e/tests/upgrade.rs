@@ -1129,3 +1129,82 @@ async fn a_typo_in_a_trigger_annotation_is_reported_in_the_run() -> anyhow::Resu
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
+
+/// Each slice node's kata-deploy pod: (uid, image), by node.
+async fn kata_deploy_pods(
+    p: &Product,
+) -> anyhow::Result<std::collections::BTreeMap<String, (String, String)>> {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.kata_deploy_namespace());
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("name=kata-deploy"))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| {
+            let spec = pod.spec?;
+            Some((
+                spec.node_name?,
+                (pod.metadata.uid?, spec.containers.first()?.image.clone()?),
+            ))
+        })
+        .collect())
+}
+
+async fn update_strategy(p: &Product) -> anyhow::Result<Option<String>> {
+    let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.kata_deploy_namespace());
+    Ok(ds
+        .get("kata-deploy")
+        .await?
+        .spec
+        .and_then(|s| s.update_strategy)
+        .and_then(|u| u.type_))
+}
+
+/// Issue 9.2. The recorded revision of a default install has `RollingUpdate`: restoring it
+/// with `helm rollback` let the DaemonSet controller replace every upgraded node's pod by
+/// itself. The restore keeps `OnDelete`, so a manual `rollback-node` moves that node's pod and
+/// no other, and an automatic rollback moves pods only in restore turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_a_rolling_update_revision_moves_only_the_restored_nodes_pods()
+-> anyhow::Result<()> {
+    let p = Product::start("paced-rollback", 3, "3.27.0").await?;
+    assert_eq!(update_strategy(&p).await?.as_deref(), Some("RollingUpdate"));
+    p.opt_in(&["node-1", "node-2", "node-3"]).await?;
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    let upgraded = kata_deploy_pods(&p).await?;
+
+    p.annotate(&[(trigger::ROLLBACK_NODE, Some(&p.node("node-2")))])
+        .await?;
+    let rb = p.wait_finished_after(Some(run.id.clone())).await?;
+    assert_eq!(rb.phase, RunPhase::Succeeded, "{rb:#?}");
+    // The release is back at the recorded chart version, still paced.
+    assert_eq!(p.release().await?.1, "3.27.0");
+    assert_eq!(update_strategy(&p).await?.as_deref(), Some("OnDelete"));
+    let after = kata_deploy_pods(&p).await?;
+    let n2 = p.node("node-2");
+    assert_ne!(after[&n2].0, upgraded[&n2].0, "node-2's pod was restored");
+    assert!(after[&n2].1.ends_with(":3.27.0"), "{:?}", after[&n2]);
+    for n in ["node-1", "node-3"] {
+        let n = p.node(n);
+        assert_eq!(after[&n], upgraded[&n], "{n}'s pod must not move");
+    }
+
+    // An automatic rollback to the same revision: only restore turns move pods.
+    p.slice
+        .set_verification_outcome("node-2", "3.29.0", Outcome::Fail);
+    let before = kata_deploy_pods(&p).await?;
+    let failed = p.run("3.29.0", &[]).await?;
+    assert_eq!(failed.phase, RunPhase::Failed, "{failed:#?}");
+    assert_eq!(update_strategy(&p).await?.as_deref(), Some("OnDelete"));
+    let end = kata_deploy_pods(&p).await?;
+    let n3 = p.node("node-3");
+    assert_eq!(end[&n3], before[&n3], "node-3 was never reached");
+    p.assert_safe(&names(&p, &["node-1", "node-2", "node-3"]))
+        .await?;
+    Ok(())
+}

@@ -355,12 +355,17 @@ impl Machine {
             Some(ReleaseRead::Found(rel)) if release::rolled_back(&recorded, &rel) => {
                 self.rolled_back(&p, &recorded)
             }
-            Some(ReleaseRead::Found(_)) => self.request(
+            Some(ReleaseRead::Found(rel)) => self.request(
                 Awaiting::Helm,
                 Effect::HelmRollback {
                     release: p.helm_release.clone(),
                     namespace: p.helm_namespace.clone(),
                     revision: recorded.recorded_revision,
+                    version: recorded.recorded_version.clone(),
+                    clear_pending: rel
+                        .status
+                        .is_pending()
+                        .then(|| release::unpending_revision(&recorded, &rel)),
                 },
             ),
             Some(ReleaseRead::NotFound) => self.rollback_failed(
