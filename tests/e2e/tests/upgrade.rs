@@ -732,10 +732,11 @@ async fn a_node_lost_mid_turn_fails_safely_when_its_lease_expires() -> anyhow::R
 async fn a_verification_pod_that_never_schedules_fails_with_the_reason() -> anyhow::Result<()> {
     let p = Product::start("unsched", 1, "3.27.0").await?;
     p.opt_in(&["node-1"]).await?;
-    // Scheduled by the real scheduler (no nodeName) onto a label no node has.
+    // Scheduled by the real scheduler (no nodeName): pinned to its node by hostname, as the
+    // verification template policy requires, plus a label no node has.
     let template = p.slice.verification_pod_template().replace(
         "  nodeName: ${NODE}\n",
-        "  nodeSelector:\n    no-such-label: \"true\"\n",
+        "  nodeSelector:\n    kubernetes.io/hostname: ${NODE}\n    no-such-label: \"true\"\n",
     );
     assert!(template.contains("no-such-label"), "{template}");
     let b64 = base64::engine::general_purpose::STANDARD.encode(template);
@@ -927,8 +928,9 @@ async fn a_helm_upgrade_killed_midway_is_rolled_back_by_the_next_leader() -> any
     );
     assert_eq!(
         rev,
-        recorded + 2,
-        "the interrupted revision, then the rollback: no second upgrade"
+        recorded + 3,
+        "the interrupted revision, a rollback clearing its pending state, then the restore: \
+         no second upgrade"
     );
     assert_eq!(p.node_labels("node-1").await?, (None, None));
     p.assert_safe(&run.plan).await?;
