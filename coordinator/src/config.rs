@@ -114,6 +114,10 @@ pub struct DefaultArgs {
     pub default_drain_enabled: bool,
     #[arg(long, env = "KLM_DEFAULT_DRAIN_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_drain_timeout: Duration,
+    /// Extra `key=value` values for every run's `helm upgrade`, separated by newlines or `;`
+    /// (validated per run; the trigger annotation `helm-set-values` replaces them).
+    #[arg(long, env = "KLM_DEFAULT_HELM_SET_VALUES", default_value = "")]
+    pub default_helm_set_values: String,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
     /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
@@ -156,6 +160,7 @@ impl DefaultArgs {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            helm_set_values: self.default_helm_set_values.clone(),
         }
     }
 }

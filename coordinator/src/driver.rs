@@ -281,9 +281,14 @@ impl Coordinator {
                 release,
                 namespace,
                 version,
+                set_values,
             } => {
                 self.check_leader()?;
-                let r = self.s.helm.upgrade(&release, &namespace, &version).await;
+                let r = self
+                    .s
+                    .helm
+                    .upgrade(&release, &namespace, &version, &set_values)
+                    .await;
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::HelmRollback {

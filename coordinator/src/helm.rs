@@ -86,7 +86,13 @@ impl Helm {
     }
 
     /// The argv of the run's single upgrade (kept separate so it is unit-tested).
-    pub fn upgrade_args(&self, release: &str, namespace: &str, version: &str) -> Vec<String> {
+    pub fn upgrade_args(
+        &self,
+        release: &str,
+        namespace: &str,
+        version: &str,
+        set_values: &[String],
+    ) -> Vec<String> {
         let mut args = strings(&[
             "upgrade",
             release,
@@ -99,8 +105,13 @@ impl Helm {
         if let Some(repo) = &self.chart_repo {
             args.extend(strings(&["--repo", repo]));
         }
+        args.push("--reset-then-reuse-values".into());
+        // The run's own values (validated: none of them touches what pacing depends on), each
+        // a separate argv entry, before ours so that ours would win anyway.
+        for v in set_values {
+            args.extend(["--set".to_string(), v.clone()]);
+        }
         args.extend(strings(&[
-            "--reset-then-reuse-values",
             // Nothing moves until each agent deletes its own node's pod.
             "--set",
             "updateStrategy.type=OnDelete",
@@ -116,8 +127,9 @@ impl Helm {
         release: &str,
         namespace: &str,
         version: &str,
+        set_values: &[String],
     ) -> Result<(), HelmError> {
-        self.run(&self.upgrade_args(release, namespace, version))
+        self.run(&self.upgrade_args(release, namespace, version, set_values))
             .await
             .map(|_| ())
     }
@@ -296,7 +308,7 @@ mod tests {
             chart_repo: None,
         };
         let e = h
-            .upgrade("kd", "ns", "3.28.0")
+            .upgrade("kd", "ns", "3.28.0", &[])
             .await
             .unwrap_err()
             .to_string();
@@ -312,10 +324,19 @@ mod tests {
             chart_repo: Some("http://127.0.0.1:1".into()),
         };
         assert_eq!(
-            h.upgrade_args("kata-deploy", "kube-system", "3.28.0")
-                .join(" "),
+            h.upgrade_args(
+                "kata-deploy",
+                "kube-system",
+                "3.28.0",
+                &[
+                    "image.reference=mirror.example/kd".into(),
+                    "debug=true".into()
+                ]
+            )
+            .join(" "),
             "upgrade kata-deploy kata-deploy -n kube-system --version 3.28.0 --repo http://127.0.0.1:1 \
-             --reset-then-reuse-values --set updateStrategy.type=OnDelete --set verification.pod="
+             --reset-then-reuse-values --set image.reference=mirror.example/kd --set debug=true \
+             --set updateStrategy.type=OnDelete --set verification.pod="
         );
         assert_eq!(
             h.restore_args(

@@ -17,6 +17,9 @@ pub mod trigger {
     pub const VERIFICATION_TIMEOUT: &str = "lifecycle.katacontainers.io/verification-timeout";
     pub const DRAIN_ENABLED: &str = "lifecycle.katacontainers.io/drain-enabled";
     pub const DRAIN_TIMEOUT: &str = "lifecycle.katacontainers.io/drain-timeout";
+    /// Extra `key=value` values for the run's `helm upgrade`, separated by newlines or `;`,
+    /// each passed as its own `--set` (see `helm_values`).
+    pub const HELM_SET_VALUES: &str = "lifecycle.katacontainers.io/helm-set-values";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -26,7 +29,7 @@ pub mod trigger {
     pub const ACTION_CANCEL: &str = "cancel";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 11] = [
+    pub const RUN_DEFINING: [&str; 12] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -38,6 +41,7 @@ pub mod trigger {
         VERIFICATION_TIMEOUT,
         DRAIN_ENABLED,
         DRAIN_TIMEOUT,
+        HELM_SET_VALUES,
     ];
 }
 

@@ -27,6 +27,8 @@ pub struct Defaults {
     /// ServiceAccounts a verification pod may name besides `default`
     /// (chart value `verification.serviceAccounts`).
     pub verification_service_accounts: Vec<String>,
+    /// Extra values for every run's `helm upgrade` (chart value `defaults.helmSetValues`).
+    pub helm_set_values: String,
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -47,6 +49,9 @@ pub struct RunParams {
     pub drain_enabled: bool,
     pub drain_timeout_seconds: u64,
     pub verification_timeout_seconds: u64,
+    /// Validated `--set` entries (`key=value`) for the run's `helm upgrade`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub helm_set_values: Vec<String>,
 }
 
 impl RunParams {
@@ -192,6 +197,13 @@ pub fn resolve(
         .map_err(|e| invalid(trigger::VERIFICATION_POD, e.to_string()))?;
     crate::pod_policy::check(&template, &defaults.verification_service_accounts)
         .map_err(|e| invalid(trigger::VERIFICATION_POD, e.to_string()))?;
+    let set_values =
+        get(trigger::HELM_SET_VALUES).unwrap_or_else(|| defaults.helm_set_values.clone());
+    let helm_set_values = crate::helm_values::parse(&set_values)
+        .map_err(|e| invalid(trigger::HELM_SET_VALUES, e))?
+        .iter()
+        .map(crate::helm_values::SetValue::to_arg)
+        .collect();
 
     Ok(RunParams {
         target_version: target,
@@ -205,6 +217,7 @@ pub fn resolve(
         drain_enabled,
         drain_timeout_seconds: drain_timeout.as_secs().max(1),
         verification_timeout_seconds: verification_timeout.as_secs().max(1),
+        helm_set_values,
     })
 }
 
@@ -240,8 +253,13 @@ pub fn describe(p: &RunParams) -> String {
         };
         sel.push(format!("taint {}{v}", p.node_taint_key));
     }
+    let extra = if p.helm_set_values.is_empty() {
+        String::new()
+    } else {
+        format!("; helm --set {}", p.helm_set_values.join(" --set "))
+    };
     format!(
-        "release {}/{} -> {}; nodes by {}; drain {} ({}); verification in {} (timeout {})",
+        "release {}/{} -> {}; nodes by {}; drain {} ({}); verification in {} (timeout {}){extra}",
         p.helm_namespace,
         p.helm_release,
         p.target_version,
@@ -272,7 +290,49 @@ pub(crate) mod tests {
             drain_timeout: Duration::from_secs(300),
             verification_timeout: Duration::from_secs(300),
             verification_service_accounts: Vec::new(),
+            helm_set_values: String::new(),
         }
+    }
+
+    #[test]
+    fn helm_set_values_become_separate_entries_and_pacing_keys_are_refused() {
+        let mut d = defaults();
+        d.helm_set_values = "debug=true".into();
+        let p = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d).unwrap();
+        assert_eq!(p.helm_set_values, ["debug=true"]);
+        // The annotation replaces the chart default.
+        let p = resolve(
+            &ann(&[
+                (trigger::TARGET_VERSION, "3.28.0"),
+                (
+                    trigger::HELM_SET_VALUES,
+                    "image.reference=mirror.example/kd\nshims.disableAll=true",
+                ),
+            ]),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            p.helm_set_values,
+            ["image.reference=mirror.example/kd", "shims.disableAll=true"]
+        );
+        assert!(describe(&p).contains("--set shims.disableAll=true"));
+        let e = resolve(
+            &ann(&[
+                (trigger::TARGET_VERSION, "3.28.0"),
+                (
+                    trigger::HELM_SET_VALUES,
+                    "updateStrategy.type=RollingUpdate",
+                ),
+            ]),
+            &d,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("helm-set-values") && e.contains("cannot be set per run"),
+            "{e}"
+        );
     }
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

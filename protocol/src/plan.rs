@@ -92,6 +92,7 @@ mod tests {
             drain_enabled: false,
             drain_timeout_seconds: 300,
             verification_timeout_seconds: 300,
+            helm_set_values: Vec::new(),
         }
     }
 

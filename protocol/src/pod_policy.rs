@@ -595,6 +595,7 @@ spec:
             drain_timeout: Duration::from_secs(300),
             verification_timeout: Duration::from_secs(300),
             verification_service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
+            helm_set_values: String::new(),
         };
         let target: BTreeMap<String, String> =
             [(trigger::TARGET_VERSION.to_string(), "3.28.0".to_string())].into();

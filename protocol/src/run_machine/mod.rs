@@ -186,6 +186,8 @@ pub enum Effect {
         release: String,
         namespace: String,
         version: String,
+        /// The run's validated `helm-set-values`, each passed as its own `--set`.
+        set_values: Vec<String>,
     },
     /// Put the release back to the recorded revision's chart `version` and user values, still
     /// with `updateStrategy.type=OnDelete` (a plain `helm rollback` to a default install's

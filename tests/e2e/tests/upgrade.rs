@@ -1210,3 +1210,62 @@ async fn a_rollback_to_a_rolling_update_revision_moves_only_the_restored_nodes_p
         .await?;
     Ok(())
 }
+
+/// Issue 10.4: `helm-set-values` reach the rendered DaemonSet as separate `--set` entries; a
+/// key pacing depends on is refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_set_values_reach_the_daemonset_and_pacing_keys_are_refused() -> anyhow::Result<()> {
+    let p = Product::start("setvalues", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let run = p
+        .run(
+            "3.28.0",
+            &[(
+                trigger::HELM_SET_VALUES,
+                "image.reference=mirror.example/kata-deploy\nenv.debug=true",
+            )],
+        )
+        .await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.kata_deploy_namespace());
+    let container = ds
+        .get("kata-deploy")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].clone())
+        .expect("a container");
+    assert_eq!(
+        container.image.as_deref(),
+        Some("mirror.example/kata-deploy:3.28.0")
+    );
+    let pods = kata_deploy_pods(&p).await?;
+    assert_eq!(
+        pods[&p.node("node-1")].1,
+        "mirror.example/kata-deploy:3.28.0"
+    );
+    assert_eq!(update_strategy(&p).await?.as_deref(), Some("OnDelete"));
+
+    let (revision, ..) = p.release().await?;
+    let refused = p
+        .run(
+            "3.29.0",
+            &[(
+                trigger::HELM_SET_VALUES,
+                "updateStrategy.type=RollingUpdate",
+            )],
+        )
+        .await?;
+    assert_eq!(refused.phase, RunPhase::Failed, "{refused:#?}");
+    assert!(
+        refused.message.contains("helm-set-values")
+            && refused.message.contains("cannot be set per run"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(p.release().await?.0, revision, "no helm call");
+    assert_eq!(kata_deploy_pods(&p).await?, pods, "nothing moved");
+    p.assert_safe(&names(&p, &["node-1"])).await?;
+    Ok(())
+}

@@ -219,6 +219,7 @@ impl Machine {
                         release: p.helm_release.clone(),
                         namespace: p.helm_namespace.clone(),
                         version: p.target_version.clone(),
+                        set_values: p.helm_set_values.clone(),
                     },
                 );
             }
