@@ -106,6 +106,7 @@ mod tests {
             drain_timeout_seconds: 300,
             verification_timeout_seconds: 300,
             helm_set_values: Vec::new(),
+            drain_chosen: false,
         }
     }
 

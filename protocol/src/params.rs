@@ -52,6 +52,10 @@ pub struct RunParams {
     /// Validated `--set` entries (`key=value`) for the run's `helm upgrade`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub helm_set_values: Vec<String>,
+    /// `drain-enabled` was given per run (a hazard of the deployed version may turn the drain
+    /// on only when it was not, see `kata_deploy::drain_decision`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain_chosen: bool,
 }
 
 impl RunParams {
@@ -174,6 +178,7 @@ pub fn resolve(
     };
     LabelSelector::parse(&selector).map_err(|e| invalid(trigger::NODE_SELECTOR, e.to_string()))?;
 
+    let drain_chosen = get(trigger::DRAIN_ENABLED).is_some();
     let drain_enabled = match get(trigger::DRAIN_ENABLED) {
         Some(v) => parse_bool(trigger::DRAIN_ENABLED, &v)?,
         None => defaults.drain_enabled,
@@ -218,6 +223,7 @@ pub fn resolve(
         drain_timeout_seconds: drain_timeout.as_secs().max(1),
         verification_timeout_seconds: verification_timeout.as_secs().max(1),
         helm_set_values,
+        drain_chosen,
     })
 }
 

@@ -1269,3 +1269,54 @@ async fn helm_set_values_reach_the_daemonset_and_pacing_keys_are_refused() -> an
     p.assert_safe(&names(&p, &["node-1"])).await?;
     Ok(())
 }
+
+/// Issue 10.6: kata-deploy 3.27.0/3.28.0 cleans Kata off a node whenever its pod restarts, so a
+/// run upgrading *from* them drains each node first unless `drain-enabled` says otherwise, and
+/// says why in its warnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_from_a_cleaning_kata_deploy_drains_unless_told_not_to() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let p = Product::start("hazard", 2, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let id = p.slice.id().to_string();
+    let (drained, kept) = (format!("kata-a-{id}"), format!("kata-b-{id}"));
+    workload(&p, "node-1", &drained, &drained).await?;
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("preStop") && w.contains("drains each node")),
+        "{:?}",
+        run.warnings
+    );
+    let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
+    assert!(
+        pods.get_opt(&drained)
+            .await?
+            .is_none_or(|x| x.metadata.deletion_timestamp.is_some()),
+        "the drain evicted the Kata workload before the restart"
+    );
+
+    // From 3.28.0 too, but the user said no drain: the workload stays, the warning says so.
+    workload(&p, "node-1", &kept, &kept).await?;
+    let run = p
+        .run("3.29.0", &[(trigger::DRAIN_ENABLED, "false")])
+        .await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("drain-enabled=false was asked for")),
+        "{:?}",
+        run.warnings
+    );
+    assert!(
+        pods.get_opt(&kept)
+            .await?
+            .is_some_and(|x| x.metadata.deletion_timestamp.is_none()),
+        "no drain when the user said so"
+    );
+    p.assert_safe(&names(&p, &["node-1"])).await?;
+    Ok(())
+}

@@ -111,7 +111,25 @@ impl Machine {
                 .flat_map(|n| n.values())
                 .map(|s| s.facts.clone())
                 .collect();
+            let hazards = crate::kata_deploy::hazards(&rel.version);
+            let (drain, choice) = crate::kata_deploy::drain_decision(
+                p.drain_chosen.then_some(p.drain_enabled),
+                p.drain_enabled,
+                &hazards,
+            );
+            if let Some(choice) = choice {
+                let run = self.run_mut();
+                if let Some(params) = run.params.as_mut() {
+                    params.drain_enabled = drain;
+                }
+                for h in &hazards {
+                    let w = h.warning(choice);
+                    self.run_mut().warnings.push(w.clone());
+                    self.event(None, true, "KataDeployHazard", w);
+                }
+            }
             let run = self.run_mut();
+            let p = run.params.clone().unwrap_or_else(|| p.clone());
             run.plan = plan::select(&facts, &p);
             run.release = Some(ReleaseState {
                 recorded_revision: rel.revision,
@@ -139,6 +157,13 @@ impl Machine {
                 );
             }
         }
+        // A hazard of the deployed version may have changed the parameters above.
+        let p = self
+            .state
+            .run
+            .as_ref()
+            .and_then(|r| r.params.clone())
+            .unwrap_or(p);
         let Some(ds) = self.daemonset.take() else {
             return self.request(
                 Awaiting::DaemonSet,
