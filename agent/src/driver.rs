@@ -1,7 +1,8 @@
 //! The agent's main loop: one watch on the trigger ConfigMap. When the run record names this
-//! node for a turn, a turn task runs it; the task is told when the record stops naming it.
+//! node for a turn, a turn task runs it; the task is told when the record stops naming it, and
+//! when the run asks it to stop (cancel).
 //! Idle cost: that single watch.
-use crate::ctx::Agent;
+use crate::ctx::{Agent, TurnSignal};
 use crate::runner::{self, TurnEnd};
 use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
 use futures::StreamExt;
@@ -16,7 +17,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 struct Running {
     key: TurnKey,
-    revoked: watch::Sender<bool>,
+    signal: watch::Sender<TurnSignal>,
     task: JoinHandle<TurnEnd>,
 }
 
@@ -99,12 +100,15 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
         };
         let want = assignment.map(Assignment::key);
 
-        // Tell a running turn whether it is still ours.
+        // Tell a running turn whether it is still ours, and whether the run asks it to stop.
         if let Some(r) = &running {
-            r.revoked.send_if_modified(|v| {
-                let revoked = want.as_ref() != Some(&r.key);
-                let changed = *v != revoked;
-                *v = revoked;
+            let now = TurnSignal {
+                revoked: want.as_ref() != Some(&r.key),
+                cancel: assignment.is_some_and(|a| a.cancel_requested),
+            };
+            r.signal.send_if_modified(|v| {
+                let changed = *v != now;
+                *v = now;
                 changed
             });
         }
@@ -138,7 +142,10 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
 }
 
 fn spawn_turn(agent: Arc<Agent>, a: Assignment, shutdown: CancellationToken) -> Running {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(TurnSignal {
+        revoked: false,
+        cancel: a.cancel_requested,
+    });
     let key = a.key();
     let span = info_span!(
         "turn",
@@ -152,7 +159,7 @@ fn spawn_turn(agent: Arc<Agent>, a: Assignment, shutdown: CancellationToken) -> 
     );
     Running {
         key,
-        revoked: tx,
+        signal: tx,
         task,
     }
 }
