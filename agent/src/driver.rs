@@ -8,7 +8,8 @@ use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::watch_object;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,8 +26,9 @@ struct Running {
 pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::Sender<bool>) {
     let cfg = &agent.config;
     let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
-    let wc = watcher::Config::default().fields(&format!("metadata.name={}", cfg.trigger_configmap));
-    let mut events = watcher(api, wc).default_backoff().boxed();
+    let mut events = watch_object(api, &cfg.trigger_configmap)
+        .default_backoff()
+        .boxed();
     info!(
         configmap = %cfg.trigger_configmap,
         namespace = %cfg.namespace,
@@ -35,7 +37,6 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
     );
 
     let mut reading = Reading::Idle;
-    let mut listing: Option<Option<ConfigMap>> = None;
     let mut listed = false;
     let mut running: Option<Running> = None;
     // The last turn a task ran to its end: not started again for the same record.
@@ -57,10 +58,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
             }
             ev = events.next() => {
                 let changed = match ev {
-                    Some(Ok(watcher::Event::Init)) => { listing = Some(None); false }
-                    Some(Ok(watcher::Event::InitApply(cm))) => { listing = Some(Some(cm)); false }
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        reading = match listing.take().flatten() {
+                    Some(Ok(cm)) => {
+                        reading = match cm {
                             Some(cm) => read_configmap(&cm, &agent.config.node_name),
                             None => Reading::Idle,
                         };
@@ -70,11 +69,6 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
                         }
                         true
                     }
-                    Some(Ok(watcher::Event::Apply(cm))) => {
-                        reading = read_configmap(&cm, &agent.config.node_name);
-                        true
-                    }
-                    Some(Ok(watcher::Event::Delete(_))) => { reading = Reading::Idle; true }
                     Some(Err(e)) => {
                         warn!(error = %e, "watch on the trigger ConfigMap failed; retrying (the agent needs get/list/watch on configmaps in its namespace)");
                         false

@@ -14,7 +14,8 @@ use klm_protocol::lease::{
     AfterLapse, Claim, Fence, LeaseClock, LeaseView, after_lapse, claim, holder_node,
 };
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watch_object};
 use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, info, warn};
@@ -88,12 +89,12 @@ impl NamedLease {
     /// dropping the future (callers `select!` it against "no longer our turn" and shutdown).
     /// Returns only API errors that retrying cannot fix (e.g. 403: RBAC is missing).
     pub async fn acquire(&self) -> kube::Result<HeldLease> {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut events = watcher(self.api.clone(), cfg).default_backoff().boxed();
+        let mut events = watch_object(self.api.clone(), &self.name)
+            .default_backoff()
+            .boxed();
         let mut clock = LeaseClock::default();
-        // The latest object seen, and whether the initial list has completed.
+        // The latest object seen, and whether the watch has delivered it once.
         let mut latest: Option<Lease> = None;
-        let mut listing: Option<Option<Lease>> = None;
         let mut listed = false;
         let mut conflicts = conflict_backoff();
         let mut said_waiting = String::new();
@@ -131,7 +132,7 @@ impl NamedLease {
                         );
                         tokio::select! {
                             ev = events.next() => {
-                                apply_event(ev, &mut latest, &mut listing, &mut listed, &self.name);
+                                apply_event(ev, &mut latest, &mut listed, &self.name);
                             }
                             _ = tokio::time::sleep(wait) => {}
                         }
@@ -150,7 +151,7 @@ impl NamedLease {
                 }
             }
             let ev = events.next().await;
-            apply_event(ev, &mut latest, &mut listing, &mut listed, &self.name);
+            apply_event(ev, &mut latest, &mut listed, &self.name);
         }
     }
 
@@ -260,22 +261,17 @@ impl NamedLease {
     }
 }
 
-pub(crate) fn apply_event(
-    ev: Option<Result<watcher::Event<Lease>, watcher::Error>>,
+fn apply_event(
+    ev: Option<Result<Option<Lease>, watcher::Error>>,
     latest: &mut Option<Lease>,
-    listing: &mut Option<Option<Lease>>,
     listed: &mut bool,
     name: &str,
 ) {
     match ev {
-        Some(Ok(watcher::Event::Init)) => *listing = Some(None),
-        Some(Ok(watcher::Event::InitApply(l))) => *listing = Some(Some(l)),
-        Some(Ok(watcher::Event::InitDone)) => {
-            *latest = listing.take().flatten();
+        Some(Ok(lease)) => {
+            *latest = lease;
             *listed = true;
         }
-        Some(Ok(watcher::Event::Apply(l))) => *latest = Some(l),
-        Some(Ok(watcher::Event::Delete(_))) => *latest = None,
         Some(Err(e)) => {
             warn!(lease = %name, error = %e, "watch on the Lease failed; retrying")
         }

@@ -13,7 +13,8 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use klm_protocol::lease::Fence;
 use kube::api::PostParams;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watch_object};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -150,8 +151,9 @@ async fn renew_loop(
     .build();
     // Watch the Lease while we hold it: a takeover (holder or leaseTransitions changed) is
     // noticed at once instead of at the next renewal.
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", lease.name));
-    let mut events = watcher(lease.api.clone(), cfg).default_backoff().boxed();
+    let mut events = watch_object(lease.api.clone(), &lease.name)
+        .default_backoff()
+        .boxed();
     let lose = |reason: String| {
         warn!(lease = %lease.name, %reason, "lost the Lease");
         state.send_modify(|s| s.lost = Some(reason));
@@ -201,12 +203,12 @@ async fn renew_loop(
 
 /// A watch event that shows the Lease is no longer ours.
 pub(crate) fn takeover(
-    ev: Option<Result<watcher::Event<Lease>, watcher::Error>>,
+    ev: Option<Result<Option<Lease>, watcher::Error>>,
     me: &str,
     transitions: i32,
 ) -> Option<String> {
     match ev {
-        Some(Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l))) => {
+        Some(Ok(Some(l))) => {
             let v = view_of(&l);
             (v.holder.as_deref() != Some(me) || v.transitions != transitions).then(|| {
                 format!(
@@ -217,7 +219,7 @@ pub(crate) fn takeover(
                 )
             })
         }
-        Some(Ok(watcher::Event::Delete(_))) => Some("the Lease was deleted".into()),
+        Some(Ok(None)) => Some("the Lease was deleted".into()),
         _ => None,
     }
 }
@@ -287,7 +289,7 @@ mod tests {
 
     #[test]
     fn takeovers_seen_on_the_watch() {
-        let ev = |l: Lease| Some(Ok(watcher::Event::Apply(l)));
+        let ev = |l: Lease| Some(Ok(Some(l)));
         assert_eq!(takeover(ev(lease(Some("n1/a"), 4)), "n1/a", 4), None);
         assert!(
             takeover(ev(lease(Some("n2/b"), 5)), "n1/a", 4)
@@ -299,10 +301,8 @@ mod tests {
         // Another process of our own node is not us.
         assert!(takeover(ev(lease(Some("n1/b"), 4)), "n1/a", 4).is_some());
         assert!(takeover(ev(lease(None, 4)), "n1/a", 4).is_some());
-        assert!(takeover(Some(Ok(watcher::Event::Delete(lease(None, 4)))), "n1/a", 4).is_some());
-        assert_eq!(
-            takeover(Some(Ok(watcher::Event::InitDone)), "n1/a", 4),
-            None
-        );
+        // Deleted.
+        assert!(takeover(Some(Ok(None)), "n1/a", 4).is_some());
+        assert_eq!(takeover(None, "n1/a", 4), None);
     }
 }
