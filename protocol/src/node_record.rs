@@ -233,6 +233,14 @@ impl NodeRecord {
         step_start_of(self.step_started_at.as_deref()?, status)
     }
 
+    /// The verification pod a restarted agent adopts instead of starting another: the one this
+    /// very turn recorded while verifying.
+    pub fn verification_pod_to_adopt(&self, run_id: &str, kind: TurnKind) -> Option<&str> {
+        self.verification_pod
+            .as_deref()
+            .filter(|_| self.is_turn(run_id, kind) && self.status == Some(NodeStatus::Verifying))
+    }
+
     /// Whether an agent may still write its turn's outcome over what the Node now shows: the
     /// Node shows this turn, in a status the agent itself writes while working. A `failed`
     /// written by the coordinator (it declared the agent lost), or another run's status, means
@@ -380,6 +388,11 @@ mod tests {
         assert!(!b.is_turn("r1", TurnKind::Restore));
         assert_eq!(b.status, Some(NodeStatus::Verifying));
         assert_eq!(b.verification_pod.as_deref(), Some("kata-verify-n1-x"));
+        assert_eq!(
+            b.verification_pod_to_adopt("r1", TurnKind::Upgrade),
+            Some("kata-verify-n1-x")
+        );
+        assert_eq!(b.verification_pod_to_adopt("r0", TurnKind::Upgrade), None);
         assert!(b.foreign_cordon());
         assert_eq!(
             b.step_started("r1", TurnKind::Upgrade, NodeStatus::Verifying),

@@ -89,6 +89,82 @@ pub fn next_status(kind: TurnKind, drain_enabled: bool, current: NodeStatus) -> 
     }
 }
 
+/// Where a turn's walk is: running the step of a status, or recording that it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk {
+    Step(NodeStatus),
+    /// The step of this status failed with this cause; the failure status is being written.
+    Failing(NodeStatus, FailureCause),
+}
+
+/// How one attempt of the walk's current move went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Done,
+    /// The step failed the node.
+    Failed(FailureCause),
+    /// An API call failed; `transient` errors are worth retrying.
+    ApiError {
+        message: String,
+        transient: bool,
+    },
+}
+
+/// The walk's next move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalkNext {
+    /// Go on with this move (a fresh retry budget).
+    Go(Walk),
+    /// Try the same move again after a backoff.
+    Retry(Walk),
+    /// The final status is written: `completed`/`rolled-back` (true) or the failure (false).
+    Finished { succeeded: bool },
+    /// The outcome cannot be recorded: stop renewing and let the Lease expire, so the
+    /// coordinator fails the node rather than see no status.
+    Abandon(String),
+}
+
+/// The walk through a turn: after a step succeeds, the next status (or the end); after it
+/// fails, the failure is recorded; a transient API error is retried while `may_retry` (the
+/// retry budget is not spent), otherwise the step fails the node with `ApiError`; a failure
+/// that cannot be recorded abandons the turn.
+pub fn after_attempt(
+    kind: TurnKind,
+    drain_enabled: bool,
+    walk: Walk,
+    attempt: Attempt,
+    may_retry: bool,
+) -> WalkNext {
+    match (walk, attempt) {
+        (Walk::Step(at), Attempt::Done) => match next_status(kind, drain_enabled, at) {
+            Some(next) => WalkNext::Go(Walk::Step(next)),
+            None => WalkNext::Finished { succeeded: true },
+        },
+        (Walk::Failing(..), Attempt::Done) => WalkNext::Finished { succeeded: false },
+        (Walk::Step(at), Attempt::Failed(cause)) => WalkNext::Go(Walk::Failing(at, cause)),
+        (Walk::Failing(_, cause), Attempt::Failed(_)) => {
+            WalkNext::Abandon(format!("could not record the failure: {}", cause.message))
+        }
+        (
+            walk,
+            Attempt::ApiError {
+                transient: true, ..
+            },
+        ) if may_retry => WalkNext::Retry(walk),
+        (Walk::Step(at), Attempt::ApiError { message, .. }) => WalkNext::Go(Walk::Failing(
+            at,
+            FailureCause {
+                reason: "ApiError".into(),
+                message,
+                exit_code: None,
+            },
+        )),
+        (Walk::Failing(..), Attempt::ApiError { message, .. }) => {
+            WalkNext::Abandon(format!("could not record the failure: {message}"))
+        }
+    }
+}
+
 /// Where an agent (re)starts a turn, given what its Node says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
@@ -183,6 +259,100 @@ mod tests {
             let b = Budget::new(start, Duration::new(secs, nanos));
             let _ = (b.elapsed(now), b.remaining(now), b.ends_at_ms());
             proptest::prop_assert_eq!(b.is_over(now), b.remaining(now).is_zero() && b.elapsed(now) >= b.limit);
+        }
+    }
+
+    #[test]
+    fn the_walk_retries_transient_errors_then_fails_then_abandons() {
+        use TurnKind::Upgrade;
+        let api = |transient| Attempt::ApiError {
+            message: "m".into(),
+            transient,
+        };
+        let cause = cancelled("c");
+        let failing = Walk::Failing(Verifying, cause.clone());
+        let cases = [
+            (
+                Walk::Step(Cordoned),
+                Attempt::Done,
+                true,
+                WalkNext::Go(Walk::Step(Upgrading)),
+            ),
+            (
+                Walk::Step(Completed),
+                Attempt::Done,
+                true,
+                WalkNext::Finished { succeeded: true },
+            ),
+            (
+                failing.clone(),
+                Attempt::Done,
+                true,
+                WalkNext::Finished { succeeded: false },
+            ),
+            (
+                Walk::Step(Verifying),
+                Attempt::Failed(cause.clone()),
+                true,
+                WalkNext::Go(failing.clone()),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(true),
+                true,
+                WalkNext::Retry(Walk::Step(Upgrading)),
+            ),
+            (
+                failing.clone(),
+                api(true),
+                true,
+                WalkNext::Retry(failing.clone()),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(false),
+                true,
+                WalkNext::Go(Walk::Failing(
+                    Upgrading,
+                    FailureCause {
+                        reason: "ApiError".into(),
+                        message: "m".into(),
+                        exit_code: None,
+                    },
+                )),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(true),
+                false,
+                WalkNext::Go(Walk::Failing(
+                    Upgrading,
+                    FailureCause {
+                        reason: "ApiError".into(),
+                        message: "m".into(),
+                        exit_code: None,
+                    },
+                )),
+            ),
+            (
+                failing.clone(),
+                api(true),
+                false,
+                WalkNext::Abandon("could not record the failure: m".into()),
+            ),
+            (
+                failing.clone(),
+                Attempt::Failed(cause.clone()),
+                true,
+                WalkNext::Abandon("could not record the failure: c".into()),
+            ),
+        ];
+        for (walk, attempt, may_retry, want) in cases {
+            assert_eq!(
+                after_attempt(Upgrade, false, walk.clone(), attempt.clone(), may_retry),
+                want,
+                "{walk:?} {attempt:?} {may_retry}"
+            );
         }
     }
 

@@ -12,7 +12,7 @@ use crate::ctx::{StepError, Stop, TurnCtx};
 use backon::BackoffBuilder;
 use klm_kube::lease::{mono_ms, transient};
 use klm_protocol::node_record::NodePatch;
-use klm_protocol::procedure::{cancelled, may_uncordon, next_status};
+use klm_protocol::procedure::{Attempt, Walk, WalkNext, after_attempt, cancelled, may_uncordon};
 use klm_protocol::verification::FailureCause;
 use klm_protocol::{NodeStatus, TurnKind};
 use std::time::Duration;
@@ -30,21 +30,15 @@ pub enum Outcome {
     Failed,
 }
 
-/// Where the walk is: running a step, or recording that a step failed.
-enum Walk {
-    Step(NodeStatus),
-    Failing(NodeStatus, FailureCause),
-}
-
 fn retries() -> impl Iterator<Item = Duration> {
     klm_kube::retry::backoff(Duration::from_millis(250), Duration::from_secs(8))
         .with_max_times(MAX_TRANSIENT_RETRIES)
         .build()
 }
 
-/// Walks the turn from `at` to its final status. Transient API errors retry the step (or the
-/// failure write) with backoff; a step that keeps failing fails the node; a failure that cannot
-/// be recorded abandons the turn (the Lease expires and the coordinator fails the node).
+/// Walks the turn from `at` to its final status: run the move, let
+/// `procedure::after_attempt` decide the next one (next status, record the failure, retry a
+/// transient API error after a backoff, or abandon), perform it.
 pub async fn execute(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<Outcome, Stop> {
     let mut backoff = retries();
     let mut walk = Walk::Step(at);
@@ -64,58 +58,45 @@ pub async fn execute(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<Outcome, S
             }
             Walk::Failing(at, cause) => fail(ctx, *at, cause.clone()).await,
         };
-        walk = match (walk, result) {
-            (Walk::Step(at), Ok(())) => {
-                backoff = retries();
-                match next_status(ctx.kind(), ctx.rec.a.params.drain_enabled, at) {
-                    Some(next) => Walk::Step(next),
-                    None => return Ok(Outcome::Succeeded),
-                }
-            }
-            (Walk::Failing(..), Ok(())) => return Ok(Outcome::Failed),
-            (_, Err(StepError::Stop(stop))) => return Err(stop),
-            (Walk::Step(at), Err(StepError::Failed(cause))) => {
-                backoff = retries();
-                Walk::Failing(at, cause)
-            }
-            (Walk::Failing(_, cause), Err(StepError::Failed(_))) => {
-                return Err(Stop::Abandoned(format!(
-                    "could not record the failure: {}",
-                    cause.message
-                )));
-            }
-            (walk, Err(StepError::Api { what, error })) => {
-                match backoff.next().filter(|_| transient(&error)) {
-                    Some(wait) => {
-                        warn!(%what, error = %error, ?wait, "API call failed; retrying");
-                        ctx.pause(wait).await?;
-                        walk
-                    }
-                    None => match walk {
-                        Walk::Step(at) => {
-                            error!(step = %at, %what, error = %error, "API call failed; failing the node");
-                            backoff = retries();
-                            Walk::Failing(
-                                at,
-                                FailureCause {
-                                    reason: "ApiError".into(),
-                                    message: format!("{what}: {error}"),
-                                    exit_code: None,
-                                },
-                            )
-                        }
-                        // Keep the Lease (not renewed) rather than hand over with no status:
-                        // the coordinator fails the node when the Lease expires.
-                        Walk::Failing(..) => {
-                            error!(%what, error = %error, "could not record the failure; giving up");
-                            return Err(Stop::Abandoned(format!(
-                                "could not record the failure: {error}"
-                            )));
-                        }
-                    },
+        let attempt = match result {
+            Ok(()) => Attempt::Done,
+            Err(StepError::Stop(stop)) => return Err(stop),
+            Err(StepError::Failed(cause)) => Attempt::Failed(cause),
+            Err(StepError::Api { what, error }) => {
+                warn!(%what, error = %error, "API call failed");
+                Attempt::ApiError {
+                    message: format!("{what}: {error}"),
+                    transient: transient(&error),
                 }
             }
         };
+        let wait = backoff.next();
+        match after_attempt(
+            ctx.kind(),
+            ctx.rec.a.params.drain_enabled,
+            walk,
+            attempt,
+            wait.is_some(),
+        ) {
+            WalkNext::Go(next) => {
+                backoff = retries();
+                walk = next;
+            }
+            WalkNext::Retry(same) => {
+                let wait = wait.unwrap_or_default();
+                info!(?wait, "retrying after a transient API error");
+                ctx.pause(wait).await?;
+                walk = same;
+            }
+            WalkNext::Finished { succeeded: true } => return Ok(Outcome::Succeeded),
+            WalkNext::Finished { succeeded: false } => return Ok(Outcome::Failed),
+            // Keep the Lease (not renewed) rather than hand over with no status: the
+            // coordinator fails the node when the Lease expires.
+            WalkNext::Abandon(why) => {
+                error!(%why, "giving up on the turn");
+                return Err(Stop::Abandoned(why));
+            }
+        }
     }
 }
 

@@ -37,13 +37,14 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
         .map_err(|e| failure("InvalidVerificationPod", e.to_string()))?;
 
     // Adopt the pod a previous process of this agent started for this very turn.
-    let rec = ctx.rec.record();
-    let adopted = rec.verification_pod.clone().filter(|_| {
-        rec.is_turn(&ctx.rec.a.run_id, ctx.kind()) && rec.status == Some(NodeStatus::Verifying)
-    });
-    let name = adopted
-        .clone()
-        .unwrap_or_else(|| test_pod_name(&node, &random_suffix(&mut rand::rng())));
+    let name = match ctx
+        .rec
+        .record()
+        .verification_pod_to_adopt(&ctx.rec.a.run_id, ctx.kind())
+    {
+        Some(adopted) => adopted.to_string(),
+        None => test_pod_name(&node, &random_suffix(&mut rand::rng())),
+    };
     let patch = ctx
         .rec
         .status(NodeStatus::Verifying)
