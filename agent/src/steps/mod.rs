@@ -264,6 +264,14 @@ async fn restore(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
             "upgrade turn failed at {}: {}: {}",
             prev.step, f.reason, f.message
         ));
+        // The restore's evidence replaces the upgrade's on the Node: keep what the failed
+        // verification showed (pod, phase, log tail, duration) so the reason for the rollback
+        // stays readable.
+        let ev = &mut ctx.rec.evidence;
+        ev.pod = prev.pod.clone();
+        ev.phase = prev.phase.clone();
+        ev.log_tail = prev.log_tail.clone();
+        ev.verification_ms = prev.verification_ms;
     }
     let opening = opening(ctx, NodeStatus::RollingBack);
     let (patch, _) = cordon::with_cordon(ctx, opening);
