@@ -99,7 +99,7 @@ pub fn new_lease(name: &str, duration_seconds: i32) -> Lease {
 
 /// The Lease was lost (or could not be confirmed in time): stop mutating.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("lost the upgrade Lease: {0}")]
+#[error("lost the Lease: {0}")]
 pub struct LeaseLost(pub String);
 
 /// Network trouble, throttling or a server error: worth retrying.
