@@ -17,6 +17,12 @@ pub struct Config {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
+    /// This process's instance, the second half of its upgrade Lease identity
+    /// `<node>/<instance>`. The DaemonSet passes the pod's uid, so a container restarted in
+    /// the same pod resumes its hold at once; unset, every process draws a random id.
+    #[arg(long, env = "POD_UID")]
+    pub instance_id: Option<String>,
+
     /// Namespace of the trigger ConfigMap and the upgrade Lease (the chart's release namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
@@ -43,6 +49,22 @@ pub struct Config {
     pub pod_ready_timeout: Duration,
 }
 
+impl Config {
+    /// The upgrade Lease holder identity of this process: `<node>/<instance>`.
+    pub fn identity(&self) -> String {
+        let instance = match self.instance_id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => random_instance(),
+        };
+        klm_protocol::lease::agent_identity(&self.node_name, &instance)
+    }
+}
+
+/// A random instance id (16 hex digits) for a process started without `POD_UID`.
+fn random_instance() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     s.parse()
 }
@@ -64,6 +86,10 @@ mod tests {
         assert_eq!(c.health_addr, "0.0.0.0:8080");
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.pod_ready_timeout, Duration::from_secs(300));
+        // Without POD_UID every process draws its own instance id.
+        let (a, b) = (c.identity(), c.identity());
+        assert!(a.starts_with("n1/") && a.len() == "n1/".len() + 16, "{a}");
+        assert_ne!(a, b);
 
         let c = Config::try_parse_from([
             "klm-agent",
@@ -72,8 +98,10 @@ mod tests {
             "--health-addr=",
             "--log-format=text",
             "--pod-ready-timeout=90s",
+            "--instance-id=0f1e-uid",
         ])
         .unwrap();
+        assert_eq!(c.identity(), "n1/0f1e-uid");
         assert_eq!(c.health_addr, "");
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.pod_ready_timeout, Duration::from_secs(90));

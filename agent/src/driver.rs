@@ -1,13 +1,15 @@
 //! The agent's main loop: one watch on the trigger ConfigMap. When the run record names this
-//! node for a turn, a turn task runs it; the task is told when the record stops naming it.
+//! node for a turn, a turn task runs it; the task is told when the record stops naming it, and
+//! when the run asks it to stop (cancel).
 //! Idle cost: that single watch.
-use crate::ctx::Agent;
+use crate::ctx::{Agent, TurnSignal};
 use crate::runner::{self, TurnEnd};
 use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::watch_object;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,7 +18,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 struct Running {
     key: TurnKey,
-    revoked: watch::Sender<bool>,
+    signal: watch::Sender<TurnSignal>,
     task: JoinHandle<TurnEnd>,
 }
 
@@ -24,8 +26,9 @@ struct Running {
 pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::Sender<bool>) {
     let cfg = &agent.config;
     let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
-    let wc = watcher::Config::default().fields(&format!("metadata.name={}", cfg.trigger_configmap));
-    let mut events = watcher(api, wc).default_backoff().boxed();
+    let mut events = watch_object(api, &cfg.trigger_configmap)
+        .default_backoff()
+        .boxed();
     info!(
         configmap = %cfg.trigger_configmap,
         namespace = %cfg.namespace,
@@ -34,7 +37,6 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
     );
 
     let mut reading = Reading::Idle;
-    let mut listing: Option<Option<ConfigMap>> = None;
     let mut listed = false;
     let mut running: Option<Running> = None;
     // The last turn a task ran to its end: not started again for the same record.
@@ -56,10 +58,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
             }
             ev = events.next() => {
                 let changed = match ev {
-                    Some(Ok(watcher::Event::Init)) => { listing = Some(None); false }
-                    Some(Ok(watcher::Event::InitApply(cm))) => { listing = Some(Some(cm)); false }
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        reading = match listing.take().flatten() {
+                    Some(Ok(cm)) => {
+                        reading = match cm {
                             Some(cm) => read_configmap(&cm, &agent.config.node_name),
                             None => Reading::Idle,
                         };
@@ -69,11 +69,6 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
                         }
                         true
                     }
-                    Some(Ok(watcher::Event::Apply(cm))) => {
-                        reading = read_configmap(&cm, &agent.config.node_name);
-                        true
-                    }
-                    Some(Ok(watcher::Event::Delete(_))) => { reading = Reading::Idle; true }
                     Some(Err(e)) => {
                         warn!(error = %e, "watch on the trigger ConfigMap failed; retrying (the agent needs get/list/watch on configmaps in its namespace)");
                         false
@@ -99,12 +94,15 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
         };
         let want = assignment.map(Assignment::key);
 
-        // Tell a running turn whether it is still ours.
+        // Tell a running turn whether it is still ours, and whether the run asks it to stop.
         if let Some(r) = &running {
-            r.revoked.send_if_modified(|v| {
-                let revoked = want.as_ref() != Some(&r.key);
-                let changed = *v != revoked;
-                *v = revoked;
+            let now = TurnSignal {
+                revoked: want.as_ref() != Some(&r.key),
+                cancel: assignment.is_some_and(|a| a.cancel_requested),
+            };
+            r.signal.send_if_modified(|v| {
+                let changed = *v != now;
+                *v = now;
                 changed
             });
         }
@@ -138,7 +136,10 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
 }
 
 fn spawn_turn(agent: Arc<Agent>, a: Assignment, shutdown: CancellationToken) -> Running {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(TurnSignal {
+        revoked: false,
+        cancel: a.cancel_requested,
+    });
     let key = a.key();
     let span = info_span!(
         "turn",
@@ -152,7 +153,7 @@ fn spawn_turn(agent: Arc<Agent>, a: Assignment, shutdown: CancellationToken) -> 
     );
     Running {
         key,
-        revoked: tx,
+        signal: tx,
         task,
     }
 }

@@ -1,16 +1,16 @@
 //! kata-lifecycle-manager agent: runs on every node (DaemonSet) and does the node-local work of
 //! an upgrade for its own node only — cordon, drain, restart kata-deploy, verify, uncordon, or
 //! restore — when the coordinator's run record gives this node its turn and the upgrade Lease
-//! is ours. See DESIGN.md, "The per-node procedure" and "The Lease protocol".
+//! is ours. See the README, "How it works".
 //!
 //! Modules: `config` (flags), `turn` (reads the run record), `driver` (watches the trigger
-//! ConfigMap, starts turns), `runner` (one turn: resume point, Lease, release), `steps` (the
-//! walk and each step), `node_patch` (Node bookkeeping patches), `ctx` (fencing, interruption,
-//! patches and Events shared by the steps).
+//! ConfigMap, starts turns), `runner` (one turn: resume point, Lease, release, resume after a
+//! lapse), `steps` (the walk and each step's observe → decide → act loop; the decisions are
+//! `klm_protocol`'s), `ctx` (the process's handles and the turn's record, fencing,
+//! interruption, Node writes and Events).
 mod config;
 mod ctx;
 mod driver;
-mod node_patch;
 mod runner;
 mod steps;
 mod turn;
@@ -62,6 +62,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     tokio::spawn(watch_signals(shutdown.clone()));
 
     let agent = Arc::new(ctx::Agent::new(client, requests, config));
+    info!(identity = %agent.lease.identity(), "upgrade Lease identity");
     driver::run(agent, shutdown, ready_tx).await;
     info!("agent stopped");
     Ok(())

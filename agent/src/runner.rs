@@ -1,22 +1,30 @@
 //! One turn, end to end: read the Node, decide where to (re)start, take the Lease, walk the
 //! steps, release. Also the rules for stopping early:
 //!
-//! - **Lease lost**: stop mutating at once and go idle; the coordinator fails the node when the
-//!   Lease expires (or has already moved on).
-//! - **SIGTERM**: stop between steps (an API call in flight finishes) and deliberately KEEP the
-//!   Lease — not renewed, not released — so no other node can start while this one is half
-//!   done. The restarted agent finds the same turn in the run record, resumes at the status the
-//!   Node shows (`procedure::resume`) and re-takes the Lease: its holder is already this node, so
-//!   `may_acquire` is true and `leaseTransitions` does not change. If it does not come back
-//!   within the Lease duration plus the coordinator's grace, the coordinator fails the node.
+//! - **Lease lost** (a renewal or the watch saw another holder, or renewals failed until the
+//!   fence lapsed — e.g. the API server was down longer than the Lease): stop mutating at once.
+//!   Then read the Lease again (retrying until the API answers, for as long as the run names
+//!   this turn): if nobody took it meanwhile — same holder, same `leaseTransitions` — take it
+//!   again and resume from the status on the Node (`klm_protocol::lease::after_lapse`); if
+//!   someone did, stop for good and say whether the node is left cordoned by us.
+//! - **SIGTERM**: stop between steps (an API call in flight finishes) and *park* the Lease —
+//!   held by the bare node name, not renewed — so no other node can start while this one is half
+//!   done. The node's next agent process takes a parked hold at once
+//!   (`klm_protocol::lease::claim`), resumes at the status the Node shows
+//!   (`procedure::resume`); if none comes back within the Lease duration plus the
+//!   coordinator's grace, the coordinator fails the node.
 //! - **Turn revoked** (the run record stops naming this node for this turn before we finished):
 //!   the coordinator has given up on us; stop and release the Lease so the run can go on.
-use crate::ctx::{Agent, Stop, TurnCtx};
-use crate::node_patch::Bookkeeping;
+//! - **Superseded** (a Node write found the coordinator's verdict on the Node): stop; the
+//!   coordinator owns the node's outcome now.
+use crate::ctx::{Agent, Stop, TurnCtx, TurnRecord, TurnSignal};
 use crate::steps;
 use crate::turn::Assignment;
+use backon::BackoffBuilder;
+use k8s_openapi::api::core::v1::Node;
+use klm_kube::lease::{HeldLease, RetakeError, mono_ms};
 use klm_protocol::Evidence;
-use klm_protocol::backoff::jittered_with;
+use klm_protocol::node_record::NodeRecord;
 use klm_protocol::procedure::{Resume, resume};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -34,45 +42,56 @@ pub enum TurnEnd {
     NodeGone,
 }
 
+/// What one attempt at the turn came to.
+enum Attempt {
+    End(TurnEnd),
+    /// Nothing was mutated; try again after a backoff.
+    Retry(String),
+    /// Our hold lapsed or was taken mid-turn (fenced on these `leaseTransitions`): read the
+    /// Lease again and take it back only if nobody else did.
+    Lapsed(i32),
+}
+
 /// Runs one turn until it ends. Errors before the Lease is taken (reading the Node, RBAC
-/// trouble) are retried with backoff for as long as the turn is ours.
+/// trouble, an API outage) are retried with backoff for as long as the turn is ours.
 pub async fn run_turn(
     agent: &Agent,
     a: Assignment,
-    revoked: watch::Receiver<bool>,
+    signal: watch::Receiver<TurnSignal>,
     shutdown: CancellationToken,
 ) -> TurnEnd {
-    let mut attempt = 0u32;
+    let mut backoff =
+        klm_kube::retry::backoff(Duration::from_millis(500), Duration::from_secs(15)).build();
+    let mut lapsed: Option<i32> = None;
     loop {
-        match attempt_turn(agent, &a, revoked.clone(), shutdown.clone()).await {
-            Ok(end) => return end,
-            Err(why) => {
-                let wait = jittered_with(
-                    attempt,
-                    Duration::from_millis(500),
-                    Duration::from_secs(15),
-                    &mut rand::rng(),
+        match attempt_turn(agent, &a, &signal, &shutdown, lapsed).await {
+            Attempt::End(end) => return end,
+            Attempt::Lapsed(transitions) => {
+                warn!(
+                    transitions,
+                    "stopped mutating; reading the Lease again to resume if nobody took it"
                 );
-                attempt += 1;
-                warn!(%why, ?wait, "could not start the turn; retrying");
-                let mut revoked = revoked.clone();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return TurnEnd::Shutdown,
-                    _ = revoked.wait_for(|r| *r) => return TurnEnd::Revoked,
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                lapsed = Some(transitions);
             }
+            Attempt::Retry(why) => warn!(%why, "could not go on with the turn; retrying"),
+        }
+        let wait = backoff.next().unwrap_or(Duration::from_secs(15));
+        let mut signal = signal.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => return TurnEnd::Shutdown,
+            _ = signal.wait_for(|s| s.revoked) => return TurnEnd::Revoked,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// `Err` = retry later (nothing was mutated).
 async fn attempt_turn(
     agent: &Agent,
     a: &Assignment,
-    mut revoked: watch::Receiver<bool>,
-    shutdown: CancellationToken,
-) -> Result<TurnEnd, String> {
+    signal: &watch::Receiver<TurnSignal>,
+    shutdown: &CancellationToken,
+    lapsed: Option<i32>,
+) -> Attempt {
     let node_name = agent.node_name();
     let requests_at_start = agent.requests.get();
     let read_node = || async {
@@ -80,25 +99,50 @@ async fn attempt_turn(
             format!("reading Node {node_name}: {e} (does the agent's RBAC allow get on nodes?)")
         })
     };
-    let Some(node) = read_node().await? else {
-        error!("Node {node_name} does not exist; is NODE_NAME right?");
-        return Ok(TurnEnd::NodeGone);
+    let node = match read_node().await {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            error!("Node {node_name} does not exist; is NODE_NAME right?");
+            return Attempt::End(TurnEnd::NodeGone);
+        }
+        Err(e) => return Attempt::Retry(e),
     };
-    if let Resume::Finished(status) = where_to_start(a, &node) {
+    if lapsed.is_none()
+        && let Resume::Finished(status) = where_to_start(a, &node)
+    {
         info!(%status, "this turn already ended on the node; making sure the Lease is free");
         release_stale(agent).await;
-        return Ok(TurnEnd::Finished);
+        return Attempt::End(TurnEnd::Finished);
     }
 
-    info!("our turn: waiting for the upgrade Lease");
-    let held = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => return Ok(TurnEnd::Shutdown),
-        _ = revoked.wait_for(|r| *r) => return Ok(TurnEnd::Revoked),
-        held = agent.lease.acquire() => held.map_err(|e| format!(
-            "taking the upgrade Lease {}: {e} (the agent needs get/watch/update on leases in its namespace)",
-            agent.lease.name()
-        ))?,
+    let held = match lapsed {
+        Some(transitions) => match agent.lease.retake(transitions).await {
+            Ok(held) => {
+                info!("nobody took the Lease while our hold had lapsed; took it again");
+                held
+            }
+            Err(RetakeError::Lost(why)) => {
+                lost_for_good(agent, &node, &a.run_id, &why);
+                return Attempt::End(TurnEnd::LeaseLost(why));
+            }
+            Err(RetakeError::Api(e)) => return Attempt::Retry(format!("reading the Lease: {e}")),
+        },
+        None => {
+            info!("our turn: waiting for the upgrade Lease");
+            let mut revoked = signal.clone();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Attempt::End(TurnEnd::Shutdown),
+                _ = revoked.wait_for(|s| s.revoked) => return Attempt::End(TurnEnd::Revoked),
+                held = agent.lease.acquire() => match held {
+                    Ok(h) => h,
+                    Err(e) => return Attempt::Retry(format!(
+                        "taking the upgrade Lease {}: {e} (the agent needs get/watch/update on leases in its namespace)",
+                        agent.lease.name()
+                    )),
+                },
+            }
+        }
     };
 
     // Read the Node again: it may have changed while we waited for the Lease.
@@ -106,45 +150,48 @@ async fn attempt_turn(
         Ok(Some(n)) => n,
         Ok(None) => {
             log_release(held.release().await);
-            return Ok(TurnEnd::NodeGone);
+            return Attempt::End(TurnEnd::NodeGone);
         }
         Err(e) => {
             // Still ours: the retry re-takes our own Lease without a transition.
             held.keep().await;
-            return Err(e);
+            return Attempt::Retry(e);
         }
     };
     let at = match where_to_start(a, &node) {
         Resume::Finished(_) => {
             log_release(held.release().await);
-            return Ok(TurnEnd::Finished);
+            return Attempt::End(TurnEnd::Finished);
         }
         Resume::At(at) => at,
     };
-    let bk = Bookkeeping::of(&node);
-    let mut evidence = Evidence {
-        run_id: a.run_id.clone(),
-        node: node_name.to_string(),
-        ..Default::default()
-    };
-    if bk.is_turn(&a.run_id, a.kind) {
-        info!(status = %at, "resuming the turn where the Node says it stopped");
-        evidence
-            .notes
-            .push(format!("agent restarted during the turn; resumed at {at}"));
-    }
+    let rec = NodeRecord::of(&node);
+    let resumed = rec.is_turn(&a.run_id, a.kind);
     let mut ctx = TurnCtx {
         agent,
-        a,
+        rec: TurnRecord {
+            a: a.clone(),
+            node,
+            evidence: Evidence {
+                run_id: a.run_id.clone(),
+                node: node_name.to_string(),
+                ..Default::default()
+            },
+            began_ms: mono_ms(),
+            requests_at_start,
+        },
         fence: held.fence(),
-        shutdown,
-        revoked,
-        node,
-        evidence,
-        began: tokio::time::Instant::now(),
-        requests_at_start,
+        shutdown: shutdown.clone(),
+        signal: signal.clone(),
     };
-    if bk.is_turn(&a.run_id, a.kind) {
+    if resumed {
+        info!(status = %at, "resuming the turn where the Node says it stopped");
+        let why = if lapsed.is_some() {
+            "the Lease lapsed during the turn (API unreachable); resumed"
+        } else {
+            "agent restarted during the turn; resumed"
+        };
+        ctx.rec.note(format!("{why} at {at}"));
         ctx.event(
             false,
             "Resumed",
@@ -152,17 +199,28 @@ async fn attempt_turn(
         );
     }
     let result = steps::execute(&mut ctx, at).await;
-    let node_uid = ctx.node.metadata.uid.clone();
+    let transitions = ctx.fence.transitions();
+    let node = ctx.rec.node.clone();
     drop(ctx);
-    Ok(match result {
+    finish(held, result, transitions, agent, &node, &a.run_id).await
+}
+
+async fn finish(
+    held: HeldLease,
+    result: Result<steps::Outcome, Stop>,
+    transitions: i32,
+    agent: &Agent,
+    node: &Node,
+    run_id: &str,
+) -> Attempt {
+    Attempt::End(match result {
         Ok(outcome) => {
             log_release(held.release().await);
             info!(?outcome, "turn finished; Lease released");
             TurnEnd::Finished
         }
         Err(Stop::Shutdown) => {
-            // Deliberately keep the Lease (see the module docs).
-            held.keep().await;
+            held.park().await;
             TurnEnd::Shutdown
         }
         Err(Stop::Revoked) => {
@@ -177,23 +235,34 @@ async fn attempt_turn(
             log_release(held.release().await);
             TurnEnd::NodeGone
         }
-        Err(Stop::LeaseLost(reason)) => {
-            error!(%reason, "lost the upgrade Lease mid-turn; stopped mutating (the coordinator fails the node)");
-            lease_lost_event(agent, node_uid, &a.run_id, &reason);
-            drop(held);
+        Err(Stop::Superseded(reason)) => {
+            error!(%reason, "the coordinator has recorded this node's outcome; stopped");
+            log_release(held.release().await);
             TurnEnd::LeaseLost(reason)
+        }
+        Err(Stop::LeaseLost(reason)) => {
+            warn!(%reason, "the upgrade Lease is not confirmed; stopped mutating");
+            drop(held);
+            return Attempt::Lapsed(transitions);
         }
         Err(Stop::Abandoned(reason)) => {
             error!(%reason, "abandoning the turn; the Lease expires and the coordinator fails the node");
+            lease_lost_event(agent, node, run_id, &reason);
             drop(held);
             TurnEnd::LeaseLost(reason)
         }
     })
 }
 
-fn where_to_start(a: &Assignment, node: &k8s_openapi::api::core::v1::Node) -> Resume {
-    let bk = Bookkeeping::of(node);
-    resume(a.kind, &a.run_id, bk.run_id.as_deref(), bk.turn, bk.status)
+fn where_to_start(a: &Assignment, node: &Node) -> Resume {
+    let rec = NodeRecord::of(node);
+    resume(
+        a.kind,
+        &a.run_id,
+        rec.run_id.as_deref(),
+        rec.turn,
+        rec.status,
+    )
 }
 
 fn log_release(r: kube::Result<()>) {
@@ -211,9 +280,26 @@ pub async fn release_stale(agent: &Agent) {
     }
 }
 
-fn lease_lost_event(agent: &Agent, node_uid: Option<String>, run_id: &str, reason: &str) {
+/// Someone else took the Lease while our hold had lapsed: we never mutate again in this turn,
+/// and say what we leave behind.
+fn lost_for_good(agent: &Agent, node: &Node, run_id: &str, why: &str) {
+    let rec = NodeRecord::of(node);
+    let cordoned = rec.cordoned_by_us && rec.unschedulable;
+    let reason = if cordoned {
+        format!(
+            "{why}; node {} stays cordoned by kata-lifecycle-manager until the run restores it or an operator uncordons it",
+            agent.node_name()
+        )
+    } else {
+        why.to_string()
+    };
+    error!(%reason, "the upgrade Lease was taken while our hold had lapsed; stopped for good");
+    lease_lost_event(agent, node, run_id, &reason);
+}
+
+fn lease_lost_event(agent: &Agent, node: &Node, run_id: &str, reason: &str) {
     let events = agent.events.clone();
-    let target = klm_kube::events::node_ref(agent.node_name(), node_uid);
+    let target = klm_kube::events::node_ref(agent.node_name(), node.metadata.uid.clone());
     let note = format!(
         "node {}: lost the upgrade Lease during run {run_id} ({reason}); stopped",
         agent.node_name()

@@ -15,6 +15,9 @@ pub struct Assignment {
     pub release: ReleaseState,
     pub target_version: String,
     pub granted_at_ms: i64,
+    /// The coordinator asks this run's turns to stop (`action=cancel`): an upgrade turn stops
+    /// at its next safe point and ends `rolling-back` with the reason `Cancelled`.
+    pub cancel_requested: bool,
 }
 
 /// A turn is identified by its run and kind: an upgrade turn and the later restore turn of the
@@ -51,12 +54,28 @@ pub fn read_configmap(cm: &ConfigMap, node: &str) -> Reading {
         return Reading::Idle;
     };
     match RunRecord::from_json(text) {
-        Ok(record) => read_record(&record, node),
+        Ok(record) => {
+            let mut reading = read_record(&record, node);
+            if let Reading::Turn(a) = &mut reading {
+                a.cancel_requested = cancel_requested(text);
+            }
+            reading
+        }
         Err(e) => Reading::Unusable(format!(
             "data[{:?}] of the trigger ConfigMap is not a run record ({e}); it is written by the coordinator — check its version and logs",
             status_data::RUN
         )),
     }
+}
+
+/// The run record's `cancelRequested` flag (set by the coordinator on `action=cancel`). Read
+/// from the JSON text so this agent understands it whatever the record type's version.
+// TODO(merge): read `RunRecord::cancel_requested` once the coordinator's record carries it.
+fn cancel_requested(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("cancelRequested")?.as_bool())
+        .unwrap_or(false)
 }
 
 pub fn read_record(record: &RunRecord, node: &str) -> Reading {
@@ -84,6 +103,7 @@ pub fn read_record(record: &RunRecord, node: &str) -> Reading {
         release: record.release.clone().unwrap_or_default(),
         target_version: record.target_version.clone(),
         granted_at_ms: turn.granted_at_ms,
+        cancel_requested: false,
     }))
 }
 
@@ -180,6 +200,18 @@ mod tests {
         let r = record(RunPhase::Running, Some(("n1", TurnKind::Upgrade)));
         cm.data = Some([(status_data::RUN.to_string(), r.to_json())].into());
         assert!(matches!(read_configmap(&cm, "n1"), Reading::Turn(_)));
+        // The coordinator's cancel reaches the turn.
+        let Reading::Turn(a) = read_configmap(&cm, "n1") else {
+            panic!()
+        };
+        assert!(!a.cancel_requested);
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        v["cancelRequested"] = true.into();
+        cm.data = Some([(status_data::RUN.to_string(), v.to_string())].into());
+        let Reading::Turn(a) = read_configmap(&cm, "n1") else {
+            panic!()
+        };
+        assert!(a.cancel_requested);
         let mut no_params = r.clone();
         no_params.params = None;
         assert!(matches!(

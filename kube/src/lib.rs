@@ -9,5 +9,6 @@ pub mod health;
 pub mod lease;
 pub mod logging;
 pub mod nodes;
+pub mod retry;
 pub mod time;
 pub mod watch;

@@ -3,6 +3,62 @@
 //! cordon/kata-deploy-pod questions, so every branch is unit-tested without a cluster.
 use crate::run::TurnKind;
 use crate::status::NodeStatus;
+use crate::verification::FailureCause;
+use std::time::Duration;
+
+/// The failure reason of a turn the run's cancel stopped (the coordinator's reducer ends such a
+/// run `Cancelled`, not `Failed`).
+pub const CANCELLED_REASON: &str = "Cancelled";
+
+/// The failure cause of a step stopped by the run's cancel.
+pub fn cancelled(message: impl Into<String>) -> FailureCause {
+    FailureCause {
+        reason: CANCELLED_REASON.into(),
+        message: message.into(),
+        exit_code: None,
+    }
+}
+
+/// A step's time limit, counted from when the step began (perhaps in an earlier process of the
+/// agent, so a restart does not get a fresh budget). Times are milliseconds on the driver's
+/// clock; every operation saturates, so no limit — however large — can overflow or panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub started_ms: i64,
+    pub limit: Duration,
+}
+
+impl Budget {
+    pub fn new(started_ms: i64, limit: Duration) -> Self {
+        Budget { started_ms, limit }
+    }
+
+    /// Time spent since the step began (zero if `now_ms` is before it).
+    pub fn elapsed(&self, now_ms: i64) -> Duration {
+        Duration::from_millis(u64::try_from(now_ms.saturating_sub(self.started_ms)).unwrap_or(0))
+    }
+
+    pub fn remaining(&self, now_ms: i64) -> Duration {
+        self.limit.saturating_sub(self.elapsed(now_ms))
+    }
+
+    pub fn is_over(&self, now_ms: i64) -> bool {
+        self.elapsed(now_ms) >= self.limit
+    }
+
+    /// When the budget ends on the driver's clock; `None` when that is beyond the clock's range
+    /// (a limit of centuries: never, in practice).
+    pub fn ends_at_ms(&self) -> Option<i64> {
+        i64::try_from(self.limit.as_millis())
+            .ok()
+            .and_then(|l| self.started_ms.checked_add(l))
+    }
+}
+
+/// How long to sleep from `now_ms` until `at_ms` (`None`: no wake-up wanted). Saturates.
+pub fn sleep_for(at_ms: Option<i64>, now_ms: i64) -> Option<Duration> {
+    at_ms.map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0)))
+}
 
 /// The statuses an upgrade turn walks through, in order.
 pub fn upgrade_steps(drain_enabled: bool) -> Vec<NodeStatus> {
@@ -30,6 +86,82 @@ pub fn next_status(kind: TurnKind, drain_enabled: bool, current: NodeStatus) -> 
             NodeStatus::RollingBack => Some(NodeStatus::RolledBack),
             _ => None,
         },
+    }
+}
+
+/// Where a turn's walk is: running the step of a status, or recording that it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk {
+    Step(NodeStatus),
+    /// The step of this status failed with this cause; the failure status is being written.
+    Failing(NodeStatus, FailureCause),
+}
+
+/// How one attempt of the walk's current move went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Done,
+    /// The step failed the node.
+    Failed(FailureCause),
+    /// An API call failed; `transient` errors are worth retrying.
+    ApiError {
+        message: String,
+        transient: bool,
+    },
+}
+
+/// The walk's next move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalkNext {
+    /// Go on with this move (a fresh retry budget).
+    Go(Walk),
+    /// Try the same move again after a backoff.
+    Retry(Walk),
+    /// The final status is written: `completed`/`rolled-back` (true) or the failure (false).
+    Finished { succeeded: bool },
+    /// The outcome cannot be recorded: stop renewing and let the Lease expire, so the
+    /// coordinator fails the node rather than see no status.
+    Abandon(String),
+}
+
+/// The walk through a turn: after a step succeeds, the next status (or the end); after it
+/// fails, the failure is recorded; a transient API error is retried while `may_retry` (the
+/// retry budget is not spent), otherwise the step fails the node with `ApiError`; a failure
+/// that cannot be recorded abandons the turn.
+pub fn after_attempt(
+    kind: TurnKind,
+    drain_enabled: bool,
+    walk: Walk,
+    attempt: Attempt,
+    may_retry: bool,
+) -> WalkNext {
+    match (walk, attempt) {
+        (Walk::Step(at), Attempt::Done) => match next_status(kind, drain_enabled, at) {
+            Some(next) => WalkNext::Go(Walk::Step(next)),
+            None => WalkNext::Finished { succeeded: true },
+        },
+        (Walk::Failing(..), Attempt::Done) => WalkNext::Finished { succeeded: false },
+        (Walk::Step(at), Attempt::Failed(cause)) => WalkNext::Go(Walk::Failing(at, cause)),
+        (Walk::Failing(_, cause), Attempt::Failed(_)) => {
+            WalkNext::Abandon(format!("could not record the failure: {}", cause.message))
+        }
+        (
+            walk,
+            Attempt::ApiError {
+                transient: true, ..
+            },
+        ) if may_retry => WalkNext::Retry(walk),
+        (Walk::Step(at), Attempt::ApiError { message, .. }) => WalkNext::Go(Walk::Failing(
+            at,
+            FailureCause {
+                reason: "ApiError".into(),
+                message,
+                exit_code: None,
+            },
+        )),
+        (Walk::Failing(..), Attempt::ApiError { message, .. }) => {
+            WalkNext::Abandon(format!("could not record the failure: {message}"))
+        }
     }
 }
 
@@ -91,84 +223,138 @@ pub fn may_uncordon(cordoned_by_us: bool) -> bool {
     cordoned_by_us
 }
 
-/// A kata-deploy pod on this node, as the agent sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KataPod {
-    pub name: String,
-    pub revision_hash: String,
-    pub ready: bool,
-    pub terminating: bool,
-}
-
-/// The next move to get this node's kata-deploy pod to `want_hash` and Ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PodRestart {
-    /// Delete this pod so the DaemonSet replaces it at the current template.
-    Delete(String),
-    /// Wait for the replacement (or readiness).
-    Wait,
-    /// A pod at `want_hash` is Ready.
-    Done(String),
-}
-
-pub fn pod_restart(pods: &[KataPod], want_hash: &str) -> PodRestart {
-    let live = || pods.iter().filter(|p| !p.terminating);
-    if let Some(p) = live().find(|p| p.revision_hash == want_hash && p.ready) {
-        return PodRestart::Done(p.name.clone());
-    }
-    if let Some(p) = live().find(|p| p.revision_hash != want_hash) {
-        return PodRestart::Delete(p.name.clone());
-    }
-    PodRestart::Wait
-}
-
-/// How a kata-deploy pod looks to [`pod_restart`]: revision from its `controller-revision-hash`
-/// label, readiness from its `Ready` condition, terminating once it has a deletion timestamp.
-pub fn kata_pod_of(pod: &k8s_openapi::api::core::v1::Pod) -> KataPod {
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    KataPod {
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        revision_hash: pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(crate::keys::kata_deploy::REVISION_HASH_LABEL))
-            .cloned()
-            .unwrap_or_default(),
-        ready,
-        terminating: pod.metadata.deletion_timestamp.is_some(),
-    }
-}
-
-/// Where a kata-deploy restart stands, for the evidence of a restart that timed out.
-pub fn describe_kata_pods(pods: &[KataPod], want_hash: &str) -> String {
-    if pods.is_empty() {
-        return "no kata-deploy pod on the node (is the DaemonSet scheduling here?)".into();
-    }
-    pods.iter()
-        .map(|p| {
-            let mut s = format!("pod {} at revision {}", p.name, p.revision_hash);
-            if p.revision_hash != want_hash {
-                s.push_str(&format!(" (want {want_hash})"));
-            }
-            s.push_str(if p.ready { ", Ready" } else { ", not Ready" });
-            if p.terminating {
-                s.push_str(", terminating");
-            }
-            s
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use NodeStatus::*;
+
+    /// `drain-timeout=10000000000000000000` once panicked the agent on `Instant` overflow and
+    /// left the node cordoned: the budget arithmetic must hold for any duration.
+    #[test]
+    fn budgets_never_overflow() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let b = Budget::new(1_000, huge);
+        assert!(!b.is_over(i64::MAX));
+        assert_eq!(b.ends_at_ms(), None);
+        assert_eq!(b.remaining(1_000), huge);
+        let max = Budget::new(i64::MIN, Duration::MAX);
+        assert!(!max.is_over(i64::MAX));
+        assert_eq!(max.ends_at_ms(), None);
+        let small = Budget::new(-5_000, Duration::from_secs(10));
+        assert_eq!(small.ends_at_ms(), Some(5_000));
+        assert!(!small.is_over(4_999));
+        assert!(small.is_over(5_000));
+        assert_eq!(small.elapsed(-10_000), Duration::ZERO);
+        assert_eq!(
+            sleep_for(Some(i64::MAX), i64::MIN),
+            Some(Duration::from_millis(i64::MAX as u64))
+        );
+        assert_eq!(sleep_for(Some(0), 10), Some(Duration::ZERO));
+        assert_eq!(sleep_for(None, 10), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn budget_arithmetic_is_total(start in proptest::num::i64::ANY, now in proptest::num::i64::ANY, secs in proptest::num::u64::ANY, nanos in 0u32..1_000_000_000) {
+            let b = Budget::new(start, Duration::new(secs, nanos));
+            let _ = (b.elapsed(now), b.remaining(now), b.ends_at_ms());
+            proptest::prop_assert_eq!(b.is_over(now), b.remaining(now).is_zero() && b.elapsed(now) >= b.limit);
+        }
+    }
+
+    #[test]
+    fn the_walk_retries_transient_errors_then_fails_then_abandons() {
+        use TurnKind::Upgrade;
+        let api = |transient| Attempt::ApiError {
+            message: "m".into(),
+            transient,
+        };
+        let cause = cancelled("c");
+        let failing = Walk::Failing(Verifying, cause.clone());
+        let cases = [
+            (
+                Walk::Step(Cordoned),
+                Attempt::Done,
+                true,
+                WalkNext::Go(Walk::Step(Upgrading)),
+            ),
+            (
+                Walk::Step(Completed),
+                Attempt::Done,
+                true,
+                WalkNext::Finished { succeeded: true },
+            ),
+            (
+                failing.clone(),
+                Attempt::Done,
+                true,
+                WalkNext::Finished { succeeded: false },
+            ),
+            (
+                Walk::Step(Verifying),
+                Attempt::Failed(cause.clone()),
+                true,
+                WalkNext::Go(failing.clone()),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(true),
+                true,
+                WalkNext::Retry(Walk::Step(Upgrading)),
+            ),
+            (
+                failing.clone(),
+                api(true),
+                true,
+                WalkNext::Retry(failing.clone()),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(false),
+                true,
+                WalkNext::Go(Walk::Failing(
+                    Upgrading,
+                    FailureCause {
+                        reason: "ApiError".into(),
+                        message: "m".into(),
+                        exit_code: None,
+                    },
+                )),
+            ),
+            (
+                Walk::Step(Upgrading),
+                api(true),
+                false,
+                WalkNext::Go(Walk::Failing(
+                    Upgrading,
+                    FailureCause {
+                        reason: "ApiError".into(),
+                        message: "m".into(),
+                        exit_code: None,
+                    },
+                )),
+            ),
+            (
+                failing.clone(),
+                api(true),
+                false,
+                WalkNext::Abandon("could not record the failure: m".into()),
+            ),
+            (
+                failing.clone(),
+                Attempt::Failed(cause.clone()),
+                true,
+                WalkNext::Abandon("could not record the failure: c".into()),
+            ),
+        ];
+        for (walk, attempt, may_retry, want) in cases {
+            assert_eq!(
+                after_attempt(Upgrade, false, walk.clone(), attempt.clone(), may_retry),
+                want,
+                "{walk:?} {attempt:?} {may_retry}"
+            );
+        }
+    }
 
     #[test]
     fn step_order_follows_the_reference() {
@@ -275,66 +461,6 @@ mod tests {
         assert_eq!(cordon_plan(true, false), CordonPlan::Foreign);
         assert_eq!(cordon_plan(true, true), CordonPlan::AlreadyOurs);
         assert!(!may_uncordon(false));
-    }
-
-    fn pod(name: &str, hash: &str, ready: bool, terminating: bool) -> KataPod {
-        KataPod {
-            name: name.into(),
-            revision_hash: hash.into(),
-            ready,
-            terminating,
-        }
-    }
-
-    #[test]
-    fn pod_restart_table() {
-        let cases = [
-            (vec![], PodRestart::Wait),
-            (
-                vec![pod("a", "old", true, false)],
-                PodRestart::Delete("a".into()),
-            ),
-            (vec![pod("a", "old", true, true)], PodRestart::Wait),
-            (
-                vec![pod("a", "old", true, true), pod("b", "new", false, false)],
-                PodRestart::Wait,
-            ),
-            (
-                vec![pod("a", "old", true, true), pod("b", "new", true, false)],
-                PodRestart::Done("b".into()),
-            ),
-            (vec![pod("b", "new", true, true)], PodRestart::Wait),
-        ];
-        for (pods, want) in cases {
-            assert_eq!(pod_restart(&pods, "new"), want, "{pods:?}");
-        }
-    }
-
-    #[test]
-    fn kata_pods_are_read_from_labels_conditions_and_deletion() {
-        use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        let mut p = Pod::default();
-        p.metadata.name = Some("kata-deploy-x".into());
-        p.metadata.labels =
-            Some([("controller-revision-hash".to_string(), "h1".to_string())].into());
-        assert_eq!(kata_pod_of(&p), pod("kata-deploy-x", "h1", false, false));
-        p.status = Some(PodStatus {
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        });
-        p.metadata.deletion_timestamp = Some(Time(Default::default()));
-        assert_eq!(kata_pod_of(&p), pod("kata-deploy-x", "h1", true, true));
-        let text = describe_kata_pods(&[kata_pod_of(&p)], "h2");
-        assert!(
-            text.contains("want h2") && text.contains("terminating"),
-            "{text}"
-        );
-        assert!(describe_kata_pods(&[], "h2").contains("no kata-deploy pod"));
     }
 
     proptest::proptest! {

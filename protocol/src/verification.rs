@@ -1,6 +1,7 @@
 //! The verification pod: template validation, `${NODE}`/`${TEST_POD}` substitution, unique
 //! names, and the verdict read from an observed pod. Fail fast on states that will not heal.
 use crate::keys::verification as labels;
+use crate::procedure::{Budget, cancelled};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use serde::{Deserialize, Serialize};
 
@@ -220,8 +221,79 @@ pub struct FailureCause {
     pub exit_code: Option<i32>,
 }
 
-/// Judges a verification pod from its status alone.
-pub fn judge(pod: &Pod) -> Verdict {
+/// Everything a verdict on a verification pod depends on.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    pub name: &'a str,
+    /// The pod as last seen (the created object until the watch says more).
+    pub pod: &'a Pod,
+    /// The watch saw the pod deleted.
+    pub deleted: bool,
+    /// The verification timeout, counted from the pod's creation.
+    pub budget: Budget,
+    pub now_ms: i64,
+    /// The run was cancelled.
+    pub cancel: bool,
+}
+
+impl<'a> Observation<'a> {
+    /// The pod as seen now, not deleted, no cancel.
+    pub fn of(name: &'a str, pod: &'a Pod, budget: Budget, now_ms: i64) -> Self {
+        Observation {
+            name,
+            pod,
+            deleted: false,
+            budget,
+            now_ms,
+            cancel: false,
+        }
+    }
+}
+
+/// Every verdict on a verification pod. In order: a cancelled run stops it (the pod is deleted
+/// after its evidence is kept); a pod that finished (or will not heal) is judged by its status;
+/// a pod deleted before it finished fails; a pod still pending or running past the timeout
+/// fails naming where it is stuck; otherwise it is in progress.
+pub fn judge(o: &Observation<'_>) -> Verdict {
+    if o.cancel {
+        return Verdict::Failed(cancelled(format!(
+            "the run was cancelled during verification; verification pod {} stopped ({})",
+            o.name,
+            describe_progress(o.pod)
+        )));
+    }
+    let verdict = judge_status(o.pod);
+    if verdict != Verdict::InProgress {
+        return verdict;
+    }
+    if o.deleted {
+        return Verdict::Failed(FailureCause {
+            reason: "VerificationPodDeleted".into(),
+            message: format!(
+                "verification pod {} was deleted before it finished (last seen: {})",
+                o.name,
+                describe_progress(o.pod)
+            ),
+            exit_code: None,
+        });
+    }
+    if o.budget.is_over(o.now_ms) {
+        return Verdict::Failed(FailureCause {
+            reason: "Timeout".into(),
+            message: format!(
+                "verification pod {} did not finish within {}s: {}",
+                o.name,
+                o.budget.limit.as_secs(),
+                describe_progress(o.pod)
+            ),
+            exit_code: None,
+        });
+    }
+    Verdict::InProgress
+}
+
+/// The verdict a pod's status alone gives.
+fn judge_status(pod: &Pod) -> Verdict {
     let status = pod.status.clone().unwrap_or_default();
     let phase = status.phase.as_deref().unwrap_or("Pending");
     let containers: Vec<&ContainerStatus> = status
@@ -507,17 +579,80 @@ mod tests {
                 Some("CrashLoopBackOff"),
             ),
         ];
+        let budget = Budget::new(0, std::time::Duration::from_secs(300));
         for (p, want) in cases {
-            let got = judge(&p);
+            let got = judge(&Observation::of("v", &p, budget, 0));
             match (want, &got) {
                 (None, Verdict::InProgress) | (Some("ok"), Verdict::Succeeded) => {}
                 (Some(r), Verdict::Failed(c)) if c.reason == r => {}
                 _ => panic!("{:?}: want {want:?}, got {got:?}", p.status),
             }
         }
-        match judge(&pod("Failed", exited(3))) {
+        match judge(&Observation::of("v", &pod("Failed", exited(3)), budget, 0)) {
             Verdict::Failed(c) => assert_eq!(c.exit_code, Some(3)),
             v => panic!("{v:?}"),
         }
+    }
+
+    fn reason(v: Verdict) -> String {
+        match v {
+            Verdict::Failed(c) => c.reason,
+            v => format!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn timeout_deletion_and_cancel_are_verdicts_too() {
+        let budget = Budget::new(1_000, std::time::Duration::from_secs(60));
+        let pending = pod("Pending", waiting("ContainerCreating"));
+        let o = Observation::of("kata-verify-n1-x", &pending, budget, 60_999);
+        assert_eq!(judge(&o), Verdict::InProgress);
+        let late = Observation {
+            now_ms: 61_000,
+            ..o.clone()
+        };
+        match judge(&late) {
+            Verdict::Failed(c) => {
+                assert_eq!(c.reason, "Timeout");
+                assert!(
+                    c.message.contains("within 60s") && c.message.contains("ContainerCreating"),
+                    "{}",
+                    c.message
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(
+            reason(judge(&Observation {
+                deleted: true,
+                ..o.clone()
+            })),
+            "VerificationPodDeleted"
+        );
+        assert_eq!(
+            reason(judge(&Observation {
+                cancel: true,
+                ..late.clone()
+            })),
+            "Cancelled"
+        );
+        // A pod that finished is judged by its status, even when the watch then saw it deleted
+        // or the timeout passed meanwhile.
+        let done = pod("Succeeded", exited(0));
+        let finished = Observation {
+            pod: &done,
+            deleted: true,
+            now_ms: 1_000_000,
+            ..o.clone()
+        };
+        assert_eq!(judge(&finished), Verdict::Succeeded);
+        // A timeout of centuries never overflows.
+        let forever = Observation::of(
+            "v",
+            &pending,
+            Budget::new(0, std::time::Duration::MAX),
+            i64::MAX,
+        );
+        assert_eq!(judge(&forever), Verdict::InProgress);
     }
 }

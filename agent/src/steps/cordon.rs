@@ -1,8 +1,8 @@
 //! `cordoned`: make the node unschedulable, remembering whether the cordon is ours. A node
 //! someone else cordoned is left as it is, now and afterwards.
 use crate::ctx::{StepError, TurnCtx};
-use crate::node_patch::{Bookkeeping, NodePatch};
 use klm_protocol::NodeStatus;
+use klm_protocol::node_record::NodePatch;
 use klm_protocol::procedure::{CordonPlan, cordon_plan};
 use tracing::info;
 
@@ -10,13 +10,13 @@ pub const FOREIGN_CORDON_NOTE: &str = "node was already cordoned by someone else
 
 /// Adds the cordon (when needed) to `patch`, which carries this step's status.
 pub fn with_cordon(ctx: &mut TurnCtx<'_>, patch: NodePatch) -> (NodePatch, CordonPlan) {
-    let bk = Bookkeeping::of(&ctx.node);
-    let plan = cordon_plan(bk.unschedulable, bk.cordoned_by_us);
+    let rec = ctx.rec.record();
+    let plan = cordon_plan(rec.unschedulable, rec.cordoned_by_us);
     match plan {
         CordonPlan::Cordon => (patch.cordon(), plan),
         CordonPlan::AlreadyOurs => (patch, plan),
         CordonPlan::Foreign => {
-            ctx.note(FOREIGN_CORDON_NOTE);
+            ctx.rec.note(FOREIGN_CORDON_NOTE);
             (patch, plan)
         }
     }
@@ -24,7 +24,7 @@ pub fn with_cordon(ctx: &mut TurnCtx<'_>, patch: NodePatch) -> (NodePatch, Cordo
 
 /// The upgrade turn's `cordoned` step: status and cordon in one patch.
 pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
-    let status = NodePatch::status(&ctx.a.run_id, ctx.a.kind, NodeStatus::Cordoned);
+    let status = ctx.rec.status(NodeStatus::Cordoned);
     let (patch, plan) = with_cordon(ctx, status);
     ctx.patch_node("cordoning the node", &patch).await?;
     let note = match plan {

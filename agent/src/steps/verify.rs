@@ -2,22 +2,23 @@
 //! phase Succeeded; fail fast on states that will not heal; time out from the pod's creation.
 //! The pod's name is written to the Node before the pod is created, so a restarted agent adopts
 //! the pod in flight instead of starting another. Evidence (phase, reason, exit code, log tail,
-//! duration) is kept before the pod is deleted.
+//! duration) is kept before the pod is deleted. A cancelled run stops the verification at once
+//! (evidence kept, pod deleted).
+use super::drain::sleep_or_never;
 use crate::ctx::{StepError, Stop, TurnCtx, api_error, failure, is_status};
-use crate::node_patch::{Bookkeeping, NodePatch};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use klm_kube::lease::mono_ms;
 use klm_protocol::NodeStatus;
 use klm_protocol::keys::verification as labels;
+use klm_protocol::procedure::{Budget, sleep_for};
 use klm_protocol::verification::{
-    PodTemplate, Verdict, describe_progress, judge, label_safe, log_container, log_tail,
-    random_suffix, test_pod_name, tolerate_cordon,
+    Observation, PodTemplate, Verdict, judge, label_safe, log_container, log_tail, random_suffix,
+    test_pod_name, tolerate_cordon,
 };
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::watch_object;
-use std::time::Duration;
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Lines of the verification pod's log kept as evidence.
@@ -30,25 +31,26 @@ fn wall_ms() -> i64 {
 }
 
 pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
-    let params = ctx.a.params.clone();
+    let params = ctx.rec.a.params.clone();
     let node = ctx.node_name().to_string();
     let template = PodTemplate::parse(&params.verification_pod)
         .map_err(|e| failure("InvalidVerificationPod", e.to_string()))?;
 
     // Adopt the pod a previous process of this agent started for this very turn.
-    let bk = Bookkeeping::of(&ctx.node);
-    let adopted = bk.verification_pod.clone().filter(|_| {
-        bk.is_turn(&ctx.a.run_id, ctx.a.kind) && bk.status == Some(NodeStatus::Verifying)
-    });
-    let name = adopted
-        .clone()
-        .unwrap_or_else(|| test_pod_name(&node, &random_suffix(&mut rand::rng())));
-    ctx.patch_node(
-        "recording the verification pod on the node",
-        &NodePatch::status(&ctx.a.run_id, ctx.a.kind, NodeStatus::Verifying)
-            .verification_pod(Some(&name)),
-    )
-    .await?;
+    let name = match ctx
+        .rec
+        .record()
+        .verification_pod_to_adopt(&ctx.rec.a.run_id, ctx.kind())
+    {
+        Some(adopted) => adopted.to_string(),
+        None => test_pod_name(&node, &random_suffix(&mut rand::rng())),
+    };
+    let patch = ctx
+        .rec
+        .status(NodeStatus::Verifying)
+        .verification_pod(Some(&name));
+    ctx.patch_node("recording the verification pod on the node", &patch)
+        .await?;
     ctx.event(
         false,
         "Verifying",
@@ -62,14 +64,18 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     remove_stale_pods(ctx, &api, &name).await?;
 
     let mut pod = template
-        .render(&node, &name, &params.verification_namespace, &ctx.a.run_id)
+        .render(
+            &node,
+            &name,
+            &params.verification_namespace,
+            &ctx.rec.a.run_id,
+        )
         .map_err(|e| failure("InvalidVerificationPod", e.to_string()))?;
     tolerate_cordon(&mut pod);
-    let sent = Instant::now();
+    let sent = mono_ms();
     let (created, ours) = create_or_adopt(ctx, &api, &pod, &name).await?;
     // Durations and the deadline run from the creation: measured locally when we created the
     // pod (creationTimestamp has one-second resolution), from creationTimestamp when adopted.
-    let timeout = params.verification_timeout();
     let started = if ours {
         sent
     } else {
@@ -78,72 +84,63 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
             .creation_timestamp
             .as_ref()
             .map_or_else(wall_ms, |t| t.0.as_millisecond());
-        let age = u64::try_from(wall_ms() - created_ms).unwrap_or(0);
-        Instant::now()
-            .checked_sub(Duration::from_millis(age))
-            .unwrap_or_else(Instant::now)
+        mono_ms().saturating_sub(wall_ms().saturating_sub(created_ms).max(0))
     };
-    let deadline = started + timeout;
+    let budget = Budget::new(started, params.verification_timeout());
 
+    // Observe → judge → wait. Every verdict (timeout, deletion and cancel included) is
+    // `verification::judge`'s.
     let mut last = created;
-    let mut verdict = judge(&last);
-    if verdict == Verdict::InProgress {
-        let mut events = watch_object(api.clone(), &name).default_backoff().boxed();
-        while verdict == Verdict::InProgress {
-            tokio::select! {
-                biased;
-                stop = ctx.interrupted() => {
-                    // On shutdown the pod keeps running for the restarted agent to adopt. When
-                    // the coordinator has moved on, remove it while the Lease is still ours.
-                    if stop == Stop::Revoked && ctx.fenced().is_ok() {
-                        let _ = api.delete(&name, &DeleteParams::default()).await;
-                    }
-                    return Err(stop.into());
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    verdict = Verdict::Failed(klm_protocol::verification::FailureCause {
-                        reason: "Timeout".into(),
-                        message: format!(
-                            "verification pod {name} did not finish within {}s: {}",
-                            timeout.as_secs(),
-                            describe_progress(&last)
-                        ),
-                        exit_code: None,
-                    });
-                }
-                ev = events.next() => match ev {
-                    Some(Ok(Some(p))) => {
-                        verdict = judge(&p);
-                        last = p;
-                    }
-                    Some(Ok(None)) => {
-                        verdict = Verdict::Failed(klm_protocol::verification::FailureCause {
-                            reason: "VerificationPodDeleted".into(),
-                            message: format!(
-                                "verification pod {name} was deleted before it finished (last seen: {})",
-                                describe_progress(&last)
-                            ),
-                            exit_code: None,
-                        });
-                    }
-                    Some(Err(e)) => warn!(error = %e, pod = %name, "watch on the verification pod failed; retrying"),
-                    None => {}
-                },
-            }
+    let mut deleted = false;
+    let mut events = watch_object(api.clone(), &name).default_backoff().boxed();
+    let verdict = loop {
+        let now = mono_ms();
+        let cancel = ctx.cancel_requested();
+        let seen = Observation {
+            name: &name,
+            pod: &last,
+            deleted,
+            budget,
+            now_ms: now,
+            cancel,
+        };
+        let verdict = judge(&seen);
+        if verdict != Verdict::InProgress {
+            break verdict;
         }
-    }
+        tokio::select! {
+            biased;
+            stop = ctx.interrupted() => {
+                // On shutdown the pod keeps running for the restarted agent to adopt. When
+                // the coordinator has moved on, remove it while the Lease is still ours.
+                if stop == Stop::Revoked && ctx.fenced().is_ok() {
+                    let _ = api.delete(&name, &DeleteParams::default()).await;
+                }
+                return Err(stop.into());
+            }
+            _ = ctx.cancelled(), if !cancel => {}
+            _ = sleep_or_never(sleep_for(budget.ends_at_ms(), now)) => {}
+            ev = events.next() => match ev {
+                Some(Ok(Some(p))) => last = p,
+                Some(Ok(None)) => deleted = true,
+                Some(Err(e)) => warn!(error = %e, pod = %name, "watch on the verification pod failed; retrying"),
+                None => {}
+            },
+        }
+    };
+    drop(events);
 
     // Evidence first, then delete the pod.
-    let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    ctx.evidence.pod = Some(name.clone());
-    ctx.evidence.phase = last.status.as_ref().and_then(|s| s.phase.clone());
-    ctx.evidence.verification_ms = Some(took);
+    let took = u64::try_from(budget.elapsed(mono_ms()).as_millis()).unwrap_or(u64::MAX);
+    ctx.rec.evidence.pod = Some(name.clone());
+    ctx.rec.evidence.phase = last.status.as_ref().and_then(|s| s.phase.clone());
+    ctx.rec.evidence.verification_ms = Some(took);
     let lp = LogParams {
         container: log_container(&last),
         tail_lines: Some(LOG_LINES),
         ..Default::default()
     };
-    ctx.evidence.log_tail = Some(match api.logs(&name, &lp).await {
+    ctx.rec.evidence.log_tail = Some(match api.logs(&name, &lp).await {
         Ok(log) => log_tail(&log, LOG_BYTES),
         Err(e) => format!("logs unavailable: {}", short_error(&e)),
     });
@@ -165,7 +162,10 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
             warn!(pod = %name, reason = %cause.reason, message = %cause.message, "verification failed");
             Err(StepError::Failed(cause))
         }
-        Verdict::InProgress => unreachable!("the loop ends on a verdict"),
+        Verdict::InProgress => Err(failure(
+            "UnexpectedVerdict",
+            "verification ended without a verdict; this is a bug in kata-lifecycle-manager",
+        )),
     }
 }
 

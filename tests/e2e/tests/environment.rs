@@ -140,7 +140,7 @@ async fn on_delete_upgrade_moves_only_the_deleted_pod() -> Result<()> {
         .await?;
     let old_hash = revision_hash(&before[0]).context("pod without revision hash")?;
 
-    // What the coordinator does (DESIGN.md "The run", step 3).
+    // What the coordinator does (README, "How it works", step 3).
     slice
         .helm(&[
             "upgrade",
@@ -395,7 +395,7 @@ async fn create_verification_pod(slice: &Slice, name: &str, node: &str) -> Resul
     Ok(())
 }
 
-/// Whether `pod` shows what `outcome` promises (DESIGN.md, `verifying`).
+/// Whether `pod` shows what `outcome` promises (README, "Failure modes detected").
 fn shows(outcome: Outcome, pod: &Pod) -> bool {
     let status = pod.status.clone().unwrap_or_default();
     let phase = status.phase.as_deref();

@@ -31,7 +31,7 @@ pub struct Observed {
     pub seen_at: Vec<std::time::Instant>,
     /// Violations of "at most one node in progress", with the offending states.
     pub concurrent: Vec<String>,
-    /// Distinct consecutive Lease holders.
+    /// Distinct consecutive Lease holders (their nodes).
     pub holders: Vec<String>,
 }
 
@@ -234,9 +234,11 @@ impl Product {
             let mut stream =
                 std::pin::pin!(watcher(leases, cfg).default_backoff().applied_objects());
             while let Some(Ok(lease)) = stream.next().await {
+                // Holders are `<node>/<instance>`: the node is what the plan orders.
                 let holder = lease
                     .spec
                     .and_then(|s| s.holder_identity)
+                    .map(|h| klm_protocol::lease::holder_node(&h).to_string())
                     .unwrap_or_default();
                 let mut o = obs.lock().unwrap();
                 if !holder.is_empty() && o.holders.last() != Some(&holder) {
