@@ -1320,3 +1320,42 @@ async fn upgrading_from_a_cleaning_kata_deploy_drains_unless_told_not_to() -> an
     p.assert_safe(&names(&p, &["node-1"])).await?;
     Ok(())
 }
+
+/// Issue 10.5: Helm 4 is what the tests (and the coordinator image) run; Helm 3 keeps working:
+/// the same upgrade and automatic restore with the coordinator on Helm 3.22.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_on_helm_3_upgrades_and_restores() -> anyhow::Result<()> {
+    let probe = klm_testkit::Cluster::shared().await;
+    let helm3 = probe.tools_dir().join("helm3").display().to_string();
+    let p = Product::start_with("helm3", 2, "3.27.0", &["--helm", &helm3]).await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-2", "3.29.0", Outcome::Fail);
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    let upgraded = kata_deploy_pods(&p).await?;
+    let (recorded, ..) = p.release().await?;
+    let failed = p.run("3.29.0", &[]).await?;
+    assert_eq!(failed.phase, RunPhase::Failed, "{failed:#?}");
+    let (revision, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.28.0", "deployed"));
+    assert_eq!(revision, recorded + 2, "one upgrade, one restore");
+    assert_eq!(update_strategy(&p).await?.as_deref(), Some("OnDelete"));
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.28.0".into())),
+            "{n}"
+        );
+    }
+    let restored = kata_deploy_pods(&p).await?;
+    for (node, (uid, image)) in &restored {
+        assert!(image.ends_with(":3.28.0"), "{node}: {image}");
+        assert_ne!(
+            uid, &upgraded[node].0,
+            "{node} went through 3.29.0 and back"
+        );
+    }
+    p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
+    Ok(())
+}
