@@ -348,6 +348,18 @@ impl Coordinator {
                 .ensure_exists(self.s.lease_duration_seconds)
                 .await?;
             }
+            Effect::RevokeLease { node } => {
+                self.check_leader()?;
+                let revoked = klm_kube::lease::UpgradeLease::new(
+                    self.client.clone(),
+                    &self.s.namespace,
+                    &self.s.lease_name,
+                    "coordinator",
+                )
+                .revoke_from_node(&node)
+                .await?;
+                tracing::info!(node, revoked, "upgrade Lease taken back from a lost node");
+            }
             Effect::WakeAt(w) => return Ok(Some(w)),
         }
         Ok(None)

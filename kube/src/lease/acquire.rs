@@ -199,6 +199,17 @@ impl NamedLease {
         }
     }
 
+    /// Clears the holder if it is a process of `node` (the coordinator, declaring that node
+    /// lost). The write carries the read `resourceVersion`. Returns whether it cleared anything.
+    pub async fn revoke_from_node(&self, node: &str) -> kube::Result<bool> {
+        let Some(lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let node = node.to_string();
+        self.clear_holder(lease, move |h| holder_node(h) == node)
+            .await
+    }
+
     /// Clears the holder if it is a process of our node (ourselves, a parked hold, or an
     /// earlier process whose turn is over — e.g. stopped with SIGTERM after which the
     /// coordinator moved on). Returns whether it released anything.

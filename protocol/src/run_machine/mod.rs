@@ -214,6 +214,10 @@ pub enum Effect {
     },
     /// The upgrade Lease is missing: create it (free).
     EnsureLease,
+    /// A node was declared lost: clear the upgrade Lease if a process of that node still holds
+    /// it, so that its agent, if it was only paused, fails its fence on waking (its fresh read no
+    /// longer shows its hold) instead of acting on a turn the run has given up.
+    RevokeLease { node: String },
     /// Step again (with [`Input::Tick`]) at this time even if nothing changes.
     WakeAt(Wake),
 }

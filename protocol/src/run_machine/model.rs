@@ -219,6 +219,17 @@ impl Sim {
                     self.rv += 1;
                 }
                 Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
+                Effect::RevokeLease { node } => {
+                    if self
+                        .lease
+                        .holder
+                        .as_deref()
+                        .is_some_and(|h| crate::lease::holder_node(h) == node)
+                    {
+                        self.lease.holder = None;
+                        self.lease_history.push(self.lease.clone());
+                    }
+                }
                 Effect::ReadRelease { .. } => {
                     self.inbox
                         .push_back(Input::Release(ReleaseRead::Found(ReleaseObservation {

@@ -543,3 +543,52 @@ fn an_unreadable_release_after_the_upgrade_is_asked_again_not_abandoned() {
     h.feed(ds());
     assert_eq!(h.run().phase, RunPhase::Running);
 }
+
+/// Issue 9.7: declaring a node lost also takes the upgrade Lease back from it, so a paused
+/// agent that wakes up fails its fence instead of acting on a turn the run gave up.
+#[test]
+fn a_node_declared_lost_has_its_lease_taken_back() {
+    let mut h = H::to_running(&["n1", "n2"]);
+    // The agent took the Lease and started, then went silent.
+    h.feed(Input::Lease(Some(LeaseView {
+        holder: Some("n1/pod-a".into()),
+        renew_ms: Some(h.now),
+        duration_seconds: 30,
+        transitions: 1,
+    })));
+    let (_, mut n1) = node("n1");
+    n1.observed.status = Some(NodeStatus::Verifying);
+    n1.observed.run_id = Some(h.run().id.clone());
+    n1.observed.turn = Some(crate::TurnKind::Upgrade);
+    h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(n1.clone()),
+        direct: false,
+    });
+    assert_eq!(h.count(|e| matches!(e, Effect::RevokeLease { .. })), 0);
+    // Past the Lease duration and the grace, a direct read still shows the silent hold.
+    h.now += 41_000;
+    h.feed(Input::Tick);
+    h.feed(Input::Lease(Some(LeaseView {
+        holder: Some("n1/pod-a".into()),
+        renew_ms: Some(h.now - 41_000),
+        duration_seconds: 30,
+        transitions: 1,
+    })));
+    h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(n1),
+        direct: true,
+    });
+    let fx = &h.fx;
+    let failed = fx
+        .iter()
+        .position(|e| matches!(e, Effect::MarkNodeFailed { node, .. } if node == "n1"))
+        .expect("n1 declared lost");
+    let revoked = fx
+        .iter()
+        .position(|e| matches!(e, Effect::RevokeLease { node } if node == "n1"))
+        .expect("its Lease taken back");
+    assert!(failed < revoked, "{fx:?}");
+    assert_eq!(h.run().phase, RunPhase::RollingBack);
+}

@@ -536,10 +536,11 @@ impl Machine {
                         ..Default::default()
                     };
                     self.fx.push(Effect::MarkNodeFailed {
-                        node,
+                        node: node.clone(),
                         kind,
                         evidence,
                     });
+                    self.fx.push(Effect::RevokeLease { node });
                 }
                 lifecycle::Effect::ReadNode(node) => {
                     if self.reading_node.is_none() {
