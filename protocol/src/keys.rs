@@ -27,6 +27,10 @@ pub mod trigger {
     /// coordinator removes the annotation once it has acted on it.
     pub const ACTION: &str = "lifecycle.katacontainers.io/action";
     pub const ACTION_CANCEL: &str = "cancel";
+    /// Stops granting turns once the nodes in progress finish; the run waits, visibly.
+    pub const ACTION_PAUSE: &str = "pause";
+    /// Continues a paused run from where it stopped.
+    pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
     pub const RUN_DEFINING: [&str; 12] = [

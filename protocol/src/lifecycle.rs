@@ -174,6 +174,9 @@ pub fn reduce(
                     start_cancel(run, None, &mut effects);
                     continue;
                 }
+                // Paused: no new turn until `action=resume` (no wake needed: the resume is an
+                // observation of its own).
+                RunPhase::Running if run.paused => return effects,
                 RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
                     Some(t) => t,
                     None => {

@@ -182,6 +182,10 @@ pub struct RunRecord {
     /// read of its node made after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_at_ms: Option<i64>,
+    /// `action=pause` was given (and no `resume` since): no new upgrade turn is granted. A node
+    /// in progress finishes; restore turns of a rollback are never paused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
@@ -209,6 +213,7 @@ impl RunRecord {
             rollback_candidates: Vec::new(),
             cancel_requested: false,
             cancel_requested_at_ms: None,
+            paused: false,
             coordinator_api_requests: None,
         }
     }

@@ -392,8 +392,40 @@ impl Machine {
                 "NothingToCancel",
                 "action=cancel: no run is in progress".into(),
             ),
+            trigger::ACTION_PAUSE | trigger::ACTION_RESUME if active => {
+                let pause = action == trigger::ACTION_PAUSE;
+                let run = self.state.run.as_mut().expect("active");
+                if run.paused != pause {
+                    run.paused = pause;
+                    let (reason, msg) = if pause {
+                        run.message = format!(
+                            "paused after {} of {} node(s): no further node starts (a node in progress \
+                             finishes); annotate action=resume to continue",
+                            run.completed(),
+                            run.plan.len()
+                        );
+                        ("RunPaused", format!("run {}: {}", run.id, run.message))
+                    } else {
+                        run.message = format!(
+                            "resumed after {} of {} node(s)",
+                            run.completed(),
+                            run.plan.len()
+                        );
+                        ("RunResumed", format!("run {}: {}", run.id, run.message))
+                    };
+                    self.event(None, pause, reason, msg);
+                }
+            }
+            trigger::ACTION_PAUSE | trigger::ACTION_RESUME => self.event(
+                None,
+                false,
+                "NothingToSteer",
+                format!("action={action}: no run is in progress"),
+            ),
             other => {
-                let note = format!("unknown action {other:?}: the only action is `cancel`");
+                let note = format!(
+                    "unknown action {other:?}: the actions are `cancel`, `pause` and `resume`"
+                );
                 self.state.notice = note.clone();
                 self.event(None, true, "UnknownAction", note);
             }

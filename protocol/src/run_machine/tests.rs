@@ -592,3 +592,55 @@ fn a_node_declared_lost_has_its_lease_taken_back() {
     assert!(failed < revoked, "{fx:?}");
     assert_eq!(h.run().phase, RunPhase::RollingBack);
 }
+
+/// Issue 14.3: `action=pause` lets the node in progress finish and grants no further turn until
+/// `action=resume`; both are Events and show in the run's message.
+#[test]
+fn pause_holds_the_next_turn_until_resume() {
+    let mut h = H::to_running(&["n1", "n2"]);
+    assert_eq!(h.run().turn.as_ref().unwrap().node, "n1");
+    h.annotate(trigger::ACTION, trigger::ACTION_PAUSE);
+    assert!(h.run().paused && h.has_event("RunPaused"));
+    assert!(h.run().message.contains("paused"), "{}", h.run().message);
+    // The action annotation is consumed.
+    assert!(h.fx.contains(&Effect::RemoveAnnotation(trigger::ACTION)));
+    h.annotations.remove(trigger::ACTION);
+    let (_, mut n1) = node("n1");
+    n1.observed.status = Some(NodeStatus::Completed);
+    n1.observed.run_id = Some(h.run().id.clone());
+    n1.observed.turn = Some(crate::TurnKind::Upgrade);
+    h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(n1),
+        direct: false,
+    });
+    h.now += 600_000;
+    h.feed(Input::Tick);
+    let r = h.run();
+    assert_eq!(r.nodes["n1"].status, Some(NodeStatus::Completed));
+    assert!(r.turn.is_none(), "no turn while paused: {:?}", r.turn);
+    assert_eq!(r.phase, RunPhase::Running);
+    let granted = h.count(|e| {
+        matches!(
+            e,
+            Effect::Event {
+                reason: "TurnGranted",
+                ..
+            }
+        )
+    });
+    h.annotate(trigger::ACTION, trigger::ACTION_RESUME);
+    let r = h.run();
+    assert!(!r.paused && h.has_event("RunResumed"));
+    assert_eq!(r.turn.as_ref().map(|t| t.node.as_str()), Some("n2"));
+    assert_eq!(
+        h.count(|e| matches!(
+            e,
+            Effect::Event {
+                reason: "TurnGranted",
+                ..
+            }
+        )),
+        granted + 1
+    );
+}

@@ -1359,3 +1359,52 @@ async fn a_run_on_helm_3_upgrades_and_restores() -> anyhow::Result<()> {
     p.assert_safe(&names(&p, &["node-1", "node-2"])).await?;
     Ok(())
 }
+
+/// Issue 14.3: `action=pause` stops granting turns once the node in progress finishes, visibly
+/// (run message, Event); `action=resume` continues from where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_then_resume_continues_where_it_stopped() -> anyhow::Result<()> {
+    let p = Product::start("pause", 3, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2", "node-3"]).await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(
+        |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
+        .await?;
+    // Paused, and the node that was in progress has finished.
+    let paused = p
+        .wait_run(|r| r.paused && r.turn.is_none(), product::RUN_TIMEOUT)
+        .await?;
+    assert_eq!(paused.phase, RunPhase::Running, "{paused:#?}");
+    assert!(paused.message.contains("paused"), "{}", paused.message);
+    let started: Vec<&String> = paused
+        .plan
+        .iter()
+        .filter(|n| paused.nodes.get(*n).and_then(|r| r.status).is_some())
+        .collect();
+    assert!(
+        !started.is_empty() && started.len() < paused.plan.len(),
+        "some node done, some not started: {started:?}"
+    );
+    for n in &started {
+        assert_eq!(paused.nodes[*n].status, Some(NodeStatus::Completed), "{n}");
+    }
+    // Full node names pass through `Product::node`.
+    let unstarted = paused.plan[started.len()].clone();
+    assert_eq!(p.node_labels(&unstarted).await?, (None, None), "{unstarted}");
+
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_RESUME))])
+        .await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(run.completed(), 3);
+    assert!(!run.paused);
+    p.assert_safe(&names(&p, &["node-1", "node-2", "node-3"]))
+        .await?;
+    Ok(())
+}
