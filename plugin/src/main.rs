@@ -109,14 +109,12 @@ async fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Completion { shell } => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(
-                shell,
-                &mut cmd,
-                "kubectl-kata_lifecycle",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            use std::io::Write;
+            // Written by us, not by clap_complete (which panics on a closed pipe, e.g. `| head`).
+            match std::io::stdout().write_all(&completion(shell)) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::Status { watch, json } => {
             let view = klm_kube::status_view::ViewArgs {
@@ -133,6 +131,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Rollback { node } => target.patch(&request::rollback(&node)?).await,
         Command::Upgrade(args) => upgrade(&target, *args).await,
     }
+}
+
+/// The completion script for `shell`, for the `kubectl-kata_lifecycle` executable.
+fn completion(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "kubectl-kata_lifecycle",
+        &mut script,
+    );
+    script
 }
 
 async fn client() -> anyhow::Result<kube::Client> {
@@ -297,6 +307,21 @@ mod cli_tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_name_the_subcommands() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let script = String::from_utf8(completion(shell)).unwrap();
+            for sub in ["upgrade", "status", "cancel", "pause", "resume", "rollback"] {
+                assert!(script.contains(sub), "{shell}: {sub}");
+            }
+            assert!(script.contains("kubectl-kata_lifecycle"), "{shell}");
+        }
     }
 
     #[test]
