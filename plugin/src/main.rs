@@ -14,6 +14,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use request::{Changes, UpgradePlan, UpgradeRequest};
 use std::time::Duration;
 
+/// The namespace the README installs the chart into.
+const DEFAULT_NAMESPACE: &str = "kata-lifecycle-manager";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kubectl kata-lifecycle",
@@ -23,7 +26,7 @@ use std::time::Duration;
 )]
 struct Cli {
     /// Namespace of kata-lifecycle-manager (its trigger ConfigMap).
-    #[arg(short = 'n', long, global = true, default_value = defaults::TRIGGER_CONFIGMAP)]
+    #[arg(short = 'n', long, global = true, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
     /// Name of the trigger ConfigMap.
     #[arg(long, global = true, default_value = defaults::TRIGGER_CONFIGMAP)]
