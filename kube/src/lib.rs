@@ -10,5 +10,6 @@ pub mod lease;
 pub mod logging;
 pub mod nodes;
 pub mod retry;
+pub mod status_view;
 pub mod time;
 pub mod watch;
