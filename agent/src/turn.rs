@@ -107,16 +107,10 @@ mod tests {
             target_version: "3.28.0".into(),
             helm_release: "kata-deploy".into(),
             helm_namespace: "kube-system".into(),
-            node_selector: String::new(),
-            node_taint_key: String::new(),
-            node_taint_value: String::new(),
             verification_namespace: "default".into(),
-            verification_pod: String::new(),
-            drain_enabled: false,
             drain_timeout_seconds: 300,
             verification_timeout_seconds: 300,
-            helm_set_values: Vec::new(),
-            drain_chosen: false,
+            ..Default::default()
         }
     }
 
