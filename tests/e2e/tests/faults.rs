@@ -838,3 +838,208 @@ async fn a_dead_agent_is_noticed_by_its_lease_not_a_fixed_minute() -> Result<()>
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fault matrix: an agent killed at each status of its procedure.
+// ---------------------------------------------------------------------------------------------
+
+/// node-1's agent is SIGKILLed while node-1 shows `at` — held there by an admission policy so
+/// the kill lands at that status and not a step later — and a new agent starts on the node (as
+/// the DaemonSet would restart it). Restore turns (`rolling-back`) come from a run whose
+/// verification fails on node-2. The new agent resumes from the status on the Node: the run ends
+/// as it would have without the kill, no node is processed twice, nothing is left cordoned.
+async fn agent_killed_at(at: NodeStatus) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let name = format!("kill-at-{}", at.as_str());
+    let mut p = Product::start(&name, 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let restoring = at == NodeStatus::RollingBack;
+    if restoring {
+        p.slice
+            .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    }
+    let n1 = p.node("node-1");
+    let freeze = p.freeze_node_status(&n1, at).await?;
+    let before = trigger(&p, "3.28.0", &[(trigger::DRAIN_ENABLED, "true")]).await?;
+    p.wait_node_label(&n1, at).await?;
+    p.kill_agent(&n1);
+    freeze.release().await?;
+    p.start_agent(&n1)?;
+
+    let run = finished_after(&p, before, product::RUN_TIMEOUT).await?;
+    eprintln!(
+        "agent killed at {}: run {:?}: {}",
+        at.as_str(),
+        run.phase,
+        run.message
+    );
+    if restoring {
+        assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+        for n in ["node-1", "node-2"] {
+            assert_eq!(
+                p.node_labels(n).await?,
+                (Some("rolled-back".into()), Some("3.27.0".into())),
+                "{n}"
+            );
+        }
+    } else {
+        assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+        assert_eq!(
+            p.node_labels("node-1").await?,
+            (Some("completed".into()), Some("3.28.0".into()))
+        );
+    }
+    let restarts_allowed = if restoring { 3 } else { 2 };
+    assert!(
+        p.kata_deploy_pods_seen(&n1) <= restarts_allowed,
+        "node-1's kata-deploy pod was not restarted more than its turns need: {:?}",
+        p.observed.lock().unwrap().kata_deploy_pods
+    );
+    p.assert_safe(&run.plan).await?;
+    p.assert_no_node_processed_twice()?;
+    assert_nothing_cordoned(&p).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_preparing_resumes_its_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::Preparing).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_cordoned_resumes_its_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::Cordoned).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_draining_resumes_its_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::Draining).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_upgrading_resumes_its_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::Upgrading).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_verifying_resumes_its_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::Verifying).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_restoring_resumes_its_restore_turn() -> Result<()> {
+    agent_killed_at(NodeStatus::RollingBack).await
+}
+
+/// The coordinator is SIGKILLed while the run is `RollingBack` (node-2 failed its verification;
+/// node-1's restore turn is held in progress) and a new one starts: it finishes the rollback
+/// from the run record — one `helm rollback`, node-1 restored once — and the run ends Failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_while_rolling_back_finishes_the_rollback_once() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut p = Product::start("coord-rollback", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    let (recorded, ..) = p.release().await?;
+    let n1 = p.node("node-1");
+    let freeze = p.freeze_node_status(&n1, NodeStatus::RollingBack).await?;
+    let before = trigger(&p, "3.28.0", &[]).await?;
+    p.wait_node_label(&n1, NodeStatus::RollingBack).await?;
+    let mid = p.current_run().await?.context("a run")?;
+    assert_eq!(mid.phase, RunPhase::RollingBack, "{mid:#?}");
+    p.kill_coordinator();
+    freeze.release().await?;
+    p.start_coordinator()?;
+
+    let run = finished_after(&p, before, product::RUN_TIMEOUT).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert_eq!(
+        run.failure.as_ref().and_then(|f| f.node.as_deref()),
+        Some(p.node("node-2").as_str())
+    );
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.27.0".into())),
+            "{n}"
+        );
+    }
+    let (rev, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
+    assert_eq!(rev, recorded + 2, "one upgrade, one rollback");
+    p.assert_safe(&run.plan).await?;
+    p.assert_no_node_processed_twice()?;
+    assert_nothing_cordoned(&p).await?;
+    Ok(())
+}
+
+/// node-1 is deleted (and its agent with it) while it verifies: never silently skipped — the
+/// run fails naming node-1 and rolls back; node-2 is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_mid_turn_fails_the_run_cleanly() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut p = Product::start_with(
+        "node-deleted",
+        2,
+        "3.27.0",
+        &["--default-verification-timeout", "300s"],
+    )
+    .await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = trigger(&p, "3.28.0", &[]).await?;
+    let n1 = p.node("node-1");
+    p.wait_node_label(&n1, NodeStatus::Verifying).await?;
+    p.kill_agent(&n1);
+    p.slice.delete_node(&n1).await?;
+    let run = finished_after(&p, before, product::RUN_TIMEOUT).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert_eq!(
+        run.failure.as_ref().and_then(|f| f.node.as_deref()),
+        Some(n1.as_str()),
+        "{run:#?}"
+    );
+    assert_eq!(
+        p.node_labels("node-2").await?,
+        (None, None),
+        "node-2 untouched"
+    );
+    assert_eq!(p.release().await?.1, "3.27.0");
+    p.assert_safe(&run.plan).await?;
+    assert_nothing_cordoned(&p).await?;
+    Ok(())
+}
+
+/// The trigger ConfigMap (run record included) is deleted while node-1 verifies: the run is not
+/// orphaned — the ConfigMap comes back with the run's record, the run ends, nothing is left
+/// cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_trigger_configmap_mid_run_leaves_no_orphan() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let p = Product::start("trigger-deleted", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice.set_verification_outcome(
+        "node-1",
+        "3.28.0",
+        Outcome::SucceedAfter(Duration::from_secs(10)),
+    );
+    let _ = trigger(&p, "3.28.0", &[]).await?;
+    let n1 = p.node("node-1");
+    p.wait_node_label(&n1, NodeStatus::Verifying).await?;
+    let mid = p.current_run().await?.context("a run")?;
+    p.delete_trigger().await?;
+    let run = p
+        .wait_run(
+            |r| r.id == mid.id && r.phase.is_finished(),
+            product::RUN_TIMEOUT,
+        )
+        .await
+        .context("the run's record must come back and the run end")?;
+    eprintln!("run ended {:?}: {}", run.phase, run.message);
+    p.assert_safe(&run.plan).await?;
+    p.assert_no_node_processed_twice()?;
+    assert_nothing_cordoned(&p).await?;
+    Ok(())
+}

@@ -5,6 +5,9 @@
 
 use anyhow::{Result, bail};
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use klm_protocol::keys::{node as node_keys, status_data, trigger};
@@ -576,6 +579,64 @@ impl Product {
             .and_then(|d| d.get(status_data::MESSAGE).cloned()))
     }
 
+    /// Holds `node` at `status`: a ValidatingAdmissionPolicy refuses every update of that Node
+    /// that would move its status label away from `status` (nothing else is refused). With it, a
+    /// test can kill the agent "at" a status deterministically: the agent cannot get past it.
+    /// Returns once the API server enforces the policy.
+    pub async fn freeze_node_status(&self, node: &str, status: NodeStatus) -> Result<Freeze> {
+        let name = format!("klm-test-freeze-{}", self.slice.id());
+        let node = self.node(node);
+        let key = node_keys::STATUS;
+        let label = |obj: &str| {
+            format!(
+                "(has({obj}.metadata.labels) && '{key}' in {obj}.metadata.labels && \
+                 {obj}.metadata.labels['{key}'] == '{}')",
+                status.as_str()
+            )
+        };
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["UPDATE"], "resources": ["nodes"],
+                }]},
+                "matchConditions": [{
+                    "name": "this-node",
+                    "expression": format!("object.metadata.name == '{node}'"),
+                }],
+                "validations": [
+                    {
+                        "expression": format!("!{} || {}", label("oldObject"), label("object")),
+                        "message": format!("klm-test: node {node} is held at {}", status.as_str()),
+                    },
+                    {
+                        "expression": format!(
+                            "!(has(object.metadata.labels) && '{FREEZE_PROBE}' in object.metadata.labels)"
+                        ),
+                        "message": "klm-test: freeze probe",
+                    },
+                ],
+            },
+        }))?;
+        let binding: ValidatingAdmissionPolicyBinding =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"policyName": name, "validationActions": ["Deny"]},
+            }))?;
+        let client = self.slice.client();
+        Api::<ValidatingAdmissionPolicy>::all(client.clone())
+            .create(&PostParams::default(), &policy)
+            .await?;
+        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+        let freeze = Freeze { name, node, client };
+        freeze.wait_enforced(true).await?;
+        Ok(freeze)
+    }
+
     pub fn logs(&self) -> String {
         let mut s = String::new();
         if let Some(c) = &self.coordinator {
@@ -585,6 +646,64 @@ impl Product {
             s.push_str(&format!("--- {} ---\n{}\n", a.name(), tail(&a.logs(), 30)));
         }
         s
+    }
+}
+
+/// Label whose addition the freeze policy refuses: a dry-run update carrying it tells whether
+/// the API server enforces the policy yet.
+const FREEZE_PROBE: &str = "klm.test/freeze-probe";
+
+/// A Node held at a status (see [`Product::freeze_node_status`]); [`Freeze::release`] lifts it.
+pub struct Freeze {
+    name: String,
+    node: String,
+    client: kube::Client,
+}
+
+impl Freeze {
+    /// Removes the policy and returns once the API server no longer enforces it.
+    pub async fn release(self) -> Result<()> {
+        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone())
+            .delete(&self.name, &Default::default())
+            .await?;
+        Api::<ValidatingAdmissionPolicy>::all(self.client.clone())
+            .delete(&self.name, &Default::default())
+            .await?;
+        self.wait_enforced(false).await
+    }
+
+    /// The API server loads admission policies from its own informer, with no signal a client
+    /// can watch for; so probe with dry-run updates (they change nothing) until it answers as
+    /// wanted, a tenth of a second apart, for at most 30 s.
+    async fn wait_enforced(&self, enforced: bool) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let probe = serde_json::json!({"metadata": {"labels": {FREEZE_PROBE: "1"}}});
+        let params = PatchParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let denied = match nodes
+                .patch(&self.node, &params, &Patch::Merge(&probe))
+                .await
+            {
+                Ok(_) => false,
+                Err(kube::Error::Api(e)) if e.message.contains("freeze probe") => true,
+                Err(e) => return Err(e.into()),
+            };
+            if denied == enforced {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the freeze policy {} is not {}",
+                    self.name,
+                    if enforced { "enforced" } else { "gone" }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
