@@ -226,7 +226,7 @@ async fn an_api_server_outage_longer_than_the_lease_mid_turn_ends_cleanly() -> R
     p.opt_in(&["node-1", "node-2"]).await?;
     // Still running when the API server comes back, then healthy.
     p.slice
-        .set_default_verification_outcome(Outcome::SucceedAfter(Duration::from_secs(60)));
+        .set_default_verification_outcome(Outcome::SucceedAfter(Duration::from_secs(75)));
     let (rev_before, ..) = p.release().await?;
     let before = trigger(&p, "3.28.0", &[]).await?;
     let n1 = p.node("node-1");

@@ -256,19 +256,27 @@ pub(crate) async fn run(
     }
 }
 
-/// Lets kwok finish a [`Outcome::SucceedAfter`] pod once `after` has passed.
+/// Lets kwok finish a [`Outcome::SucceedAfter`] pod once `after` has passed. The API server may
+/// be down just then (fault tests stop it): retry each second until it answers, for two minutes.
 async fn finish_after(api: Api<Pod>, name: String, after: Duration) {
     tokio::time::sleep(after).await;
     let patch = serde_json::json!({"metadata": {"labels": {FINISH_LABEL: "true"}}});
-    match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        // Deleted meanwhile (the product gave up on it, or cancelled): nothing to finish.
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => eprintln!("klm-testkit: cannot finish verification pod {name}: {e}"),
+    for _ in 0..120 {
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return,
+            // Deleted meanwhile (the product gave up on it, or cancelled): nothing to finish.
+            Err(kube::Error::Api(e)) if e.code == 404 => return,
+            Err(kube::Error::Api(e)) => {
+                eprintln!("klm-testkit: cannot finish verification pod {name}: {e}");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
     }
+    eprintln!("klm-testkit: gave up finishing verification pod {name}: API server unreachable");
 }
 
 #[derive(Clone, Copy)]
