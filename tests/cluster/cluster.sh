@@ -379,7 +379,7 @@ EOF
     esac
     dead=""
     wait -n -p dead "${!NAMES[@]}" || true
-    [[ -n "$dead" ]] || continue # woken by a request
+    [[ -n "${dead:-}" ]] || continue # woken by a request
     log "${NAMES[$dead]:-a component} exited; tearing the cluster down. Last lines of its log:"
     tail -n 30 "$DIR/logs/${NAMES[$dead]:-kube-apiserver}.log" >&2 || true
     exit 1
