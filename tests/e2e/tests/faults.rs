@@ -931,28 +931,36 @@ async fn an_agent_killed_while_restoring_resumes_its_restore_turn() -> Result<()
     agent_killed_at(NodeStatus::RollingBack).await
 }
 
-/// The coordinator is SIGKILLed while the run is `RollingBack` (node-2 failed its verification;
-/// node-1's restore turn is held in progress) and a new one starts: it finishes the rollback
-/// from the run record — one `helm rollback`, node-1 restored once — and the run ends Failed.
+/// The coordinator is SIGKILLed while its `helm rollback` runs (node-2 failed its
+/// verification; the run is `RollingBack`) and a new one starts: it finishes the rollback from
+/// the run record — the release back at the recorded version, each upgraded node restored once,
+/// no second upgrade — and the run ends Failed, not stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_killed_while_rolling_back_finishes_the_rollback_once() -> Result<()> {
+async fn a_coordinator_killed_during_helm_rollback_finishes_the_rollback() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let mut p = Product::start("coord-rollback", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
     p.slice
         .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
     let (recorded, ..) = p.release().await?;
-    let n1 = p.node("node-1");
-    let freeze = p.freeze_node_status(&n1, NodeStatus::RollingBack).await?;
+    let gate = p.slice.helm_gate()?;
+    gate.let_upgrades_through()?;
+    p.kill_coordinator();
+    p.extra_coordinator_args
+        .extend(["--helm".to_string(), gate.helm_path().display().to_string()]);
+    p.start_coordinator()?;
+
     let before = trigger(&p, "3.28.0", &[]).await?;
-    p.wait_node_label(&n1, NodeStatus::RollingBack).await?;
+    gate.wait_rollback_held().await?;
     let mid = p.current_run().await?.context("a run")?;
     assert_eq!(mid.phase, RunPhase::RollingBack, "{mid:#?}");
     p.kill_coordinator();
-    freeze.release().await?;
     p.start_coordinator()?;
 
-    let run = finished_after(&p, before, product::RUN_TIMEOUT).await?;
+    let run = finished_after(&p, before, product::RUN_TIMEOUT)
+        .await
+        .context("the run must not be stuck after the coordinator died mid-rollback")?;
+    eprintln!("helm calls: {:#?}", gate.calls());
     assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
     assert_eq!(
         run.failure.as_ref().and_then(|f| f.node.as_deref()),
@@ -968,6 +976,7 @@ async fn a_coordinator_killed_while_rolling_back_finishes_the_rollback_once() ->
     let (rev, version, status) = p.release().await?;
     assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
     assert_eq!(rev, recorded + 2, "one upgrade, one rollback");
+    assert_eq!(gate.upgrade_calls().len(), 1, "{:#?}", gate.calls());
     p.assert_safe(&run.plan).await?;
     p.assert_no_node_processed_twice()?;
     assert_nothing_cordoned(&p).await?;

@@ -7,9 +7,16 @@
 //! Job's pod can never be scheduled (no node carries its node selector), so helm waits there —
 //! with the release `pending-upgrade` — until it is killed or its own `--timeout` passes.
 //! Deterministic, with no sleeps: the test waits for the hook Job to exist
-//! ([`HelmGate::wait_held`]), then kills whoever runs helm. Every other helm call (and every later
-//! upgrade) goes straight to the real helm; the wrapper logs each call's arguments so a test can
-//! tell a second upgrade *attempt* from none, even one helm refused without a new revision.
+//! ([`HelmGate::wait_held`]), then kills whoever runs helm.
+//!
+//! The first `helm rollback` is held too, before the real helm starts (so the release is not yet
+//! touched): the wrapper writes to a FIFO, which returns once the test reads it
+//! ([`HelmGate::wait_rollback_held`]), then blocks reading a second FIFO nobody writes — until
+//! it is killed with whoever runs it.
+//!
+//! Every other helm call (and every later upgrade or rollback) goes straight to the real helm; the
+//! wrapper logs each call's arguments so a test can tell a second upgrade *attempt* from none,
+//! even one helm refused without a new revision.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +45,17 @@ impl Slice {
         let dir = self.dir().join("helm-gate");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         std::fs::write(dir.join("gate-hook.yaml"), GATE_HOOK)?;
+        for fifo in ["rollback-held.fifo", "rollback-go.fifo"] {
+            let path = dir.join(fifo);
+            if !path.exists() {
+                let c = std::ffi::CString::new(path.display().to_string())?;
+                // SAFETY: mkfifo with a valid NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("mkfifo {}", path.display()));
+                }
+            }
+        }
         let wrapper = dir.join("helm");
         let script = WRAPPER
             .replace(
@@ -76,6 +94,48 @@ impl HelmGate {
         )
         .await
         .map(drop)
+    }
+
+    /// Lets every `helm upgrade` straight through (for tests that hold only the rollback).
+    pub fn let_upgrades_through(&self) -> Result<()> {
+        std::fs::create_dir_all(self.dir.join("held"))?;
+        Ok(())
+    }
+
+    /// Waits until the first `helm rollback` is held in the wrapper (the real helm not started).
+    pub async fn wait_rollback_held(&self) -> Result<()> {
+        let fifo = self.dir.join("rollback-held.fifo");
+        let path = fifo.clone();
+        let mut read = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path));
+        let text = match tokio::time::timeout(crate::wait::DEFAULT_TIMEOUT, &mut read).await {
+            Ok(joined) => joined??,
+            Err(_) => {
+                // Unblock the reader (a blocked blocking task would hang the runtime's
+                // shutdown): a writer that opens and closes gives it end-of-file.
+                use std::os::unix::fs::OpenOptionsExt;
+                drop(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&fifo),
+                );
+                let _ = read.await;
+                anyhow::bail!("timed out waiting for helm rollback to be held");
+            }
+        };
+        anyhow::ensure!(
+            text.trim() == "held",
+            "unexpected {text:?} from the rollback gate"
+        );
+        Ok(())
+    }
+
+    /// The `helm rollback` calls made through the wrapper so far.
+    pub fn rollback_calls(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.starts_with("rollback "))
+            .collect()
     }
 
     /// Every helm call made through the wrapper so far, one argv (space-joined) per entry.
@@ -144,6 +204,10 @@ if [[ "${1:-}" == upgrade && $# -ge 3 ]] && mkdir "$gate/held" 2>/dev/null; then
   dir="$(find "$pulled" -mindepth 1 -maxdepth 1 -type d | head -n1)"
   cp "$gate/gate-hook.yaml" "$dir/templates/zz-klm-test-helm-gate.yaml"
   exec "$real" upgrade "$release" "$dir" "${rest[@]}"
+fi
+if [[ "${1:-}" == rollback ]] && mkdir "$gate/rollback-held" 2>/dev/null; then
+  echo held >"$gate/rollback-held.fifo"
+  read -r _ <"$gate/rollback-go.fifo"
 fi
 exec "$real" "$@"
 "#;
