@@ -214,6 +214,33 @@ impl Product {
         Ok(())
     }
 
+    /// What the coordinator's Deployment and the agents' DaemonSet do in a cluster: a product
+    /// process that exited by itself (e.g. a coordinator that lost its leader Lease during an
+    /// API outage exits so a fresh leader takes over) is started again. Returns what was
+    /// restarted. Processes the test killed on purpose (`kill_*`) are not restarted.
+    pub fn restart_exited_processes(&mut self) -> Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        if self
+            .coordinator
+            .as_ref()
+            .is_some_and(|c| c.exit_status().is_some())
+        {
+            restarted.push("coordinator".to_string());
+            self.start_coordinator()?;
+        }
+        let exited: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.exit_status().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in exited {
+            restarted.push(format!("agent on {node}"));
+            self.start_agent(&node)?;
+        }
+        Ok(restarted)
+    }
+
     pub fn kill_agent(&mut self, node: &str) {
         if let Some(a) = self.agents.remove(node) {
             a.kill();
