@@ -33,12 +33,12 @@ test: deps tools fmt-check clippy build unit e2e chart-test ## everything: fmt, 
 
 deps: ## check (and on Debian as root, install) what the scripts need besides Rust and Go
 	@missing=(); \
-	for c in openssl curl setpriv setsid base64; do command -v $$c >/dev/null || missing+=($$c); done; \
+	for c in openssl curl setpriv setsid base64 faketime; do command -v $$c >/dev/null || missing+=($$c); done; \
 	if (( $${#missing[@]} )); then \
 	  if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
-	    echo "deps: installing $${missing[*]} (openssl curl util-linux coreutils)"; \
-	    apt-get update -qq && apt-get install -y -qq openssl curl util-linux coreutils >/dev/null; \
-	  else echo "deps: missing $${missing[*]}: install openssl, curl, util-linux, coreutils" >&2; exit 1; fi; \
+	    echo "deps: installing $${missing[*]} (openssl curl util-linux coreutils faketime)"; \
+	    apt-get update -qq && apt-get install -y -qq openssl curl util-linux coreutils faketime >/dev/null; \
+	  else echo "deps: missing $${missing[*]}: install openssl, curl, util-linux, coreutils, faketime (libfaketime: the fault tests shift agents' clocks)" >&2; exit 1; fi; \
 	fi
 	@command -v $(PYTHON) >/dev/null || { echo "deps: $(PYTHON) is needed (tests/cluster, tests/chart)" >&2; exit 1; }
 	@$(PYTHON) -c 'import yaml' 2>/dev/null || { echo "deps: installing PyYAML for the chart tests"; \

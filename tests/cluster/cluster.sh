@@ -11,7 +11,10 @@
 #   cluster.sh run     the supervisor, in the foreground (what `up` starts; the Rust testkit runs
 #                      it as a child): prints "READY <dir>" on stdout once usable, tears everything
 #                      down and removes the directory when it gets SIGTERM/SIGINT/SIGHUP or when any
-#                      component dies.
+#                      component dies (except a kube-apiserver stopped on request, below).
+#   cluster.sh stop-apiserver   an API outage: SIGKILL kube-apiserver, keep etcd and the rest running
+#   cluster.sh start-apiserver  end it: the same kube-apiserver command line (same port, certificates
+#                      and etcd, so every object is still there); returns once /readyz answers
 #
 # Environment:
 #   KLM_CLUSTER_DIR  cluster directory (default /tmp/klm-cluster): kubeconfig, cluster.env, pki, logs
@@ -67,6 +70,9 @@ EOF
 # ---------------------------------------------------------------------------------------------
 declare -A NAMES=() # pid -> component
 TOOLS_PID=""
+APISERVER_CMD=() # kube-apiserver's command line, kept to restart it identically
+APISERVER_PID="" # empty while stopped on request
+REQUEST=""       # set by the SIGUSR1/SIGUSR2 traps: stop-apiserver / start-apiserver
 
 cleanup() {
   local rc=$?
@@ -102,6 +108,32 @@ check_alive() {
       exit 1
     fi
   done
+}
+
+write_components() {
+  {
+    for pid in "${!NAMES[@]}"; do echo "$pid ${NAMES[$pid]}"; done
+  } >"$DIR/components"
+}
+
+start_apiserver() {
+  start kube-apiserver "${APISERVER_CMD[@]}"
+  APISERVER_PID=$!
+  wait_for kube-apiserver api GET /readyz
+  write_components
+  echo running >"$DIR/apiserver.state"
+}
+
+# A crash, as far as clients can tell: connections reset, nothing answers on the port.
+stop_apiserver() {
+  local pid="$APISERVER_PID"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "NAMES[$pid]"
+  APISERVER_PID=""
+  write_components
+  echo stopped >"$DIR/apiserver.state"
+  log "kube-apiserver stopped on request (etcd and the other components keep running)"
 }
 
 # Start-up readiness: a short poll of a local endpoint, bounded by KLM_START_TIMEOUT.
@@ -140,10 +172,32 @@ gen_pki() {
   local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
   openssl req -x509 "${ec[@]}" -keyout "$p/ca.key" -out "$p/ca.crt" -days 3650 -subj "/CN=klm-test-ca" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  # Certificates are valid from a day ago: tests run product binaries with their wall clock
+  # shifted (libfaketime), and a client whose clock is behind must still accept the API server's
+  # certificate. `openssl x509 -req` cannot backdate; `openssl ca -startdate` can.
+  mkdir -p "$p/ca-db"
+  : >"$p/ca-db/index.txt"
+  cat >"$p/ca-db/ca.cnf" <<EOF
+[ca]
+default_ca = klm
+[klm]
+database = $p/ca-db/index.txt
+new_certs_dir = $p/ca-db
+certificate = $p/ca.crt
+private_key = $p/ca.key
+rand_serial = yes
+default_md = sha256
+policy = any
+unique_subject = no
+[any]
+organizationName = optional
+commonName = supplied
+EOF
+  local start; start="$(date -u -d '1 day ago' +%Y%m%d%H%M%SZ)"
   cert() { # name subject extensions
     openssl req "${ec[@]}" -keyout "$p/$1.key" -out "$p/$1.csr" -subj "$2" 2>/dev/null
-    openssl x509 -req -in "$p/$1.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
-      -days 3650 -out "$p/$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null
+    openssl ca -batch -notext -preserveDN -config "$p/ca-db/ca.cnf" -startdate "$start" -days 3650 \
+      -in "$p/$1.csr" -out "$p/$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null
     rm -f "$p/$1.csr"
   }
   local client=$'keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth'
@@ -249,7 +303,7 @@ run_supervisor() {
 
   # --endpoint-reconciler-type=none: the `kubernetes` Service endpoints may not hold a loopback
   # address, and nothing in a kwok cluster dials it.
-  start kube-apiserver "$tools/kube-apiserver" \
+  APISERVER_CMD=("$tools/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$P_ETCD" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$P_API" \
     --endpoint-reconciler-type=none \
@@ -260,9 +314,14 @@ run_supervisor() {
     --service-account-key-file="$DIR/pki/sa.pub" \
     --service-account-signing-key-file="$DIR/pki/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
-    --allow-privileged=true --profiling=false
-  wait_for kube-apiserver api GET /readyz
+    --allow-privileged=true --profiling=false)
+  start_apiserver
 
+  # A leader that cannot renew its Lease within the renew deadline exits (by design). The tests
+  # stop the API server for up to a minute and a half: stretch the deadlines past that, so the
+  # controllers ride out an outage instead of taking the cluster down. (Each runs alone.)
+  local LEADER_ELECTION=(--leader-elect-lease-duration=150s --leader-elect-renew-deadline=120s
+    --leader-elect-retry-period=2s)
   start kube-controller-manager "$tools/kube-controller-manager" \
     --kubeconfig="$DIR/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$DIR/controller-manager.kubeconfig" \
@@ -270,12 +329,12 @@ run_supervisor() {
     --secure-port=0 --controllers='*' --use-service-account-credentials=true \
     --root-ca-file="$DIR/pki/ca.crt" --service-account-private-key-file="$DIR/pki/sa.key" \
     --cluster-signing-cert-file="$DIR/pki/ca.crt" --cluster-signing-key-file="$DIR/pki/ca.key" \
-    --profiling=false
+    "${LEADER_ELECTION[@]}" --profiling=false
   start kube-scheduler "$tools/kube-scheduler" \
     --kubeconfig="$DIR/scheduler.kubeconfig" \
     --authentication-kubeconfig="$DIR/scheduler.kubeconfig" \
     --authorization-kubeconfig="$DIR/scheduler.kubeconfig" \
-    --secure-port=0 --profiling=false
+    --secure-port=0 "${LEADER_ELECTION[@]}" --profiling=false
   # HOME: kwok also loads ~/.kwok/kwok.yaml when present; keep the user's out of the test cluster.
   start kwok env HOME="$DIR/kwok" "$tools/kwok" \
     --kubeconfig="$DIR/kwok.kubeconfig" --config="$HERE/kwok-stages.yaml" \
@@ -301,19 +360,30 @@ KLM_CHART_REPO=http://127.0.0.1:$P_REPO
 KLM_TOOLS_DIR=$tools
 KLM_APISERVER=https://127.0.0.1:$P_API
 EOF
-  {
-    for pid in "${!NAMES[@]}"; do echo "$pid ${NAMES[$pid]}"; done
-  } >"$DIR/components"
+  write_components
   touch "$DIR/ready"
   log "cluster ready in $((SECONDS - t0))s: apiserver https://127.0.0.1:$P_API, charts http://127.0.0.1:$P_REPO, dir $DIR"
   echo "READY $DIR"
 
-  # Supervise: any component dying ends the cluster (loudly) rather than leaving half of one.
-  local dead=""
-  wait -n -p dead "${!NAMES[@]}" || true
-  log "${NAMES[$dead]:-a component} exited; tearing the cluster down. Last lines of its log:"
-  tail -n 30 "$DIR/logs/${NAMES[$dead]:-kube-apiserver}.log" >&2 || true
-  exit 1
+  # Supervise: any component dying ends the cluster (loudly) rather than leaving half of one,
+  # except kube-apiserver stopped on request (SIGUSR1; SIGUSR2 starts it again). A trapped signal
+  # makes `wait` return at once; the requester re-sends until it sees the state it asked for, so
+  # a signal landing between the REQUEST check and `wait` is only late, never lost.
+  trap 'REQUEST=stop-apiserver' USR1
+  trap 'REQUEST=start-apiserver' USR2
+  local dead
+  while :; do
+    case "$REQUEST" in
+      stop-apiserver) REQUEST=""; [[ -z "$APISERVER_PID" ]] || stop_apiserver; continue ;;
+      start-apiserver) REQUEST=""; [[ -n "$APISERVER_PID" ]] || start_apiserver; continue ;;
+    esac
+    dead=""
+    wait -n -p dead "${!NAMES[@]}" || true
+    [[ -n "${dead:-}" ]] || continue # woken by a request
+    log "${NAMES[$dead]:-a component} exited; tearing the cluster down. Last lines of its log:"
+    tail -n 30 "$DIR/logs/${NAMES[$dead]:-kube-apiserver}.log" >&2 || true
+    exit 1
+  done
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +426,24 @@ cmd_down() {
   log "stopped ($DIR removed)"
 }
 
+# stop-apiserver / start-apiserver: signal the supervisor, wait until it reports the state.
+cmd_apiserver() { # stop|start
+  local want sig pid
+  case "$1" in
+    stop) want=stopped sig=USR1 ;;
+    start) want=running sig=USR2 ;;
+  esac
+  pid="$(supervisor_pid)" && [[ -f "$DIR/ready" ]] || die "no running cluster in $DIR"
+  local deadline=$((SECONDS + ${KLM_START_TIMEOUT:-180})) next=0
+  until [[ "$(cat "$DIR/apiserver.state" 2>/dev/null)" == "$want" ]]; do
+    alive "$pid" || die "the supervisor (pid $pid) exited"
+    ((SECONDS < deadline)) || die "kube-apiserver not $want after ${KLM_START_TIMEOUT:-180}s"
+    if ((SECONDS >= next)); then kill "-$sig" "$pid"; next=$((SECONDS + 2)); fi
+    sleep 0.05
+  done
+  log "kube-apiserver $want"
+}
+
 cmd_status() {
   local pid
   pid="$(supervisor_pid)" || { echo "not running ($DIR)"; return 1; }
@@ -377,5 +465,7 @@ case "${1:-}" in
   env) print_env ;;
   status) cmd_status ;;
   run) run_supervisor ;;
+  stop-apiserver) cmd_apiserver stop ;;
+  start-apiserver) cmd_apiserver start ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use klm_testkit::wait::{DEFAULT_TIMEOUT, is_pod_ready, wait_for, wait_list, when};
-use klm_testkit::{Cluster, OUTCOME_LABEL, Outcome, Slice, VERIFICATION_LABEL};
+use klm_testkit::{ANY, Cluster, OUTCOME_LABEL, Outcome, Slice, VERIFICATION_LABEL};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::conditions;
 use kube::runtime::watcher;
@@ -417,6 +417,7 @@ fn shows(outcome: Outcome, pod: &Pod) -> bool {
                     && waiting == Some("CrashLoopBackOff")
                     && last.map(|t| t.exit_code) == Some(1)
             }
+            Outcome::SucceedAfter(_) => phase == Some("Succeeded") && exit == Some(0),
         }
 }
 
@@ -570,5 +571,172 @@ async fn spawned_processes_get_the_slice_environment_and_can_be_stopped() -> Res
     let sleeper = slice.spawn("/bin/sleep", &["600"], &[])?;
     sleeper.kill();
     ensure!(sleeper.wait(DEFAULT_TIMEOUT).await?.signal() == Some(9));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_verification_can_run_for_a_given_time_then_succeed() -> Result<()> {
+    let slice = Cluster::shared().await.slice("verify-slow", 1).await;
+    let n1 = slice.node_name("node-1");
+    let after = std::time::Duration::from_secs(4);
+    slice.set_verification_outcome("node-1", ANY, Outcome::SucceedAfter(after));
+    let pods: Api<Pod> = Api::namespaced(slice.client(), &slice.verification_namespace());
+    let created = std::time::Instant::now();
+    create_verification_pod(&slice, "slow", &n1).await?;
+    let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    wait_for(
+        &pods,
+        "slow",
+        "slow Running",
+        DEFAULT_TIMEOUT,
+        when(running),
+    )
+    .await?;
+    let running_at = created.elapsed();
+    expect_outcome(&slice, "slow", Outcome::SucceedAfter(after)).await?;
+    let done_at = created.elapsed();
+    ensure!(
+        running_at < after && done_at >= after,
+        "Running after {running_at:?}, Succeeded after {done_at:?}; wanted Running, then \
+         Succeeded once {after:?} had passed"
+    );
+    Ok(())
+}
+
+/// The first wall-clock timestamp a product binary logged (JSON logs), and its exit.
+async fn logged_time(slice: &Slice, offset_secs: i64) -> Result<jiff::Timestamp> {
+    // No kubeconfig: the agent logs its start, fails to reach any cluster and exits.
+    let envs = [
+        ("NODE_NAME", "n1"),
+        ("POD_NAMESPACE", "nowhere"),
+        ("KUBECONFIG", "/nonexistent/kubeconfig"),
+    ];
+    let args = ["--log-format", "json", "--health-addr", ""];
+    let agent = if offset_secs == 0 {
+        slice.spawn("klm-agent", &args, &envs)?
+    } else {
+        slice.spawn_with_clock_offset("klm-agent", &args, &envs, offset_secs)?
+    };
+    agent.wait(DEFAULT_TIMEOUT).await?;
+    let logs = agent.logs();
+    let first: serde_json::Value = serde_json::from_str(logs.lines().next().unwrap_or_default())
+        .with_context(|| format!("a JSON log line: {logs}"))?;
+    first["timestamp"]
+        .as_str()
+        .with_context(|| format!("a timestamp: {first}"))?
+        .parse()
+        .with_context(|| format!("an RFC 3339 timestamp: {first}"))
+}
+
+#[tokio::test]
+async fn a_clock_offset_shifts_only_the_wall_clock_of_a_spawned_binary() -> Result<()> {
+    let slice = Cluster::shared().await.slice("faketime", 0).await;
+    for offset in [0i64, 45, -45] {
+        let before = jiff::Timestamp::now();
+        let logged = logged_time(&slice, offset).await?;
+        let after = jiff::Timestamp::now();
+        let shift = logged.as_millisecond() - before.as_millisecond();
+        let window = after.as_millisecond() - before.as_millisecond();
+        ensure!(
+            shift >= offset * 1000 - 1000 && shift <= offset * 1000 + window + 1000,
+            "offset {offset}s: klm-agent logged {logged}, real time {before}..{after}"
+        );
+    }
+    // Only the wall clock: the monotonic clock (timers, timeouts) is the machine's.
+    let probe = "import time; print(time.time(), time.monotonic())";
+    let py = slice.spawn_with_clock_offset("/usr/bin/python3", &["-c", probe], &[], -45)?;
+    let real_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    py.wait(DEFAULT_TIMEOUT).await?;
+    let out = py.logs();
+    let v: Vec<f64> = out
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("python printed {out:?}"))?;
+    let wall_shift = v[0] - real_wall.as_secs_f64();
+    let mono_shift = v[1] - (ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9);
+    ensure!(
+        (-47.0..=-40.0).contains(&wall_shift) && (-2.0..=5.0).contains(&mono_shift),
+        "wall clock shifted by {wall_shift:.1}s (want -45), monotonic by {mono_shift:.1}s (want 0)"
+    );
+    Ok(())
+}
+
+/// The state letter of /proc/<pid>/stat (R, S, T for stopped, …).
+fn proc_state(pid: u32) -> Result<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .context("parse /proc/<pid>/stat")
+}
+
+#[tokio::test]
+async fn a_spawned_process_can_be_paused_and_resumed() -> Result<()> {
+    let slice = Cluster::shared().await.slice("pause", 0).await;
+    let sleeper = slice.spawn("/bin/sleep", &["600"], &[])?;
+    sleeper.pause().await?;
+    ensure!(sleeper.is_paused() && proc_state(sleeper.pid())? == 'T');
+    sleeper.resume().await?;
+    ensure!(!sleeper.is_paused() && proc_state(sleeper.pid())? != 'T');
+    ensure!(
+        sleeper.exit_status().is_none(),
+        "still running after SIGCONT"
+    );
+    sleeper.kill();
+    use std::os::unix::process::ExitStatusExt;
+    ensure!(sleeper.wait(DEFAULT_TIMEOUT).await?.signal() == Some(9));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_gated_helm_upgrade_holds_the_release_pending_upgrade() -> Result<()> {
+    let slice = Cluster::shared().await.slice("helm-gate", 1).await;
+    let ns = slice.kata_deploy_namespace();
+    slice.install_kata_deploy("kd", "3.27.0", &[]).await?;
+    let gate = slice.helm_gate()?;
+    let wrapper = gate.helm_path().display().to_string();
+    let upgrade = [
+        "upgrade",
+        "kd",
+        "kata-deploy",
+        "-n",
+        &ns,
+        "--version",
+        "3.28.0",
+        "--repo",
+        slice.chart_repo_url(),
+        "--reset-then-reuse-values",
+    ];
+    let held = slice.spawn(&wrapper, &upgrade, &[])?;
+    gate.wait_held().await?;
+    let meta = slice.release_metadata("kd").await?;
+    ensure!(meta["status"] == "pending-upgrade", "{meta}");
+    ensure!(meta["version"] == "3.28.0", "{meta}");
+    ensure!(
+        held.exit_status().is_none(),
+        "helm is still inside the upgrade"
+    );
+    held.kill();
+    held.wait(DEFAULT_TIMEOUT).await?;
+    let meta = slice.release_metadata("kd").await?;
+    ensure!(
+        meta["status"] == "pending-upgrade",
+        "killed helm leaves it: {meta}"
+    );
+    // Only the first upgrade is held; everything else passes straight through.
+    let out = tokio::process::Command::new(gate.helm_path())
+        .args(["status", "kd", "-n", &ns])
+        .envs(slice.env())
+        .output()
+        .await?;
+    ensure!(out.status.success(), "{out:?}");
+    ensure!(gate.upgrade_calls().len() == 1, "{:?}", gate.calls());
+    ensure!(gate.calls().len() == 2, "{:?}", gate.calls());
     Ok(())
 }

@@ -175,6 +175,47 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops kube-apiserver (SIGKILL: to every client, a crash) and keeps etcd, the controllers
+    /// and kwok running, through the supervisor (`cluster.sh stop-apiserver`). Clients see
+    /// connection refused until [`ApiServerOutage::end`] (or its drop) starts it again with the
+    /// same command line: same port, certificates and etcd, so every object is still there.
+    ///
+    /// An outage hits every test sharing the cluster: run such tests in a binary of their own,
+    /// one at a time (`tests/e2e/tests/faults.rs`).
+    pub async fn stop_apiserver(&'static self) -> Result<ApiServerOutage> {
+        self.apiserver_command("stop-apiserver").await?;
+        Ok(ApiServerOutage {
+            cluster: self,
+            since: std::time::Instant::now(),
+            ended: false,
+        })
+    }
+
+    /// Starts kube-apiserver again after [`Cluster::stop_apiserver`] and waits until it is ready
+    /// (a no-op when it runs).
+    pub async fn start_apiserver(&self) -> Result<()> {
+        self.apiserver_command("start-apiserver").await
+    }
+
+    async fn apiserver_command(&self, command: &str) -> Result<()> {
+        let out = tokio::process::Command::new("bash")
+            .arg(paths::workspace_root().join("tests/cluster/cluster.sh"))
+            .arg(command)
+            .env("KLM_CLUSTER_DIR", &self.dir)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .with_context(|| format!("run cluster.sh {command}"))?;
+        if !out.status.success() {
+            bail!(
+                "cluster.sh {command} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// True when this process started the cluster (it ends with this process).
     pub fn is_owned(&self) -> bool {
         self.supervisor.is_some()
@@ -224,6 +265,49 @@ pub(crate) async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     // of returning its 429. Tests must see what the API server answers.
     config.default_retry = false;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// An API server outage in progress (see [`Cluster::stop_apiserver`]). Dropping it without
+/// [`ApiServerOutage::end`] (a test that failed mid-outage) starts the API server again, so the
+/// next test of the binary finds a working cluster.
+#[must_use = "the API server stays down until the outage is ended or dropped"]
+pub struct ApiServerOutage {
+    cluster: &'static Cluster,
+    since: std::time::Instant,
+    ended: bool,
+}
+
+impl ApiServerOutage {
+    /// Starts the API server again and waits until it is ready; returns how long it was down.
+    pub async fn end(mut self) -> Result<Duration> {
+        self.cluster.start_apiserver().await?;
+        self.ended = true;
+        Ok(self.since.elapsed())
+    }
+
+    /// How long the API server has been down so far.
+    pub fn elapsed(&self) -> Duration {
+        self.since.elapsed()
+    }
+}
+
+impl Drop for ApiServerOutage {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        // Drop cannot await; a blocking child process is fine in a test's teardown.
+        let status = Command::new("bash")
+            .arg(paths::workspace_root().join("tests/cluster/cluster.sh"))
+            .arg("start-apiserver")
+            .env("KLM_CLUSTER_DIR", self.cluster.dir())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!(
+                "klm-testkit: could not start kube-apiserver again after an outage: {status:?}"
+            );
+        }
+    }
 }
 
 fn read_env_file(path: &Path) -> Result<HashMap<String, String>> {

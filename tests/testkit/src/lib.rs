@@ -19,6 +19,7 @@
 //! one `KLM_KUBECONFIG` points at); its processes die with the test binary, however it ends.
 
 mod cluster;
+mod helm_gate;
 mod nodes;
 pub mod paths;
 mod process;
@@ -26,8 +27,9 @@ mod slice;
 pub mod verification;
 pub mod wait;
 
-pub use cluster::Cluster;
+pub use cluster::{ApiServerOutage, Cluster};
+pub use helm_gate::{HELM_GATE_JOB, HelmGate};
 pub use nodes::NOT_READY_LABEL;
 pub use process::Proc;
 pub use slice::{SLICE_LABEL, Slice};
-pub use verification::{ANY, Decision, OUTCOME_LABEL, Outcome, VERIFICATION_LABEL};
+pub use verification::{ANY, Decision, FINISH_LABEL, OUTCOME_LABEL, Outcome, VERIFICATION_LABEL};

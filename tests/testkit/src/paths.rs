@@ -40,6 +40,34 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where Debian's `libfaketime` package puts the library (`dpkg -L libfaketime`).
+const LIBFAKETIME_PATHS: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+];
+
+/// libfaketime, which shifts a dynamically linked process's wall clock when preloaded:
+/// `KLM_LIBFAKETIME` if set, else Debian's path (`make deps` installs the `faketime` package).
+pub fn libfaketime() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KLM_LIBFAKETIME").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("KLM_LIBFAKETIME={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    LIBFAKETIME_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "libfaketime not found at {LIBFAKETIME_PATHS:?}: install Debian's `faketime` \
+                 package (`make deps` does, as root) or set KLM_LIBFAKETIME"
+            )
+        })
+}
+
 /// Creates a new, empty directory `<tmp>/<prefix>-<pid>-<random>`.
 pub(crate) fn unique_temp_dir(prefix: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(

@@ -76,6 +76,8 @@ pub struct Proc {
     pid: libc::pid_t,
     log_path: PathBuf,
     exited: watch::Receiver<Option<ExitStatus>>,
+    /// True while the process is stopped (SIGSTOP), as its parent's waitpid reports it.
+    stopped: watch::Receiver<bool>,
 }
 
 impl Proc {
@@ -107,15 +109,40 @@ impl Proc {
         Ok(Proc::watch(name, child, log_path))
     }
 
-    /// Wraps an already started child: a thread reaps it and publishes its exit status.
-    pub(crate) fn watch(name: &str, mut child: Child, log_path: PathBuf) -> Proc {
+    /// Wraps an already started child: a thread reaps it and publishes its exit status, and
+    /// whether it is stopped (waitpid with WUNTRACED|WCONTINUED: the parent is told of stops and
+    /// continues, so [`Proc::pause`] can wait for the stop instead of polling /proc).
+    pub(crate) fn watch(name: &str, child: Child, log_path: PathBuf) -> Proc {
         let pid = child.id() as libc::pid_t;
+        // Reaped below with waitpid; std's Child is not waited on (dropping it does nothing).
+        drop(child);
         let (tx, rx) = watch::channel(None);
+        let (stopped_tx, stopped_rx) = watch::channel(false);
         std::thread::Builder::new()
             .name(format!("wait-{name}"))
             .spawn(move || {
-                let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(-1));
-                let _ = tx.send(Some(status));
+                loop {
+                    let mut raw: libc::c_int = 0;
+                    // SAFETY: waitpid on our own child, writing into a local.
+                    let r =
+                        unsafe { libc::waitpid(pid, &mut raw, libc::WUNTRACED | libc::WCONTINUED) };
+                    if r == -1 {
+                        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        let _ = tx.send(Some(ExitStatus::from_raw(-1)));
+                        return;
+                    }
+                    if libc::WIFSTOPPED(raw) {
+                        let _ = stopped_tx.send(true);
+                    } else if libc::WIFCONTINUED(raw) {
+                        let _ = stopped_tx.send(false);
+                    } else {
+                        let _ = stopped_tx.send(false);
+                        let _ = tx.send(Some(ExitStatus::from_raw(raw)));
+                        return;
+                    }
+                }
             })
             .expect("start a waiter thread");
         Proc {
@@ -123,6 +150,7 @@ impl Proc {
             pid,
             log_path,
             exited: rx,
+            stopped: stopped_rx,
         }
     }
 
@@ -151,6 +179,40 @@ impl Proc {
     /// SIGKILL (the whole process group): a crash, as far as the product can tell.
     pub fn kill(&self) {
         self.signal(libc::SIGKILL);
+    }
+
+    /// SIGSTOP (the whole process group), and waits until the process is stopped: it freezes
+    /// wherever it is, as under a VM pause, a stalled disk or a long stop-the-world pause; its
+    /// connections stay open and its timers stop. [`Proc::resume`] continues it; dropping the
+    /// `Proc` still kills it.
+    pub async fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP);
+        self.wait_stopped(true).await
+    }
+
+    /// SIGCONT (the whole process group), and waits until the process runs again.
+    pub async fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT);
+        self.wait_stopped(false).await
+    }
+
+    /// Whether the process is stopped (SIGSTOP) right now.
+    pub fn is_paused(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    async fn wait_stopped(&self, stopped: bool) -> Result<()> {
+        let mut rx = self.stopped.clone();
+        let timeout = Duration::from_secs(10);
+        match tokio::time::timeout(timeout, rx.wait_for(|s| *s == stopped)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => bail!("{}: waiter thread vanished", self.name),
+            Err(_) => bail!(
+                "{} not {} after {timeout:?}",
+                self.name,
+                if stopped { "stopped" } else { "continued" }
+            ),
+        }
     }
 
     /// SIGTERM to the process: a graceful shutdown request, as Kubernetes sends on pod deletion.

@@ -324,6 +324,29 @@ impl Slice {
         Proc::start(&name, &program, args, &all, log)
     }
 
+    /// [`Slice::spawn`] with the process's wall clock shifted by `offset_secs` (negative: behind)
+    /// through libfaketime ([`paths::libfaketime`]): what a node whose clock drifted looks like
+    /// to the product. Only the wall clock moves (`CLOCK_REALTIME`: timestamps it writes, Lease
+    /// renew times, log times); the monotonic clock its timers use stays true. The API server's
+    /// certificates are valid from a day back (`tests/cluster/cluster.sh`), so TLS still works.
+    pub fn spawn_with_clock_offset(
+        &self,
+        binary: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        offset_secs: i64,
+    ) -> Result<Proc> {
+        let lib = paths::libfaketime()?.display().to_string();
+        let offset = format!("{offset_secs:+}");
+        let mut all: Vec<(&str, &str)> = envs.to_vec();
+        all.extend([
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME", offset.as_str()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ]);
+        self.spawn(binary, args, &all)
+    }
+
     /// Sets what verification pods on `node` do while kata-deploy `version` runs there.
     /// Either may be [`verification::ANY`] (`"*"`). Applies to pods created afterwards.
     pub fn set_verification_outcome(&self, node: &str, version: &str, outcome: Outcome) {

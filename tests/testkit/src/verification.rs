@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
@@ -23,6 +24,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 pub const VERIFICATION_LABEL: &str = "klm.test/verification";
 /// Label the controller sets; kwok stages select on it.
 pub const OUTCOME_LABEL: &str = "klm.test/outcome";
+/// Label the controller adds to a [`Outcome::SucceedAfter`] pod once its duration is up.
+pub const FINISH_LABEL: &str = "klm.test/finish";
 
 /// What a verification pod does once it is on its node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,9 +40,14 @@ pub enum Outcome {
     ImagePull,
     /// Pending → Running → container exited 1, waiting in CrashLoopBackOff (phase Running).
     CrashLoop,
+    /// Pending → Running for the given duration (counted from when the pod is labelled) →
+    /// Succeeded, exit code 0: a healthy verification as slow as a real one (a Kata VM boot and
+    /// image pull take 30–120 s).
+    SucceedAfter(Duration),
 }
 
 impl Outcome {
+    /// Every outcome that needs no parameter.
     pub const ALL: [Outcome; 5] = [
         Outcome::Succeed,
         Outcome::Fail,
@@ -56,13 +64,17 @@ impl Outcome {
             Outcome::Pending => "pending",
             Outcome::ImagePull => "image-pull",
             Outcome::CrashLoop => "crashloop",
+            Outcome::SucceedAfter(_) => "succeed-after",
         }
     }
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
+        match self {
+            Outcome::SucceedAfter(d) => write!(f, "{}({d:?})", self.label()),
+            _ => f.write_str(self.label()),
+        }
     }
 }
 
@@ -173,6 +185,8 @@ pub(crate) async fn run(
 
     // Pods labelled by us whose update may not have reached the store yet.
     let mut labelled: HashSet<String> = HashSet::new();
+    // Timers of SucceedAfter pods; dropped (aborted) with this task.
+    let mut finishers = tokio::task::JoinSet::new();
     let (mut kd_listed, mut verify_listed) = (false, false);
     while let Some((which, event)) = events.next().await {
         match (which, event) {
@@ -220,6 +234,9 @@ pub(crate) async fn run(
             {
                 Ok(_) => {
                     labelled.insert(uid);
+                    if let Outcome::SucceedAfter(after) = outcome {
+                        finishers.spawn(finish_after(api.clone(), name.clone(), after));
+                    }
                     scenario
                         .decisions
                         .lock()
@@ -237,6 +254,29 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// Lets kwok finish a [`Outcome::SucceedAfter`] pod once `after` has passed. The API server may
+/// be down just then (fault tests stop it): retry each second until it answers, for two minutes.
+async fn finish_after(api: Api<Pod>, name: String, after: Duration) {
+    tokio::time::sleep(after).await;
+    let patch = serde_json::json!({"metadata": {"labels": {FINISH_LABEL: "true"}}});
+    for _ in 0..120 {
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return,
+            // Deleted meanwhile (the product gave up on it, or cancelled): nothing to finish.
+            Err(kube::Error::Api(e)) if e.code == 404 => return,
+            Err(kube::Error::Api(e)) => {
+                eprintln!("klm-testkit: cannot finish verification pod {name}: {e}");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    eprintln!("klm-testkit: gave up finishing verification pod {name}: API server unreachable");
 }
 
 #[derive(Clone, Copy)]

@@ -5,20 +5,24 @@
 
 use anyhow::{Result, bail};
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use klm_protocol::keys::{node as node_keys, status_data, trigger};
 use klm_protocol::{NodeStatus, RunRecord};
 use klm_testkit::{Proc, Slice};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const CM: &str = "kata-lifecycle-manager";
 pub const RELEASE: &str = "kata-deploy";
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+pub const UPGRADE_LEASE: &str = "kata-lifecycle-manager-upgrade";
 
 /// What the monitor saw; checked by `assert_safe`.
 #[derive(Debug, Default)]
@@ -33,6 +37,11 @@ pub struct Observed {
     pub concurrent: Vec<String>,
     /// Distinct consecutive Lease holders (their nodes).
     pub holders: Vec<String>,
+    /// Every turn start seen on a Node: (node, run id, status) for each transition to
+    /// `preparing` (an upgrade turn) or `rolling-back` (a restore turn).
+    pub turn_starts: Vec<(String, String, String)>,
+    /// Every kata-deploy pod (uid) seen per node: a node whose pod was restarted once has two.
+    pub kata_deploy_pods: BTreeMap<String, BTreeSet<String>>,
 }
 
 pub struct Product {
@@ -95,7 +104,7 @@ impl Product {
 
     fn coordinator_args_as(&self, identity: &str) -> Vec<String> {
         let s = &self.slice;
-        let mut args: Vec<String> = [
+        let args: Vec<String> = [
             "run",
             "--namespace",
             &s.namespace(),
@@ -132,8 +141,20 @@ impl Product {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(self.extra_coordinator_args.iter().cloned());
-        args
+        // A flag in the extra arguments replaces its default above (clap refuses a repeat).
+        let overridden = |flag: &str| {
+            self.extra_coordinator_args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut kept = vec![args[0].clone()];
+        for pair in args[1..].chunks(2) {
+            if !overridden(&pair[0]) {
+                kept.extend(pair.iter().cloned());
+            }
+        }
+        kept.extend(self.extra_coordinator_args.iter().cloned());
+        kept
     }
 
     pub fn start_coordinator(&mut self) -> Result<()> {
@@ -163,25 +184,61 @@ impl Product {
     }
 
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        self.start_agent_with_clock_offset(node, 0)
+    }
+
+    /// An agent whose wall clock is `offset_secs` ahead (negative: behind) of everyone else's
+    /// (libfaketime; see `Slice::spawn_with_clock_offset`). 0 is a plain agent.
+    pub fn start_agent_with_clock_offset(&mut self, node: &str, offset_secs: i64) -> Result<()> {
         let ns = self.slice.namespace();
-        let proc = self.slice.spawn(
-            "klm-agent",
-            &[
-                "--health-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "text",
-                "--pod-ready-timeout",
-                "60s",
-            ],
-            &[
-                ("NODE_NAME", node),
-                ("POD_NAMESPACE", &ns),
-                ("RUST_LOG", "info"),
-            ],
-        )?;
+        let args = [
+            "--health-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "text",
+            "--pod-ready-timeout",
+            "60s",
+        ];
+        let env = [
+            ("NODE_NAME", node),
+            ("POD_NAMESPACE", ns.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        let proc = if offset_secs == 0 {
+            self.slice.spawn("klm-agent", &args, &env)?
+        } else {
+            self.slice
+                .spawn_with_clock_offset("klm-agent", &args, &env, offset_secs)?
+        };
         self.agents.insert(node.to_string(), proc);
         Ok(())
+    }
+
+    /// What the coordinator's Deployment and the agents' DaemonSet do in a cluster: a product
+    /// process that exited by itself (e.g. a coordinator that lost its leader Lease during an
+    /// API outage exits so a fresh leader takes over) is started again. Returns what was
+    /// restarted. Processes the test killed on purpose (`kill_*`) are not restarted.
+    pub fn restart_exited_processes(&mut self) -> Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        if self
+            .coordinator
+            .as_ref()
+            .is_some_and(|c| c.exit_status().is_some())
+        {
+            restarted.push("coordinator".to_string());
+            self.start_coordinator()?;
+        }
+        let exited: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.exit_status().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in exited {
+            restarted.push(format!("agent on {node}"));
+            self.start_agent(&node)?;
+        }
+        Ok(restarted)
     }
 
     pub fn kill_agent(&mut self, node: &str) {
@@ -209,8 +266,19 @@ impl Product {
                     .and_then(|l| l.get(node_keys::STATUS))
                     .cloned()
                     .unwrap_or_default();
+                let run = node
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(node_keys::RUN_ID))
+                    .cloned()
+                    .unwrap_or_default();
                 let mut o = obs.lock().unwrap();
                 if o.status.get(&name) != Some(&status) {
+                    if status == "preparing" || status == "rolling-back" {
+                        o.turn_starts
+                            .push((name.clone(), run.clone(), status.clone()));
+                    }
                     o.status.insert(name.clone(), status.clone());
                     o.transitions.push((name, status));
                     o.seen_at.push(std::time::Instant::now());
@@ -223,6 +291,20 @@ impl Product {
                     if busy.len() > 1 {
                         o.concurrent.push(busy.join(","));
                     }
+                }
+            }
+        }));
+        let pods: Api<Pod> =
+            Api::namespaced(self.slice.client(), &self.slice.kata_deploy_namespace());
+        let obs = self.observed.clone();
+        self.monitor.push(tokio::spawn(async move {
+            let cfg = watcher::Config::default().labels("name=kata-deploy");
+            let mut stream = std::pin::pin!(watcher(pods, cfg).default_backoff().applied_objects());
+            while let Some(Ok(pod)) = stream.next().await {
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                if let (Some(node), Some(uid)) = (node, pod.metadata.uid.clone()) {
+                    let mut o = obs.lock().unwrap();
+                    o.kata_deploy_pods.entry(node).or_default().insert(uid);
                 }
             }
         }));
@@ -433,6 +515,157 @@ impl Product {
         Ok(())
     }
 
+    /// No node started the same kind of turn twice in one run: a turn that was interrupted is
+    /// resumed, not started over (and a node upgraded once is not upgraded again).
+    pub fn assert_no_node_processed_twice(&self) -> Result<()> {
+        let o = self.observed.lock().unwrap();
+        let mut seen = BTreeSet::new();
+        for start in &o.turn_starts {
+            if !seen.insert(start) {
+                bail!(
+                    "node {} started its {} turn twice in run {}; turns seen: {:?}\n{}",
+                    start.0,
+                    start.2,
+                    start.1,
+                    o.turn_starts,
+                    self.logs()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// How many distinct kata-deploy pods the monitor saw on `node` (1 + restarts).
+    pub fn kata_deploy_pods_seen(&self, node: &str) -> usize {
+        let o = self.observed.lock().unwrap();
+        o.kata_deploy_pods.get(node).map_or(0, BTreeSet::len)
+    }
+
+    /// The Node's status label, read now.
+    pub async fn node_status(&self, node: &str) -> Result<Option<String>> {
+        Ok(self.node_labels(node).await?.0)
+    }
+
+    /// Waits (watch on the Node itself, not the run record) until `node`'s status label is
+    /// `status`.
+    pub async fn wait_node_label(&self, node: &str, status: NodeStatus) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.slice.client());
+        let want = status.as_str();
+        klm_testkit::wait::wait_for(
+            &nodes,
+            &self.node(node),
+            &format!("node {node} status {want}"),
+            RUN_TIMEOUT,
+            klm_testkit::wait::when(move |n: &Node| {
+                n.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(node_keys::STATUS))
+                    .is_some_and(|s| s == want)
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.slice.client(), &self.slice.namespace())
+    }
+
+    /// The upgrade Lease, if it exists.
+    pub async fn upgrade_lease(&self) -> Result<Option<Lease>> {
+        Ok(self.leases().get_opt(UPGRADE_LEASE).await?)
+    }
+
+    /// Deletes the trigger ConfigMap (run record included), as a careless `kubectl delete` would.
+    pub async fn delete_trigger(&self) -> Result<()> {
+        self.cms().delete(CM, &Default::default()).await?;
+        Ok(())
+    }
+
+    /// Overwrites the run record with text that is not a run record.
+    pub async fn corrupt_run_record(&self, garbage: &str) -> Result<()> {
+        let patch = serde_json::json!({"data": {status_data::RUN: garbage}});
+        self.cms()
+            .patch(CM, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The raw `run.json` text of the trigger ConfigMap.
+    pub async fn raw_run_record(&self) -> Result<Option<String>> {
+        let cm = self.cms().get_opt(CM).await?;
+        Ok(cm
+            .and_then(|c| c.data)
+            .and_then(|d| d.get(status_data::RUN).cloned()))
+    }
+
+    /// `data.message` of the trigger ConfigMap (readable even when run.json is not).
+    pub async fn status_message(&self) -> Result<Option<String>> {
+        let cm = self.cms().get_opt(CM).await?;
+        Ok(cm
+            .and_then(|c| c.data)
+            .and_then(|d| d.get(status_data::MESSAGE).cloned()))
+    }
+
+    /// Holds `node` at `status`: a ValidatingAdmissionPolicy refuses every update of that Node
+    /// that would move its status label away from `status` (nothing else is refused). With it, a
+    /// test can kill the agent "at" a status deterministically: the agent cannot get past it.
+    /// Returns once the API server enforces the policy.
+    pub async fn freeze_node_status(&self, node: &str, status: NodeStatus) -> Result<Freeze> {
+        let name = format!("klm-test-freeze-{}", self.slice.id());
+        let node = self.node(node);
+        let key = node_keys::STATUS;
+        let label = |obj: &str| {
+            format!(
+                "(has({obj}.metadata.labels) && '{key}' in {obj}.metadata.labels && \
+                 {obj}.metadata.labels['{key}'] == '{}')",
+                status.as_str()
+            )
+        };
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["UPDATE"], "resources": ["nodes"],
+                }]},
+                "matchConditions": [{
+                    "name": "this-node",
+                    "expression": format!("object.metadata.name == '{node}'"),
+                }],
+                "validations": [
+                    {
+                        "expression": format!("!{} || {}", label("oldObject"), label("object")),
+                        "message": format!("klm-test: node {node} is held at {}", status.as_str()),
+                    },
+                    {
+                        "expression": format!(
+                            "!(has(object.metadata.labels) && '{FREEZE_PROBE}' in object.metadata.labels)"
+                        ),
+                        "message": "klm-test: freeze probe",
+                    },
+                ],
+            },
+        }))?;
+        let binding: ValidatingAdmissionPolicyBinding =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"policyName": name, "validationActions": ["Deny"]},
+            }))?;
+        let client = self.slice.client();
+        Api::<ValidatingAdmissionPolicy>::all(client.clone())
+            .create(&PostParams::default(), &policy)
+            .await?;
+        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+        let freeze = Freeze { name, node, client };
+        freeze.wait_enforced(true).await?;
+        Ok(freeze)
+    }
+
     pub fn logs(&self) -> String {
         let mut s = String::new();
         if let Some(c) = &self.coordinator {
@@ -442,6 +675,64 @@ impl Product {
             s.push_str(&format!("--- {} ---\n{}\n", a.name(), tail(&a.logs(), 30)));
         }
         s
+    }
+}
+
+/// Label whose addition the freeze policy refuses: a dry-run update carrying it tells whether
+/// the API server enforces the policy yet.
+const FREEZE_PROBE: &str = "klm.test/freeze-probe";
+
+/// A Node held at a status (see [`Product::freeze_node_status`]); [`Freeze::release`] lifts it.
+pub struct Freeze {
+    name: String,
+    node: String,
+    client: kube::Client,
+}
+
+impl Freeze {
+    /// Removes the policy and returns once the API server no longer enforces it.
+    pub async fn release(self) -> Result<()> {
+        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone())
+            .delete(&self.name, &Default::default())
+            .await?;
+        Api::<ValidatingAdmissionPolicy>::all(self.client.clone())
+            .delete(&self.name, &Default::default())
+            .await?;
+        self.wait_enforced(false).await
+    }
+
+    /// The API server loads admission policies from its own informer, with no signal a client
+    /// can watch for; so probe with dry-run updates (they change nothing) until it answers as
+    /// wanted, a tenth of a second apart, for at most 30 s.
+    async fn wait_enforced(&self, enforced: bool) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let probe = serde_json::json!({"metadata": {"labels": {FREEZE_PROBE: "1"}}});
+        let params = PatchParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let denied = match nodes
+                .patch(&self.node, &params, &Patch::Merge(&probe))
+                .await
+            {
+                Ok(_) => false,
+                Err(kube::Error::Api(e)) if e.message.contains("freeze probe") => true,
+                Err(e) => return Err(e.into()),
+            };
+            if denied == enforced {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the freeze policy {} is not {}",
+                    self.name,
+                    if enforced { "enforced" } else { "gone" }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
