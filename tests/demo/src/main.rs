@@ -1,8 +1,8 @@
 //! `make demo`: kata-lifecycle-manager upgrading a fleet node by node, then rolling back.
 //!
 //! On a real control plane started on this machine (etcd, kube-apiserver, controller-manager,
-//! scheduler, kwok simulating 5 nodes; see `tests/cluster/cluster.sh`), with the fixture
-//! kata-deploy chart at 3.27.0, the coordinator and one agent per node as local processes:
+//! scheduler, kwok simulating 5 nodes; see `tests/cluster/cluster.sh`), with the upstream
+//! kata-deploy chart at 3.27.0 (`../shared/kata-deploy-charts`), the coordinator and one agent per node as local processes:
 //!
 //! 1. opt 4 of the 5 nodes in and trigger 3.28.0: the table shows each node going through
 //!    preparing → cordoned → upgrading → verifying → completed, one at a time;
@@ -27,6 +27,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use klm_protocol::keys::{defaults, node as node_keys};
 use klm_protocol::{RunPhase, RunRecord};
+use klm_testkit::upstream::UpstreamRepo;
 use klm_testkit::wait::{DEFAULT_TIMEOUT, wait_for, when};
 use klm_testkit::{Cluster, Outcome, Proc, Slice};
 use kube::api::{Api, ListParams, PostParams};
@@ -122,7 +123,8 @@ async fn run(t0: Instant, scratch: &Path) -> Result<()> {
             "    ready; {NODES} simulated nodes (kwok): {}",
             slice.nodes().await?.join(", ")
         );
-        let mut demo = Demo::new(slice, t0);
+        let charts = UpstreamRepo::serve().await?;
+        let mut demo = Demo::new(slice, charts, t0);
         let r = demo.play().await;
         if r.is_err() {
             demo.keep_logs();
@@ -219,15 +221,18 @@ async fn stop_cluster(cluster: &Cluster) {
 
 struct Demo {
     slice: Slice,
+    /// The upstream kata-deploy charts on a loopback repository: the demo upgrades what users run.
+    charts: UpstreamRepo,
     t0: Instant,
     coordinator: Option<Proc>,
     agents: Vec<Proc>,
 }
 
 impl Demo {
-    fn new(slice: Slice, t0: Instant) -> Demo {
+    fn new(slice: Slice, charts: UpstreamRepo, t0: Instant) -> Demo {
         Demo {
             slice,
+            charts,
             t0,
             coordinator: None,
             agents: Vec::new(),
@@ -256,10 +261,10 @@ impl Demo {
     async fn play(&mut self) -> Result<()> {
         let kd = self.slice.kata_deploy_namespace();
         self.step(format!(
-            "helm install {RELEASE} (fixture kata-deploy chart {INSTALLED}) -n {kd}"
+            "helm install {RELEASE} kata-deploy --version {INSTALLED} (the upstream chart) -n {kd}"
         ));
         self.slice
-            .install_kata_deploy(RELEASE, INSTALLED, &[])
+            .install_kata_deploy_from(self.charts.url(), RELEASE, INSTALLED, &[])
             .await?;
         println!("    kata-deploy {INSTALLED} Ready on all {NODES} nodes");
 
@@ -398,7 +403,7 @@ impl Demo {
                 ("KLM_LOG_FORMAT", "text"),
                 ("KLM_LEASE_DURATION_SECONDS", LEASE_SECONDS),
                 ("KLM_CHART_REF", "kata-deploy"),
-                ("KLM_CHART_REPO", s.chart_repo_url()),
+                ("KLM_CHART_REPO", self.charts.url()),
                 ("KLM_HELM_BIN", &helm),
                 ("KLM_DEFAULT_HELM_RELEASE", RELEASE),
                 ("KLM_DEFAULT_HELM_NAMESPACE", &kd),

@@ -590,10 +590,7 @@ async fn coordinator_rights_upgrade_and_restore_the_real_kata_deploy_charts() ->
     let inst = installed().await;
     let helm = Helm::new(inst.cluster, &inst.work);
     let coordinator = helm.impersonating(&coordinator_sa());
-    let charts = root()
-        .parent()
-        .context("the workspace has a parent")?
-        .join("shared/kata-deploy-charts");
+    let charts = klm_testkit::upstream::charts_dir();
     let chart = |v: &str| {
         charts
             .join(format!("kata-deploy-{v}.tgz"))
@@ -606,12 +603,7 @@ async fn coordinator_rights_upgrade_and_restore_the_real_kata_deploy_charts() ->
     let on_our_nodes = format!(r#"nodeSelector={{"{NODE_LABEL}":"true"}}"#);
     const MIRROR: &str = "registry.example/mirror/kata-deploy";
 
-    for (from, to) in [
-        ("3.27.0", "3.29.0"),
-        ("3.29.0", "3.31.0"),
-        ("3.31.0", "4.0.0"),
-        ("4.0.0", "4.1.0"),
-    ] {
+    for (from, to) in klm_testkit::upstream::UPGRADE_PATHS {
         let path = format!("{from} -> {to}");
         // Post-delete hooks would start cleanup Jobs; the next install reuses the names.
         helm.run(&[

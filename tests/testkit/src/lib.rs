@@ -24,6 +24,7 @@ mod nodes;
 pub mod paths;
 mod process;
 mod slice;
+pub mod upstream;
 pub mod verification;
 pub mod wait;
 

@@ -243,6 +243,19 @@ impl Slice {
         version: &str,
         extra_set: &[&str],
     ) -> Result<Vec<Pod>> {
+        self.install_kata_deploy_from(self.chart_repo_url(), release, version, extra_set)
+            .await
+    }
+
+    /// [`Slice::install_kata_deploy`] from another chart repository (e.g. the upstream charts,
+    /// [`crate::upstream::UpstreamRepo`]).
+    pub async fn install_kata_deploy_from(
+        &self,
+        repo: &str,
+        release: &str,
+        version: &str,
+        extra_set: &[&str],
+    ) -> Result<Vec<Pod>> {
         let ns = self.kata_deploy_namespace();
         let node_selector = format!(r#"nodeSelector={{"{SLICE_LABEL}":"{}"}}"#, self.id);
         let mut args = vec![
@@ -250,7 +263,7 @@ impl Slice {
             release,
             "kata-deploy",
             "--repo",
-            self.chart_repo_url(),
+            repo,
             "--version",
             version,
             "--namespace",
