@@ -287,18 +287,16 @@ impl Coordinator {
                 self.s
                     .metrics
                     .helm_call(HelmOp::Status, began.elapsed(), &counted);
-                answers.push(Input::Release(
-                    match read {
-                        Ok(m) => ReleaseRead::Found(ReleaseObservation {
-                            chart: m.chart,
-                            version: m.version,
-                            revision: m.revision,
-                            status: ReleaseStatus::parse(&m.status),
-                        }),
-                        Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
-                        Err(e) => ReleaseRead::Error(e.to_string()),
-                    },
-                ));
+                answers.push(Input::Release(match read {
+                    Ok(m) => ReleaseRead::Found(ReleaseObservation {
+                        chart: m.chart,
+                        version: m.version,
+                        revision: m.revision,
+                        status: ReleaseStatus::parse(&m.status),
+                    }),
+                    Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
+                    Err(e) => ReleaseRead::Error(e.to_string()),
+                }));
             }
             Effect::ReadDaemonSet { namespace } => {
                 let ds = daemonset::current_revision(

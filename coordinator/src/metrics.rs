@@ -1,14 +1,14 @@
 //! The coordinator's Prometheus metrics. The run gauges are a projection of the run record the
 //! machine decided (`observe_run`, called by the driver after each reconcile); the helm and
 //! Lease counters are bumped where the driver performs those effects.
+use klm_kube::metrics::{Registry, slow_buckets};
+use klm_protocol::run::RunRecord;
+use klm_protocol::{NodeStatus, RunPhase};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use klm_kube::metrics::{Registry, slow_buckets};
-use klm_protocol::run::RunRecord;
-use klm_protocol::{NodeStatus, RunPhase};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -248,7 +248,11 @@ mod tests {
         let m = Metrics::register(&mut reg);
         m.observe_run(Some(&run(
             RunPhase::Running,
-            &[Some(NodeStatus::Completed), Some(NodeStatus::Draining), None],
+            &[
+                Some(NodeStatus::Completed),
+                Some(NodeStatus::Draining),
+                None,
+            ],
         )));
         let text = render(&reg);
         for line in [

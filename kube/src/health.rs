@@ -172,7 +172,10 @@ mod tests {
     async fn readyz_follows_the_flag_and_metrics_are_served() {
         let (e, tx) = endpoints(Duration::from_secs(60));
         let app = router(e);
-        assert_eq!(get(&app, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(&app, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         tx.send(true).unwrap();
         assert_eq!(get(&app, "/readyz").await.0, StatusCode::OK);
         let (code, body) = get(&app, "/metrics").await;

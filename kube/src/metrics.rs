@@ -12,7 +12,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 pub use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
-
 /// Histogram buckets (seconds) for things that take from a second to half an hour: a step of a
 /// node's turn (a drain may wait on PodDisruptionBudgets), a helm call.
 pub fn slow_buckets() -> impl Iterator<Item = f64> {

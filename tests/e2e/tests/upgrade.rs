@@ -1396,7 +1396,11 @@ async fn pause_then_resume_continues_where_it_stopped() -> anyhow::Result<()> {
     }
     // Full node names pass through `Product::node`.
     let unstarted = paused.plan[started.len()].clone();
-    assert_eq!(p.node_labels(&unstarted).await?, (None, None), "{unstarted}");
+    assert_eq!(
+        p.node_labels(&unstarted).await?,
+        (None, None),
+        "{unstarted}"
+    );
 
     p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_RESUME))])
         .await?;
