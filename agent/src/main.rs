@@ -44,9 +44,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
         "kata-lifecycle-manager agent starting"
     );
     let (ready_tx, ready_rx) = watch::channel(false);
-    let (client, requests) = client().await.context(
-        "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
-    )?;
+    let requests = ctx::RequestCounter::default();
     let mut registry = klm_kube::metrics::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     let counted = requests.clone();
@@ -68,6 +66,9 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     {
         info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
     }
+    let client = client(requests.clone()).await.context(
+        "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
+    )?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
@@ -90,11 +91,10 @@ const MAX_BUSY: std::time::Duration = std::time::Duration::from_secs(600);
 /// a PodDisruptionBudget's refusal (429) from the drain and its deadline, and stall a Lease
 /// renewal past the fence. Every caller here retries on its own terms (jittered backoff,
 /// bounded by its step's deadline or the fence).
-async fn client() -> anyhow::Result<(kube::Client, ctx::RequestCounter)> {
+async fn client(counter: ctx::RequestCounter) -> anyhow::Result<kube::Client> {
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
-    let counter = ctx::RequestCounter::default();
-    let inner = counter.clone();
+    let inner = counter;
     let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
         inner.add();
         req
@@ -102,7 +102,7 @@ async fn client() -> anyhow::Result<(kube::Client, ctx::RequestCounter)> {
     let client = kube::client::ClientBuilder::try_from(config)?
         .with_layer(&count)
         .build();
-    Ok((client, counter))
+    Ok(client)
 }
 
 /// SIGTERM/SIGINT: stop between steps. A second signal exits at once.
