@@ -221,3 +221,44 @@ async fn metrics_show_a_failed_verification_and_the_rollback() -> anyhow::Result
     p.assert_safe(&[p.node("node-1"), p.node("node-2")]).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_run_shows_in_the_metrics_until_resumed() -> anyhow::Result<()> {
+    let p = Product::start("metrics-pause", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_run(
+        |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
+        product::RUN_TIMEOUT,
+    )
+    .await?;
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
+        .await?;
+    let paused = p
+        .wait_run(|r| r.paused && r.turn.is_none(), product::RUN_TIMEOUT)
+        .await?;
+    let done = paused.completed() as f64;
+    let coord = coordinator_addr(&p);
+    let text = scrape_until(coord, "klm_run_paused", 1.0).await?;
+    for (series, want) in [
+        ("klm_run_phase{phase=\"Running\"}", 1.0),
+        ("klm_run_nodes{status=\"completed\"}", done),
+        ("klm_run_nodes{status=\"pending\"}", 2.0 - done),
+    ] {
+        assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+    }
+
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_RESUME))])
+        .await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    let text = scrape_until(coord, "klm_run_last_result{result=\"Succeeded\"}", 1.0).await?;
+    assert_eq!(value(&text, "klm_run_paused"), Some(0.0), "{text}");
+    assert_eq!(
+        value(&text, "klm_run_nodes{status=\"completed\"}"),
+        Some(2.0)
+    );
+    Ok(())
+}
