@@ -67,6 +67,13 @@ pub async fn run(
                     Some(Ok(cm)) => {
                         reading = match cm {
                             Some(cm) => read_configmap(&cm, &agent.config.node_name),
+                            // A deleted trigger ConfigMap is no record, not a record that moved
+                            // on: a turn in progress goes on under its Lease (the coordinator
+                            // recreates the ConfigMap from its own state).
+                            None if running.is_some() => {
+                                warn!("the trigger ConfigMap was deleted; the turn in progress goes on under the upgrade Lease");
+                                reading
+                            }
                             None => Reading::Idle,
                         };
                         if !listed {

@@ -115,12 +115,17 @@ async fn attempt_turn(
         return Attempt::End(TurnEnd::Finished);
     }
 
-    let held = match lapsed {
+    let retaken = match lapsed {
+        None => None,
         Some(transitions) => match agent.lease.retake(transitions).await {
             Ok(held) => {
                 info!("nobody took the Lease while our hold had lapsed; took it again");
                 agent.metrics.lease_held();
-                held
+                Some(held)
+            }
+            Err(RetakeError::Free) => {
+                info!("the Lease is free (deleted and recreated, or cleared); taking it again");
+                None
             }
             Err(RetakeError::Lost(why)) => {
                 lost_for_good(agent, &node, &a.run_id, &why);
@@ -128,6 +133,9 @@ async fn attempt_turn(
             }
             Err(RetakeError::Api(e)) => return Attempt::Retry(format!("reading the Lease: {e}")),
         },
+    };
+    let held = match retaken {
+        Some(held) => held,
         None => {
             info!("our turn: waiting for the upgrade Lease");
             let mut revoked = signal.clone();

@@ -57,7 +57,7 @@ pub fn read_configmap(cm: &ConfigMap, node: &str) -> Reading {
         Ok(record) => {
             let mut reading = read_record(&record, node);
             if let Reading::Turn(a) = &mut reading {
-                a.cancel_requested = cancel_requested(text);
+                a.cancel_requested = record.cancel_requested;
             }
             reading
         }
@@ -66,16 +66,6 @@ pub fn read_configmap(cm: &ConfigMap, node: &str) -> Reading {
             status_data::RUN
         )),
     }
-}
-
-/// The run record's `cancelRequested` flag (set by the coordinator on `action=cancel`). Read
-/// from the JSON text so this agent understands it whatever the record type's version.
-// TODO(merge): read `RunRecord::cancel_requested` once the coordinator's record carries it.
-fn cancel_requested(text: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| v.get("cancelRequested")?.as_bool())
-        .unwrap_or(false)
 }
 
 pub fn read_record(record: &RunRecord, node: &str) -> Reading {
@@ -117,16 +107,10 @@ mod tests {
             target_version: "3.28.0".into(),
             helm_release: "kata-deploy".into(),
             helm_namespace: "kube-system".into(),
-            node_selector: String::new(),
-            node_taint_key: String::new(),
-            node_taint_value: String::new(),
             verification_namespace: "default".into(),
-            verification_pod: String::new(),
-            drain_enabled: false,
             drain_timeout_seconds: 300,
             verification_timeout_seconds: 300,
-            helm_set_values: Vec::new(),
-            drain_chosen: false,
+            ..Default::default()
         }
     }
 
@@ -205,9 +189,9 @@ mod tests {
             panic!()
         };
         assert!(!a.cancel_requested);
-        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
-        v["cancelRequested"] = true.into();
-        cm.data = Some([(status_data::RUN.to_string(), v.to_string())].into());
+        let mut cancelled = r.clone();
+        cancelled.cancel_requested = true;
+        cm.data = Some([(status_data::RUN.to_string(), cancelled.to_json())].into());
         let Reading::Turn(a) = read_configmap(&cm, "n1") else {
             panic!()
         };

@@ -5,7 +5,6 @@ mod daemonset;
 mod driver;
 mod helm;
 mod metrics;
-mod status;
 mod status_data;
 
 use clap::Parser;
@@ -22,7 +21,16 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(*args).await,
-        Command::Status(args) => status::show(args).await,
+        Command::Status(args) => {
+            let client = kube::Client::try_default().await?;
+            let view = klm_kube::status_view::ViewArgs {
+                namespace: args.common.namespace,
+                configmap: args.common.trigger_configmap,
+                watch: args.watch,
+                json: args.json,
+            };
+            Ok(klm_kube::status_view::show(client, &view).await?)
+        }
     }
 }
 

@@ -11,5 +11,6 @@ pub mod logging;
 pub mod metrics;
 pub mod nodes;
 pub mod retry;
+pub mod status_view;
 pub mod time;
 pub mod watch;

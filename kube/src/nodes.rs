@@ -1,33 +1,25 @@
 //! Node reads and patches for the status label/annotation pair and our bookkeeping.
 use k8s_openapi::api::core::v1::Node;
-use klm_protocol::keys::node as keys;
 use klm_protocol::lifecycle::ObservedNode;
+use klm_protocol::node_record::{self, NodeRecord};
 use klm_protocol::plan::{NodeFacts, Taint};
 use klm_protocol::run_machine::NodeSnapshot;
-use klm_protocol::{Evidence, NodeStatus, TurnKind};
+use klm_protocol::{Evidence, TurnKind};
 use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
-/// What the coordinator needs from a Node for the run lifecycle.
+/// What the coordinator needs from a Node for the run lifecycle (the bookkeeping contract is
+/// `klm_protocol::node_record`: read and written in that one place).
 pub fn observe(node: Option<&Node>) -> ObservedNode {
     let Some(node) = node else {
         return ObservedNode::default();
     };
+    let record = NodeRecord::of(node);
     ObservedNode {
-        exists: node.metadata.deletion_timestamp.is_none(),
-        status: annotation(node, keys::STATUS).and_then(|s| s.parse::<NodeStatus>().ok()),
-        run_id: annotation(node, keys::RUN_ID).map(str::to_string),
-        turn: annotation(node, keys::TURN).and_then(TurnKind::parse),
-        evidence: annotation(node, keys::EVIDENCE)
-            .and_then(|e| serde_json::from_str::<Evidence>(e).ok()),
+        exists: record.exists,
+        status: record.status,
+        run_id: record.run_id,
+        turn: record.turn,
+        evidence: record.evidence,
         read_at_ms: None,
     }
 }
@@ -60,17 +52,6 @@ pub fn facts(node: &Node) -> NodeFacts {
     }
 }
 
-pub fn is_unschedulable(node: &Node) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false)
-}
-
-pub fn cordoned_by_us(node: &Node) -> bool {
-    annotation(node, keys::CORDONED_BY) == Some(keys::CORDON_OWNER)
-}
-
 /// Marks a node `failed` for a run when its agent cannot (lost agent or node). Keeps the
 /// cordon: a node that vanished mid-upgrade must be inspected before it takes workloads.
 pub async fn mark_failed(
@@ -80,17 +61,7 @@ pub async fn mark_failed(
     turn: TurnKind,
     evidence: &Evidence,
 ) -> kube::Result<()> {
-    let patch = json!({
-        "metadata": {
-            "labels": { keys::STATUS: NodeStatus::Failed.as_str() },
-            "annotations": {
-                keys::STATUS: NodeStatus::Failed.as_str(),
-                keys::RUN_ID: run_id,
-                keys::TURN: turn.as_str(),
-                keys::EVIDENCE: serde_json::to_string(evidence).unwrap_or_default(),
-            }
-        }
-    });
+    let patch = node_record::failed_by_coordinator(run_id, turn, evidence).to_json();
     api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())

@@ -141,20 +141,23 @@ pub fn parked(me: &str) -> &str {
     holder_node(me)
 }
 
-/// What an agent whose hold lapsed mid-turn (it could not renew: the API was unreachable) does
-/// once it can read the Lease again.
+/// What an agent whose hold lapsed mid-turn (it could not renew: the API was unreachable, or
+/// the Lease was deleted) does once it can read the Lease again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterLapse {
     /// Nobody took it meanwhile (same holder, same transitions): take it again and resume the
     /// turn from the status on the Node.
     Retake,
-    /// Someone else has it (or it was cleared or deleted): stop mutating for good.
+    /// Nobody holds it (deleted — the coordinator recreates it free — or cleared): take it as
+    /// any turn starts ([`claim`]) and resume from the status on the Node.
+    Acquire,
+    /// Someone else has it: stop mutating for good.
     Lost(String),
 }
 
 pub fn after_lapse(view: Option<&LeaseView>, me: &str, transitions: i32) -> AfterLapse {
     let Some(view) = view else {
-        return AfterLapse::Lost("the Lease was deleted".into());
+        return AfterLapse::Acquire;
     };
     match view.holder.as_deref() {
         Some(h) if h == me && view.transitions == transitions => AfterLapse::Retake,
@@ -162,7 +165,7 @@ pub fn after_lapse(view: Option<&LeaseView>, me: &str, transitions: i32) -> Afte
             "it is now held by {h:?} (leaseTransitions {transitions} -> {})",
             view.transitions
         )),
-        None => AfterLapse::Lost("its holder was cleared".into()),
+        None => AfterLapse::Acquire,
     }
 }
 
@@ -298,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn after_a_lapse_only_an_untouched_lease_is_taken_again() {
+    fn after_a_lapse_a_lease_someone_else_took_is_never_taken_back() {
         let me = "n1/a";
         assert_eq!(
             after_lapse(Some(&held(me, 5, 4)), me, 4),
@@ -315,11 +318,12 @@ mod tests {
             after_lapse(Some(&held("n1/b", 5, 4)), me, 4),
             AfterLapse::Lost(_)
         ));
-        assert!(matches!(
+        // Deleted (the coordinator recreates it free) or cleared: taken like any turn start.
+        assert_eq!(
             after_lapse(Some(&LeaseView::default()), me, 4),
-            AfterLapse::Lost(_)
-        ));
-        assert!(matches!(after_lapse(None, me, 4), AfterLapse::Lost(_)));
+            AfterLapse::Acquire
+        );
+        assert_eq!(after_lapse(None, me, 4), AfterLapse::Acquire);
     }
 
     #[test]

@@ -582,20 +582,10 @@ spec:
         use crate::params::{Defaults, resolve};
         use base64::Engine;
         use std::collections::BTreeMap;
-        use std::time::Duration;
         let defaults = |pod: &str, allowed: &[&str]| Defaults {
-            helm_release: "kata-deploy".into(),
-            helm_namespace: "kube-system".into(),
-            node_selector: String::new(),
-            node_taint_key: String::new(),
-            node_taint_value: String::new(),
-            verification_namespace: "default".into(),
             verification_pod: pod.into(),
-            drain_enabled: false,
-            drain_timeout: Duration::from_secs(300),
-            verification_timeout: Duration::from_secs(300),
             verification_service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
-            helm_set_values: String::new(),
+            ..crate::params::tests::defaults()
         };
         let target: BTreeMap<String, String> =
             [(trigger::TARGET_VERSION.to_string(), "3.28.0".to_string())].into();

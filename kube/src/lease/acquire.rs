@@ -35,6 +35,9 @@ pub type UpgradeLease = NamedLease;
 /// Why a lapsed hold could not be taken again.
 #[derive(Debug, thiserror::Error)]
 pub enum RetakeError {
+    /// Nobody holds the Lease (or it does not exist yet): take it with [`NamedLease::acquire`].
+    #[error("the Lease is free")]
+    Free,
     #[error("{0}")]
     Lost(String),
     #[error(transparent)]
@@ -173,7 +176,8 @@ impl NamedLease {
     }
 
     /// After our hold lapsed (renewals failed, e.g. the API server was down): a fresh read, and
-    /// the hold is taken again only if nobody touched it meanwhile (holder us, `transitions`
+    /// the hold is taken again only if nobody touched it meanwhile; `Free` when nobody holds it
+    /// (the caller then acquires it like any turn start) (holder us, `transitions`
     /// unchanged — `klm_protocol::lease::after_lapse`). The write carries the read
     /// `resourceVersion`, so a takeover racing with us wins and we get `Lost`.
     pub async fn retake(&self, transitions: i32) -> Result<HeldLease, RetakeError> {
@@ -184,9 +188,10 @@ impl NamedLease {
             transitions,
         ) {
             AfterLapse::Lost(why) => Err(RetakeError::Lost(why)),
+            AfterLapse::Acquire => Err(RetakeError::Free),
             AfterLapse::Retake => {
                 let Some(lease) = lease else {
-                    return Err(RetakeError::Lost("the Lease was deleted".into()));
+                    return Err(RetakeError::Free);
                 };
                 match self.take(&lease).await {
                     Ok(held) => Ok(held),

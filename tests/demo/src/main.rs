@@ -10,7 +10,8 @@
 //!    upgraded, node 3 fails verification, the release is rolled back to the recorded revision,
 //!    nodes 1-3 are restored, node 4 is never touched;
 //! 3. print `kubectl get nodes -L …` (formatted here: there is no kubectl) and
-//!    `klm-coordinator status`, tear everything down.
+//!    `kubectl kata-lifecycle status` (the plugin, which also made the triggers), tear
+//!    everything down.
 //!
 //! Exits 0 only when the upgrade succeeded and the rollback happened exactly as expected.
 
@@ -24,11 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
-use klm_protocol::keys::{defaults, node as node_keys, trigger};
+use klm_protocol::keys::{defaults, node as node_keys};
 use klm_protocol::{RunPhase, RunRecord};
 use klm_testkit::wait::{DEFAULT_TIMEOUT, wait_for, when};
 use klm_testkit::{Cluster, Outcome, Proc, Slice};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 
 const NODES: usize = 5;
 const OPTED_IN: usize = 4;
@@ -350,8 +351,8 @@ impl Demo {
                 .await?
         );
 
-        self.step(format!("klm-coordinator status --namespace {}", self.ns()));
-        print!("{}", self.coordinator_status().await?);
+        self.step(format!("kubectl kata-lifecycle status -n {}", self.ns()));
+        print!("{}", self.plugin(&["status", "-n", &self.ns()]).await?);
         Ok(())
     }
 
@@ -448,25 +449,15 @@ impl Demo {
         Ok(())
     }
 
-    /// Annotates the trigger ConfigMap and follows the run it starts until it ends.
+    /// Triggers with the kubectl plugin (`kubectl kata-lifecycle upgrade <version>`, which
+    /// writes the trigger annotations) and follows the run it starts until it ends.
     async fn trigger(&self, live: &live::Live, version: &str) -> Result<RunRecord> {
         let ns = self.ns();
         let previous = live.run().map(|r| r.id);
-        self.step(format!(
-            "kubectl annotate configmap {} -n {ns} {}={version} --overwrite",
-            defaults::TRIGGER_CONFIGMAP,
-            trigger::TARGET_VERSION
-        ));
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {trigger::TARGET_VERSION: version}}});
-        Api::<ConfigMap>::namespaced(self.slice.client(), &ns)
-            .patch(
-                defaults::TRIGGER_CONFIGMAP,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        self.step(format!("kubectl kata-lifecycle upgrade {version} -n {ns}"));
+        self.plugin(&["upgrade", version, "-n", &ns])
             .await
-            .context("annotate the trigger ConfigMap")?;
+            .context("trigger with the kubectl plugin")?;
         let run = live
             .follow(
                 "    live (watching Nodes, kata-deploy pods and the trigger ConfigMap):",
@@ -637,18 +628,19 @@ impl Demo {
             .context("no revision in `helm get metadata`")? as u32)
     }
 
-    /// The real `klm-coordinator status`, run against the demo cluster.
-    async fn coordinator_status(&self) -> Result<String> {
-        let bin = klm_testkit::paths::binary("klm-coordinator")?;
+    /// The real kubectl plugin (`kubectl-kata_lifecycle`), run against the demo cluster.
+    async fn plugin(&self, args: &[&str]) -> Result<String> {
+        let bin = klm_testkit::paths::binary("kubectl-kata_lifecycle")?;
         let out = tokio::process::Command::new(bin)
-            .args(["status", "--namespace", &self.ns()])
+            .args(args)
             .envs(self.slice.env())
             .kill_on_drop(true)
             .output()
             .await?;
         if !out.status.success() {
             bail!(
-                "klm-coordinator status failed ({}): {}",
+                "kubectl kata-lifecycle {} failed ({}): {}",
+                args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             );

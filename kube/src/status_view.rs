@@ -1,26 +1,56 @@
-//! `klm-coordinator status`: the run at a glance, for any cluster (`--watch` follows it).
-use crate::config::StatusArgs;
+//! The run at a glance, for any cluster: the view behind `klm-coordinator status` and
+//! `kubectl kata-lifecycle status` (`watch` follows it as it changes). Reads the trigger
+//! ConfigMap's run record and the planned Nodes' labels; `render` is pure and unit-tested.
+use crate::time::now_ms;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use klm_kube::time::now_ms;
 use klm_protocol::RunRecord;
 use klm_protocol::keys::{node as node_keys, status_data};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 
-pub async fn show(args: StatusArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await?;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &args.common.namespace);
+/// Where the run lives and how to show it.
+#[derive(Debug, Clone)]
+pub struct ViewArgs {
+    /// Namespace of the trigger ConfigMap.
+    pub namespace: String,
+    /// Name of the trigger ConfigMap.
+    pub configmap: String,
+    /// Keep redrawing as the run changes; return once a run seen in progress has finished.
+    pub watch: bool,
+    /// Print the raw run record (JSON) instead of the table.
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("cannot read ConfigMap {namespace}/{name}: {source}")]
+    Read {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("watching ConfigMap {namespace}/{name} failed: {source}")]
+    Watch {
+        namespace: String,
+        name: String,
+        source: kube::runtime::watcher::Error,
+    },
+}
+
+/// Prints the run once, or (with `watch`) on every change until a run seen in progress ends.
+pub async fn show(client: kube::Client, args: &ViewArgs) -> Result<(), ViewError> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
     let nodes: Api<Node> = Api::all(client);
-    let name = args.common.trigger_configmap.clone();
+    let name = args.configmap.clone();
     if !args.watch {
-        let cm = cms.get(&name).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read ConfigMap {}/{name}: {e}",
-                args.common.namespace
-            )
+        let cm = cms.get(&name).await.map_err(|source| ViewError::Read {
+            namespace: args.namespace.clone(),
+            name: name.clone(),
+            source,
         })?;
-        return print_once(&cm, &nodes, args.json).await;
+        print_once(&cm, &nodes, args.json).await;
+        return Ok(());
     }
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = std::pin::pin!(watcher(cms, cfg).default_backoff().applied_objects());
@@ -28,9 +58,16 @@ pub async fn show(args: StatusArgs) -> anyhow::Result<()> {
     // (the user is usually about to trigger one); we stop once a run we saw in progress ends.
     let mut seen_in_progress: Option<String> = None;
     while let Some(cm) = stream.next().await {
-        let cm = cm?;
-        print!("\x1b[2J\x1b[H");
-        print_once(&cm, &nodes, args.json).await?;
+        let cm = cm.map_err(|source| ViewError::Watch {
+            namespace: args.namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+        if !args.json {
+            // Redraw in place; JSON output stays a plain stream of records for scripts.
+            print!("\x1b[2J\x1b[H");
+        }
+        print_once(&cm, &nodes, args.json).await;
         if let Some(run) = read_run(&cm) {
             if !run.phase.is_finished() {
                 seen_in_progress = Some(run.id.clone());
@@ -49,7 +86,7 @@ fn read_run(cm: &ConfigMap) -> Option<RunRecord> {
         .and_then(|s| RunRecord::from_json(s).ok())
 }
 
-async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) -> anyhow::Result<()> {
+async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) {
     let Some(run) = read_run(cm) else {
         println!(
             "no run yet: trigger one with\n  kubectl annotate configmap {} -n {} lifecycle.katacontainers.io/target-version=<version> --overwrite",
@@ -59,17 +96,25 @@ async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) -> anyhow::Re
                 .unwrap_or("kata-lifecycle-manager"),
             cm.metadata.namespace.as_deref().unwrap_or("<ns>")
         );
-        return Ok(());
+        return;
     };
     if json {
         println!("{}", run.to_json());
-        return Ok(());
+        return;
     }
     print!(
         "{}",
         render(&run, &live_versions(nodes, &run).await, now_ms())
     );
-    Ok(())
+    // The last request the coordinator refused outside a run (e.g. a rollback-node it cannot do).
+    if let Some(notice) = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(status_data::NOTICE))
+        .filter(|n| !n.is_empty())
+    {
+        println!("\nnotice:   {notice}");
+    }
 }
 
 /// Status and version labels of the planned nodes, from one list of the Nodes.
@@ -109,7 +154,20 @@ pub fn render(
     s.push_str(&format!("run:      {} ({:?})\n", run.id, run.kind));
     s.push_str(&format!("phase:    {}\n", run.phase));
     s.push_str(&format!("target:   {}\n", run.target_version));
-    s.push_str(&format!("progress: {}\n", run.progress()));
+    s.push_str(&format!(
+        "progress: {} {}\n",
+        progress_bar(run.completed(), run.plan.len(), BAR_WIDTH),
+        run.progress()
+    ));
+    s.push_str(&format!(
+        "elapsed:  {}{}\n",
+        elapsed(run.started_at_ms, run.finished_at_ms, now),
+        if run.finished_at_ms.is_some() {
+            ""
+        } else {
+            " (running)"
+        }
+    ));
     if let Some(t) = &run.turn {
         s.push_str(&format!("current:  {} ({})\n", t.node, t.kind.as_str()));
     }
@@ -124,11 +182,7 @@ pub fn render(
     for (name, status, version) in live {
         let report = run.nodes.get(name);
         let elapsed = report
-            .and_then(|r| {
-                r.started_at_ms
-                    .map(|st| r.finished_at_ms.unwrap_or(now) - st)
-            })
-            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .and_then(|r| r.started_at_ms.map(|st| elapsed(st, r.finished_at_ms, now)))
             .unwrap_or_else(|| "-".into());
         let note = report
             .and_then(|r| {
@@ -179,6 +233,29 @@ pub fn render(
     s
 }
 
+/// Width of the progress bar, in cells.
+const BAR_WIDTH: usize = 20;
+
+/// `[#####.....]`: `done` of `total` as `width` cells (an empty plan shows an empty bar).
+pub fn progress_bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done.min(total) * width).checked_div(total).unwrap_or(0);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// Time from `start` to `end` (or to `now` while it runs): `1.5s` under a minute, then `2m05s`,
+/// then `1h02m`, so a long run stays readable.
+pub fn elapsed(start_ms: i64, end_ms: Option<i64>, now_ms: i64) -> String {
+    let ms = (end_ms.unwrap_or(now_ms) - start_ms).max(0);
+    let secs = ms / 1000;
+    if secs < 60 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,11 +290,40 @@ mod tests {
             ("n2".to_string(), Some("rolled-back".to_string()), None),
         ];
         let out = render(&r, &live, 10_000);
-        assert!(out.contains("progress: 1/2"), "{out}");
+        assert!(
+            out.contains("progress: [##########..........] 1/2"),
+            "{out}"
+        );
+        assert!(out.contains("elapsed:  10.0s (running)"), "{out}");
         assert!(
             out.contains("n1") && out.contains("1.5s") && out.contains("3.27.0"),
             "{out}"
         );
         assert!(out.contains("failure: n2 — NonZeroExit"), "{out}");
+    }
+
+    #[test]
+    fn progress_bar_fills_in_proportion() {
+        assert_eq!(progress_bar(3, 6, 10), "[#####.....]");
+        assert_eq!(progress_bar(0, 4, 4), "[....]");
+        assert_eq!(progress_bar(4, 4, 4), "[####]");
+        assert_eq!(
+            progress_bar(0, 0, 4),
+            "[....]",
+            "no planned node: nothing to fill"
+        );
+        assert_eq!(progress_bar(7, 4, 4), "[####]", "never overflows");
+    }
+
+    #[test]
+    fn elapsed_uses_the_finish_time_or_now() {
+        assert_eq!(elapsed(1_000, Some(2_500), 99_000), "1.5s");
+        assert_eq!(elapsed(0, None, 125_000), "2m05s");
+        assert_eq!(elapsed(0, None, 3_720_000), "1h02m");
+        assert_eq!(
+            elapsed(5_000, None, 1_000),
+            "0.0s",
+            "clock skew never goes negative"
+        );
     }
 }
