@@ -4,6 +4,7 @@
 //! it. Every Node write goes through [`TurnCtx::patch_node`]: fenced, and preconditioned on the
 //! Node's `resourceVersion`, so a stale agent's write fails instead of landing.
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::turn::Assignment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use klm_kube::events::{Events, node_ref};
@@ -45,13 +46,15 @@ pub struct Agent {
     /// The upgrade Lease, held as `<node>/<instance>`.
     pub lease: NamedLease,
     pub events: Events,
+    pub metrics: Metrics,
 }
 
 impl Agent {
-    pub fn new(client: Client, requests: RequestCounter, config: Config) -> Self {
+    pub fn new(client: Client, requests: RequestCounter, config: Config, metrics: Metrics) -> Self {
         let identity = config.identity();
         Agent {
             requests,
+            metrics,
             nodes: Api::all(client.clone()),
             lease: NamedLease::new(
                 client.clone(),

@@ -7,6 +7,7 @@ use crate::runner::{self, TurnEnd};
 use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use klm_kube::health::Heartbeat;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::watch_object;
@@ -23,7 +24,12 @@ struct Running {
 }
 
 /// Runs until `shutdown`; then waits for a turn in progress to stop between steps.
-pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::Sender<bool>) {
+pub async fn run(
+    agent: Arc<Agent>,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+    heartbeat: Heartbeat,
+) {
     let cfg = &agent.config;
     let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
     let mut events = watch_object(api, &cfg.trigger_configmap)
@@ -87,6 +93,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken, ready: watch::S
                 }
             }
         }
+        // Busy from here to the end of the iteration: what follows acts on the change.
+        let _busy = heartbeat.busy();
 
         let assignment: Option<&Assignment> = match &reading {
             Reading::Turn(a) => Some(a),

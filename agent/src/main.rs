@@ -11,6 +11,7 @@
 mod config;
 mod ctx;
 mod driver;
+mod metrics;
 mod runner;
 mod steps;
 mod turn;
@@ -43,7 +44,18 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
         "kata-lifecycle-manager agent starting"
     );
     let (ready_tx, ready_rx) = watch::channel(false);
-    if let Some(addr) = klm_kube::health::serve(&config.health_addr, ready_rx)
+    let requests = ctx::RequestCounter::default();
+    let mut registry = klm_kube::metrics::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let counted = requests.clone();
+    klm_kube::metrics::register_api_requests(&mut registry, move || counted.get());
+    let heartbeat = klm_kube::health::Heartbeat::new(MAX_BUSY);
+    let endpoints = klm_kube::health::Endpoints {
+        ready: ready_rx,
+        heartbeat: heartbeat.clone(),
+        registry: Arc::new(registry),
+    };
+    if let Some(addr) = klm_kube::health::serve(&config.health_addr, endpoints)
         .await
         .with_context(|| {
             format!(
@@ -52,21 +64,26 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
             )
         })?
     {
-        info!(%addr, "health endpoint listening (/healthz, /readyz)");
+        info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
     }
-    let (client, requests) = client().await.context(
+    let client = client(requests.clone()).await.context(
         "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
     )?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
 
-    let agent = Arc::new(ctx::Agent::new(client, requests, config));
+    let agent = Arc::new(ctx::Agent::new(client, requests, config, metrics));
     info!(identity = %agent.lease.identity(), "upgrade Lease identity");
-    driver::run(agent, shutdown, ready_tx).await;
+    driver::run(agent, shutdown, ready_tx, heartbeat).await;
     info!("agent stopped");
     Ok(())
 }
+
+/// The main loop handles one watch event at a time (turns run in their own task); the longest
+/// thing it does is one Lease check after start. Busy on one event for longer than this, it is
+/// wedged (`klm_kube::health`).
+const MAX_BUSY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The API client, from KUBECONFIG or the in-cluster service account, counting its requests
 /// (for the evidence's `apiRequests`), with kube's built-in retry layer turned off: it retries
@@ -74,11 +91,10 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
 /// a PodDisruptionBudget's refusal (429) from the drain and its deadline, and stall a Lease
 /// renewal past the fence. Every caller here retries on its own terms (jittered backoff,
 /// bounded by its step's deadline or the fence).
-async fn client() -> anyhow::Result<(kube::Client, ctx::RequestCounter)> {
+async fn client(counter: ctx::RequestCounter) -> anyhow::Result<kube::Client> {
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
-    let counter = ctx::RequestCounter::default();
-    let inner = counter.clone();
+    let inner = counter;
     let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
         inner.add();
         req
@@ -86,7 +102,7 @@ async fn client() -> anyhow::Result<(kube::Client, ctx::RequestCounter)> {
     let client = kube::client::ClientBuilder::try_from(config)?
         .with_layer(&count)
         .build();
-    Ok((client, counter))
+    Ok(client)
 }
 
 /// SIGTERM/SIGINT: stop between steps. A second signal exits at once.

@@ -120,6 +120,7 @@ async fn attempt_turn(
         Some(transitions) => match agent.lease.retake(transitions).await {
             Ok(held) => {
                 info!("nobody took the Lease while our hold had lapsed; took it again");
+                agent.metrics.lease_held();
                 Some(held)
             }
             Err(RetakeError::Free) => {
@@ -143,7 +144,10 @@ async fn attempt_turn(
                 _ = shutdown.cancelled() => return Attempt::End(TurnEnd::Shutdown),
                 _ = revoked.wait_for(|s| s.revoked) => return Attempt::End(TurnEnd::Revoked),
                 held = agent.lease.acquire() => match held {
-                    Ok(h) => h,
+                    Ok(h) => {
+                        agent.metrics.lease_held();
+                        h
+                    }
                     Err(e) => return Attempt::Retry(format!(
                         "taking the upgrade Lease {}: {e} (the agent needs get/watch/update on leases in its namespace)",
                         agent.lease.name()
@@ -250,6 +254,7 @@ async fn finish(
         }
         Err(Stop::LeaseLost(reason)) => {
             warn!(%reason, "the upgrade Lease is not confirmed; stopped mutating");
+            agent.metrics.lease_lost();
             drop(held);
             return Attempt::Lapsed(transitions);
         }

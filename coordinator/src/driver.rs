@@ -4,6 +4,7 @@
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
 use crate::helm::{Helm, HelmError};
+use crate::metrics::{HelmOp, LeaseEvent, Metrics};
 use crate::status_data;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -19,7 +20,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 pub struct Settings {
@@ -34,6 +35,8 @@ pub struct Settings {
     /// The leader Lease we hold: checked before every write and every helm call, so a
     /// coordinator that lost leadership stops acting even before its main loop notices.
     pub leadership: Option<klm_kube::lease::FenceGuard>,
+    /// Updated as the run moves and effects are performed; served on `/metrics`.
+    pub metrics: Metrics,
 }
 
 /// What was last fed to the machine, so only changes are fed (the machine folds them).
@@ -57,6 +60,8 @@ pub struct Coordinator {
     machine: Machine,
     requests: klm_kube::client::RequestCounter,
     fed: Fed,
+    /// The turn last seen in the run record, to count grants (`klm_lease_events_total`).
+    seen_turn: Option<klm_protocol::Turn>,
 }
 
 impl Coordinator {
@@ -115,6 +120,7 @@ impl Coordinator {
             leases,
             requests,
             fed: Fed::default(),
+            seen_turn: None,
         })
     }
 
@@ -199,10 +205,17 @@ impl Coordinator {
     /// One reconciliation: feed what changed, perform what the machine decides, feed the
     /// answers, until it asks for nothing more. Returns when it next wants to be woken.
     pub async fn reconcile(&mut self) -> anyhow::Result<Option<Wake>> {
+        let result = self.reconcile_inner().await;
+        self.s.metrics.observe_run(self.machine.run());
+        result
+    }
+
+    async fn reconcile_inner(&mut self) -> anyhow::Result<Option<Wake>> {
         let mut inputs = self.observe();
         let mut wake: Option<Wake> = None;
         while let Some(input) = inputs.pop_front() {
             let effects = self.machine.step(input, self.env());
+            self.count_grant();
             let mut answers = Vec::new();
             for effect in effects {
                 match self.perform(effect, &mut answers).await {
@@ -220,6 +233,15 @@ impl Coordinator {
             inputs.extend(answers);
         }
         Ok(wake)
+    }
+
+    /// A turn in the record that was not there after the previous step was just granted.
+    fn count_grant(&mut self) {
+        let turn = self.machine.run().and_then(|r| r.turn.clone());
+        if turn.is_some() && turn != self.seen_turn {
+            self.s.metrics.lease_event(LeaseEvent::Granted);
+        }
+        self.seen_turn = turn;
     }
 
     fn check_leader(&self) -> anyhow::Result<()> {
@@ -254,18 +276,27 @@ impl Coordinator {
                 message,
             } => self.event(node.as_deref(), warning, reason, message).await,
             Effect::ReadRelease { release, namespace } => {
-                answers.push(Input::Release(
-                    match self.s.helm.metadata(&release, &namespace).await {
-                        Ok(m) => ReleaseRead::Found(ReleaseObservation {
-                            chart: m.chart,
-                            version: m.version,
-                            revision: m.revision,
-                            status: ReleaseStatus::parse(&m.status),
-                        }),
-                        Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
-                        Err(e) => ReleaseRead::Error(e.to_string()),
-                    },
-                ));
+                let began = Instant::now();
+                let read = self.s.helm.metadata(&release, &namespace).await;
+                // A release that does not exist is an answer, not a failed call.
+                let counted = match &read {
+                    Err(HelmError::NotFound { .. }) => Ok(()),
+                    Err(_) => Err(()),
+                    Ok(_) => Ok(()),
+                };
+                self.s
+                    .metrics
+                    .helm_call(HelmOp::Status, began.elapsed(), &counted);
+                answers.push(Input::Release(match read {
+                    Ok(m) => ReleaseRead::Found(ReleaseObservation {
+                        chart: m.chart,
+                        version: m.version,
+                        revision: m.revision,
+                        status: ReleaseStatus::parse(&m.status),
+                    }),
+                    Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
+                    Err(e) => ReleaseRead::Error(e.to_string()),
+                }));
             }
             Effect::ReadDaemonSet { namespace } => {
                 let ds = daemonset::current_revision(
@@ -284,11 +315,15 @@ impl Coordinator {
                 set_values,
             } => {
                 self.check_leader()?;
+                let began = Instant::now();
                 let r = self
                     .s
                     .helm
                     .upgrade(&release, &namespace, &version, &set_values)
                     .await;
+                self.s
+                    .metrics
+                    .helm_call(HelmOp::Upgrade, began.elapsed(), &r);
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::HelmRollback {
@@ -299,6 +334,7 @@ impl Coordinator {
                 clear_pending,
             } => {
                 self.check_leader()?;
+                let began = Instant::now();
                 let r = self
                     .s
                     .helm
@@ -311,6 +347,9 @@ impl Coordinator {
                         self.s.rollback_timeout,
                     )
                     .await;
+                self.s
+                    .metrics
+                    .helm_call(HelmOp::Rollback, began.elapsed(), &r);
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::ReadNode(name) => {
@@ -330,6 +369,7 @@ impl Coordinator {
                 evidence,
             } => {
                 self.check_leader()?;
+                self.s.metrics.lease_event(LeaseEvent::Lost);
                 match nodes::mark_failed(&self.node_api, &node, &evidence.run_id, kind, &evidence)
                     .await
                 {
@@ -358,6 +398,9 @@ impl Coordinator {
                 )
                 .revoke_from_node(&node)
                 .await?;
+                if revoked {
+                    self.s.metrics.lease_event(LeaseEvent::Revoked);
+                }
                 tracing::info!(node, revoked, "upgrade Lease taken back from a lost node");
             }
             Effect::WakeAt(w) => return Ok(Some(w)),

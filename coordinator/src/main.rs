@@ -4,6 +4,7 @@ mod config;
 mod daemonset;
 mod driver;
 mod helm;
+mod metrics;
 mod status_data;
 
 use clap::Parser;
@@ -37,8 +38,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     klm_kube::logging::init(args.process.log_format);
     let (client, requests) = klm_kube::client::counted().await?;
     let (ready_tx, ready_rx) = watch::channel(false);
-    if let Some(addr) = klm_kube::health::serve(&args.process.health_addr, ready_rx).await? {
-        tracing::info!(%addr, "health endpoint listening");
+    let mut registry = klm_kube::metrics::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let counted = requests.clone();
+    klm_kube::metrics::register_api_requests(&mut registry, move || counted.get());
+    // One reconcile may run a helm restore (bounded by --rollback-timeout), wait for the
+    // DaemonSet's rollout (--rollout-observe-timeout) and a helm upgrade (helm's own 5 min hook
+    // timeout) plus API calls: busy for longer than all of that together is a wedged loop.
+    let heartbeat = klm_kube::health::Heartbeat::new(
+        args.rollback_timeout + args.rollout_observe_timeout + WEDGE_MARGIN,
+    );
+    let endpoints = klm_kube::health::Endpoints {
+        ready: ready_rx,
+        heartbeat: heartbeat.clone(),
+        registry: Arc::new(registry),
+    };
+    if let Some(addr) = klm_kube::health::serve(&args.process.health_addr, endpoints).await? {
+        tracing::info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
     }
     let ns = args.common.namespace.clone();
     let me = args.identity.clone();
@@ -81,6 +97,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             chart_repo: Some(args.chart_repo.clone()).filter(|s| !s.is_empty()),
         },
         leadership: Some(fence.clone()),
+        metrics,
     };
     let notify = Arc::new(Notify::new());
     let mut coordinator =
@@ -89,6 +106,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut lost = std::pin::pin!(fence.lost());
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
+        let busy = heartbeat.busy();
         let wake = match coordinator.reconcile().await {
             Ok(w) => w,
             Err(e) => {
@@ -99,6 +117,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 })
             }
         };
+        drop(busy);
         let sleep_ms = wake
             .map(|w| (w.at_ms - now_ms()).max(0) as u64)
             .unwrap_or(3_600_000);
@@ -118,6 +137,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Added to the longest legitimate reconcile before `/healthz` calls the main loop wedged.
+const WEDGE_MARGIN: std::time::Duration = std::time::Duration::from_secs(900);
 
 /// First wait before retrying a failed `helm rollback`; doubles up to the cap.
 const ROLLBACK_RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -768,6 +768,88 @@ def verification_namespace_is_created_under_pod_security_only_on_request():
 
 
 # ---------------------------------------------------------------------------------------------
+# metrics: Services, ServiceMonitors and the PrometheusRule (all off by default)
+
+METRICS_KINDS = ("Service", "ServiceMonitor", "PrometheusRule")
+
+
+@test
+def metrics_objects_are_off_by_default():
+    r = template()
+    for kind in METRICS_KINDS:
+        assert r.all(kind) == [], f"{kind} rendered by default: {names(r.all(kind))}"
+
+
+@test
+def service_monitor_scrapes_the_health_port_of_both_components():
+    r = template("--set", "metrics.serviceMonitor.enabled=true",
+                 "--set", "metrics.serviceMonitor.labels.release=prom",
+                 "--set", "metrics.serviceMonitor.interval=15s")
+    assert r.all("PrometheusRule") == []
+    workloads = {"coordinator": r.get("Deployment", f"{RELEASE}-coordinator"),
+                 "agent": r.get("DaemonSet", f"{RELEASE}-agent")}
+    for component, workload in workloads.items():
+        svc = r.get("Service", f"{RELEASE}-{component}-metrics", NAMESPACE)
+        pod = workload["spec"]["template"]
+        # The Service selects exactly this component's pods, on the port that serves /metrics.
+        sel = svc["spec"]["selector"]
+        assert sel.items() <= pod["metadata"]["labels"].items(), (sel, pod["metadata"]["labels"])
+        assert sel["app.kubernetes.io/component"] == component
+        [port] = svc["spec"]["ports"]
+        assert port["name"] == "metrics" and port["targetPort"] == "health", port
+        container_ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert port["port"] == container_ports["health"], (port, container_ports)
+        env = env_of(workload)
+        assert env["KLM_HEALTH_ADDR"].endswith(f":{container_ports['health']}"), env
+        assert (svc["spec"].get("clusterIP") == "None") == (component == "agent"), svc["spec"]
+
+        sm = r.get("ServiceMonitor", f"{RELEASE}-{component}", NAMESPACE)
+        assert sm["metadata"]["labels"]["release"] == "prom"
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+        [ep] = sm["spec"]["endpoints"]
+        assert (ep["port"], ep["path"], ep["interval"]) == ("metrics", "/metrics", "15s"), ep
+        relabel = ep.get("relabelings", [])
+        if component == "agent":
+            assert relabel == [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
+        else:
+            assert relabel == []
+    # Each ServiceMonitor picks only its own component's Service.
+    coord_sm = r.get("ServiceMonitor", f"{RELEASE}-coordinator")["spec"]["selector"]["matchLabels"]
+    agent_svc = r.get("Service", f"{RELEASE}-agent-metrics")["metadata"]["labels"]
+    assert not coord_sm.items() <= agent_svc.items()
+    err = template("--set", "metrics.serviceMonitor.interval=often", expect_ok=False)
+    assert "interval" in err, err
+
+
+@test
+def prometheus_rule_alerts_on_failed_runs_failed_nodes_and_stalls():
+    r = template("--set", "metrics.prometheusRule.enabled=true",
+                 "--set", "metrics.prometheusRule.stalledFor=45m",
+                 "--set", "metrics.prometheusRule.labels.release=prom")
+    assert r.all("ServiceMonitor") == [] and r.all("Service") == []
+    rule = r.get("PrometheusRule", RELEASE, NAMESPACE)
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    [group] = rule["spec"]["groups"]
+    alerts = {a["alert"]: a for a in group["rules"]}
+    assert sorted(alerts) == ["KataLifecycleNodeFailed", "KataLifecycleRunFailed", "KataLifecycleRunStalled"]
+    scope = f'namespace="{NAMESPACE}"'
+    failed = alerts["KataLifecycleRunFailed"]["expr"]
+    assert f'klm_run_last_result{{result="Failed",{scope}}}' in failed and failed.endswith("== 1"), failed
+    node = alerts["KataLifecycleNodeFailed"]["expr"]
+    assert f'klm_run_nodes{{status="failed",{scope}}}' in node and node.endswith("> 0"), node
+    assert alerts["KataLifecycleNodeFailed"]["labels"]["severity"] == "critical"
+    assert "{{ $value }}" in alerts["KataLifecycleNodeFailed"]["annotations"]["description"]
+    stalled = alerts["KataLifecycleRunStalled"]["expr"]
+    for part in [f'min_over_time(klm_run_phase{{phase="Running",{scope}}}[45m])',
+                 f"max_over_time(klm_run_paused{{{scope}}}[45m])) == 0",
+                 f"sum(changes(klm_run_nodes{{{scope}}}[45m])) == 0"]:
+        assert part in stalled, f"{part!r} not in {stalled!r}"
+    err = template("--set", "metrics.prometheusRule.stalledFor=soon", expect_ok=False)
+    assert "stalledFor" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     global ARGS, TMP

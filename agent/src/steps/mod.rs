@@ -51,9 +51,12 @@ pub async fn execute(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<Outcome, S
                         "the run was cancelled; stopped before {at}"
                     ))))
                 } else {
-                    run_step(ctx, *at)
+                    let began = std::time::Instant::now();
+                    let result = run_step(ctx, *at)
                         .instrument(info_span!("step", step = %at))
-                        .await
+                        .await;
+                    measure(ctx, *at, began.elapsed(), &result);
+                    result
                 }
             }
             Walk::Failing(at, cause) => fail(ctx, *at, cause.clone()).await,
@@ -140,6 +143,23 @@ async fn run_step(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<(), StepError
                 kind.as_str()
             ),
         )),
+    }
+}
+
+/// Metrics of a step that ran to an end: its duration, and a verification's outcome. A step
+/// stopped (shutdown, revoked, Lease lost) or retried after an API error did not end.
+fn measure(ctx: &TurnCtx<'_>, at: NodeStatus, took: Duration, result: &Result<(), StepError>) {
+    let failure = match result {
+        Ok(()) => None,
+        Err(StepError::Failed(cause)) => Some(cause),
+        Err(StepError::Stop(_) | StepError::Api { .. }) => return,
+    };
+    let metrics = &ctx.agent.metrics;
+    if let Some(step) = crate::metrics::step_label(at) {
+        metrics.step(step, took);
+    }
+    if at == NodeStatus::Verifying {
+        metrics.verification(failure);
     }
 }
 

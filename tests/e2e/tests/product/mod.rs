@@ -736,6 +736,30 @@ impl Freeze {
     }
 }
 
+/// The address a process logged as "health endpoint listening" (the binaries take
+/// `--health-addr 127.0.0.1:0`, so the port is only known from that line).
+pub fn health_addr(proc: &Proc) -> Option<std::net::SocketAddr> {
+    // Text logs may carry ANSI colour codes around field names.
+    let mut plain = String::new();
+    let mut chars = proc.logs().chars().collect::<Vec<_>>().into_iter();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let line = plain
+        .lines()
+        .find(|l| l.contains("health endpoint listening"))?;
+    let at = line.find("addr=")? + "addr=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
