@@ -22,7 +22,7 @@ pub fn agent_identity(node: &str, instance: &str) -> String {
 /// Bounds on `leaseDurationSeconds` as read: a hand-edited Lease with 0 or 10 000 s would
 /// otherwise make a hold expire at once, or never.
 pub const MIN_DURATION_SECONDS: i32 = 5;
-pub const MAX_DURATION_SECONDS: i32 = 300;
+pub const MAX_DURATION_SECONDS: i32 = 120;
 
 /// The duration a reader uses: the Lease's own, clamped to sane bounds; the default when unset.
 pub fn sane_duration_seconds(raw: Option<i32>) -> i32 {
@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(sane_duration_seconds(Some(-4)), 30);
         assert_eq!(sane_duration_seconds(Some(1)), 5);
         assert_eq!(sane_duration_seconds(Some(6)), 6);
-        assert_eq!(sane_duration_seconds(Some(i32::MAX)), 300);
+        assert_eq!(sane_duration_seconds(Some(i32::MAX)), MAX_DURATION_SECONDS);
     }
 
     fn held(holder: &str, renew_ms: i64, transitions: i32) -> LeaseView {

@@ -49,8 +49,8 @@ pub struct LeaseTrack {
 
 impl LeaseTrack {
     /// Bounds on a (possibly hand-edited) `leaseDurationSeconds`.
-    pub const MIN_DURATION_MS: i64 = 5_000;
-    pub const MAX_DURATION_MS: i64 = 600_000;
+    pub const MIN_DURATION_MS: i64 = crate::lease::MIN_DURATION_SECONDS as i64 * 1000;
+    pub const MAX_DURATION_MS: i64 = crate::lease::MAX_DURATION_SECONDS as i64 * 1000;
 
     /// A track starting from the first observation, at `now_ms`.
     pub fn new(view: &LeaseView, now_ms: i64) -> Self {

@@ -9,8 +9,9 @@
 //! Deterministic, with no sleeps: the test waits for the hook Job to exist
 //! ([`HelmGate::wait_held`]), then kills whoever runs helm.
 //!
-//! The first `helm rollback` is held too, before the real helm starts (so the release is not yet
-//! touched): the wrapper writes to a FIFO, which returns once the test reads it
+//! The first restore is held too — `helm rollback`, or the coordinator's restore to the recorded
+//! revision, a `helm upgrade … --reset-values -f <recorded values>` — before the real helm starts
+//! (so the release is not yet touched): the wrapper writes to a FIFO, which returns once the test reads it
 //! ([`HelmGate::wait_rollback_held`]), then blocks reading a second FIFO nobody writes — until
 //! it is killed with whoever runs it.
 //!
@@ -102,6 +103,12 @@ impl HelmGate {
         Ok(())
     }
 
+    /// Lets every rollback and restore straight through (for tests that hold only the upgrade).
+    pub fn let_rollbacks_through(&self) -> Result<()> {
+        std::fs::create_dir_all(self.dir.join("rollback-held"))?;
+        Ok(())
+    }
+
     /// Waits until the first `helm rollback` is held in the wrapper (the real helm not started).
     pub async fn wait_rollback_held(&self) -> Result<()> {
         let fifo = self.dir.join("rollback-held.fifo");
@@ -147,13 +154,26 @@ impl HelmGate {
             .collect()
     }
 
-    /// The `helm upgrade` calls made through the wrapper so far.
+    /// The `helm upgrade` calls made through the wrapper so far that move the release forward
+    /// (not the restores, which are upgrades back to the recorded revision with `--reset-values`).
     pub fn upgrade_calls(&self) -> Vec<String> {
         self.calls()
             .into_iter()
-            .filter(|c| c.starts_with("upgrade "))
+            .filter(|c| c.starts_with("upgrade ") && !is_restore(c))
             .collect()
     }
+
+    /// The restores (`helm rollback`, or an upgrade back with `--reset-values`) so far.
+    pub fn restore_calls(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.starts_with("rollback ") || is_restore(c))
+            .collect()
+    }
+}
+
+fn is_restore(call: &str) -> bool {
+    call.starts_with("upgrade ") && call.split_whitespace().any(|a| a == "--reset-values")
 }
 
 const GATE_HOOK: &str = r#"# Added by klm-testkit's helm gate: helm waits on this Job, which never runs.
@@ -184,7 +204,11 @@ set -euo pipefail
 real='@REAL_HELM@'
 gate='@GATE_DIR@'
 printf '%s\n' "$*" >>"$gate/calls.log"
-if [[ "${1:-}" == upgrade && $# -ge 3 ]] && mkdir "$gate/held" 2>/dev/null; then
+restore=false
+if [[ "${1:-}" == rollback || ( "${1:-}" == upgrade && " $* " == *" --reset-values "* ) ]]; then
+  restore=true
+fi
+if ! $restore && [[ "${1:-}" == upgrade && $# -ge 3 ]] && mkdir "$gate/held" 2>/dev/null; then
   release="$2" chart="$3" repo="" version=""
   rest=()
   shift 3
@@ -205,7 +229,7 @@ if [[ "${1:-}" == upgrade && $# -ge 3 ]] && mkdir "$gate/held" 2>/dev/null; then
   cp "$gate/gate-hook.yaml" "$dir/templates/zz-klm-test-helm-gate.yaml"
   exec "$real" upgrade "$release" "$dir" "${rest[@]}"
 fi
-if [[ "${1:-}" == rollback ]] && mkdir "$gate/rollback-held" 2>/dev/null; then
+if $restore && mkdir "$gate/rollback-held" 2>/dev/null; then
   echo held >"$gate/rollback-held.fifo"
   read -r _ <"$gate/rollback-go.fifo"
 fi
