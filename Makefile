@@ -51,7 +51,7 @@ deps: ## check (and on Debian as root, install) what the scripts need besides Ru
 tools: deps ## build (cold: ~17 min) or reuse the control-plane tools
 	@bash tests/tools/install.sh >/dev/null
 
-build: ## build the binaries (klm-agent, klm-coordinator, klm-demo)
+build: ## build the binaries (klm-agent, klm-coordinator, kubectl-kata_lifecycle, klm-demo)
 	$(CARGO) build --bins
 
 fmt: ## format the code
