@@ -13,7 +13,7 @@ mod product;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use klm_protocol::keys::{node as node_keys, trigger};
 use klm_protocol::{NodeStatus, RunPhase, RunRecord};
