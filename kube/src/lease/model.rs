@@ -173,7 +173,10 @@ pub(crate) mod tests {
         assert_eq!(v.duration_seconds, LEASE_DURATION_SECONDS);
         assert_eq!(v.holder, None);
         assert_eq!(view_of(&Lease::default()).transitions, 0);
-        assert_eq!(view_of(&new_lease("up", 100_000)).duration_seconds, 300);
+        assert_eq!(
+            view_of(&new_lease("up", 100_000)).duration_seconds,
+            klm_protocol::lease::MAX_DURATION_SECONDS
+        );
         assert_eq!(view_of(&new_lease("up", 1)).duration_seconds, 5);
     }
 
