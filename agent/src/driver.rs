@@ -109,8 +109,12 @@ pub async fn run(
         };
         let want = assignment.map(Assignment::key);
 
-        // Tell a running turn whether it is still ours, and whether the run asks it to stop.
-        if let Some(r) = &running {
+        // Tell a running turn whether it is still ours, and whether the run asks it to stop. An
+        // unreadable record says nothing about the turn (someone overwrote it; the coordinator,
+        // its only writer, puts it back): a running turn keeps going rather than being revoked.
+        if let Some(r) = &running
+            && !matches!(reading, Reading::Unusable(_))
+        {
             let now = TurnSignal {
                 revoked: want.as_ref() != Some(&r.key),
                 cancel: assignment.is_some_and(|a| a.cancel_requested),
