@@ -51,6 +51,35 @@ fn names(p: &Product, suffixes: &[&str]) -> Vec<String> {
     suffixes.iter().map(|s| p.node(s)).collect()
 }
 
+/// What every clean end promises: the safety monitor held, no node started the same turn twice,
+/// nothing is left cordoned.
+async fn assert_clean_end(p: &Product, plan: &[String]) -> Result<()> {
+    p.assert_safe(plan).await?;
+    p.assert_no_node_processed_twice()?;
+    assert_nothing_cordoned(p).await
+}
+
+/// Two nodes opted in, a run to 3.28.0 triggered, node-1's verification Pending (300 s
+/// timeout) and node-1 seen `verifying`: the stage on which a fault is thrown mid-turn.
+async fn node_1_verifying_until_the_timeout(
+    name: &str,
+) -> Result<(Product, Option<String>, String)> {
+    let p = Product::start_with(
+        name,
+        2,
+        "3.27.0",
+        &["--default-verification-timeout", "300s"],
+    )
+    .await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    let before = trigger(&p, "3.28.0", &[]).await?;
+    let n1 = p.node("node-1");
+    p.wait_node_label(&n1, NodeStatus::Verifying).await?;
+    Ok((p, before, n1))
+}
+
 /// Stricter than the monitor's check: no node of the slice is unschedulable at all, whatever
 /// its status (issue 9.4: "nothing left cordoned").
 async fn assert_nothing_cordoned(p: &Product) -> Result<()> {
@@ -260,9 +289,7 @@ async fn an_api_server_outage_longer_than_the_lease_mid_turn_ends_cleanly() -> R
         "node-1's kata-deploy pod was restarted once at most: {:?}",
         p.observed.lock().unwrap().kata_deploy_pods
     );
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 
@@ -305,9 +332,7 @@ async fn a_lease_deleted_mid_run_is_recreated_and_the_run_ends_cleanly() -> Resu
         p.upgrade_lease().await?.is_some(),
         "the upgrade Lease exists again"
     );
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 
@@ -317,19 +342,7 @@ async fn a_lease_deleted_mid_run_is_recreated_and_the_run_ends_cleanly() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_edited_lease_duration_is_clamped() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut p = Product::start_with(
-        "lease-edited",
-        2,
-        "3.27.0",
-        &["--default-verification-timeout", "300s"],
-    )
-    .await?;
-    p.opt_in(&["node-1", "node-2"]).await?;
-    p.slice
-        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
-    let before = trigger(&p, "3.28.0", &[]).await?;
-    let n1 = p.node("node-1");
-    p.wait_node_label(&n1, NodeStatus::Verifying).await?;
+    let (mut p, before, n1) = node_1_verifying_until_the_timeout("lease-edited").await?;
     p.leases()
         .patch(
             product::UPGRADE_LEASE,
@@ -382,9 +395,7 @@ async fn a_corrupted_run_record_is_restored_by_the_leader_and_the_run_ends_clean
         p.logs().contains("RunRecordRewritten"),
         "the rewrite is reported"
     );
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 
@@ -893,9 +904,7 @@ async fn agent_killed_at(at: NodeStatus) -> Result<()> {
         "node-1's kata-deploy pod was not restarted more than its turns need: {:?}",
         p.observed.lock().unwrap().kata_deploy_pods
     );
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 
@@ -980,9 +989,7 @@ async fn a_coordinator_killed_during_helm_rollback_finishes_the_rollback() -> Re
         "the held restore was redone: {:#?}",
         gate.calls()
     );
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 
@@ -991,19 +998,7 @@ async fn a_coordinator_killed_during_helm_rollback_finishes_the_rollback() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_deleted_mid_turn_fails_the_run_cleanly() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut p = Product::start_with(
-        "node-deleted",
-        2,
-        "3.27.0",
-        &["--default-verification-timeout", "300s"],
-    )
-    .await?;
-    p.opt_in(&["node-1", "node-2"]).await?;
-    p.slice
-        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
-    let before = trigger(&p, "3.28.0", &[]).await?;
-    let n1 = p.node("node-1");
-    p.wait_node_label(&n1, NodeStatus::Verifying).await?;
+    let (mut p, before, n1) = node_1_verifying_until_the_timeout("node-deleted").await?;
     p.kill_agent(&n1);
     p.slice.delete_node(&n1).await?;
     let run = finished_after(&p, before, product::RUN_TIMEOUT).await?;
@@ -1050,8 +1045,6 @@ async fn a_deleted_trigger_configmap_mid_run_leaves_no_orphan() -> Result<()> {
         .await
         .context("the run's record must come back and the run end")?;
     eprintln!("run ended {:?}: {}", run.phase, run.message);
-    p.assert_safe(&run.plan).await?;
-    p.assert_no_node_processed_twice()?;
-    assert_nothing_cordoned(&p).await?;
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
