@@ -861,15 +861,16 @@ async fn a_turn_longer_than_the_turn_start_timeout_and_the_lease_succeeds() -> a
     let p = Product::start_with("longturn", 2, "3.27.0", &["--turn-start-timeout", "3s"]).await?;
     p.opt_in(&["node-1", "node-2"]).await?;
     let n1 = p.node("node-1");
-    p.slice
-        .set_verification_outcome("node-1", "3.28.0", Outcome::Pending);
+    // The scenario is a long verification: it runs well past every coordinator bound.
+    p.slice.set_verification_outcome(
+        "node-1",
+        "3.28.0",
+        Outcome::SucceedAfter(std::time::Duration::from_secs(20)),
+    );
     let before = p.current_run().await?.map(|r| r.id);
     p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
         .await?;
     p.wait_node_status(&n1, NodeStatus::Verifying).await?;
-    // The scenario is a long verification: keep it pending well past every coordinator bound.
-    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
-    let_verification_succeed(&p, &n1).await?;
     let run = p.wait_finished_after(before).await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
     assert_eq!(
