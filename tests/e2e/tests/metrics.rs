@@ -226,19 +226,7 @@ async fn metrics_show_a_failed_verification_and_the_rollback() -> anyhow::Result
 async fn a_paused_run_shows_in_the_metrics_until_resumed() -> anyhow::Result<()> {
     let p = Product::start("metrics-pause", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
-    let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
-        .await?;
-    p.wait_run(
-        |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
-        product::RUN_TIMEOUT,
-    )
-    .await?;
-    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
-        .await?;
-    let paused = p
-        .wait_run(|r| r.paused && r.turn.is_none(), product::RUN_TIMEOUT)
-        .await?;
+    let (before, paused) = p.trigger_then_pause("3.28.0").await?;
     let done = paused.completed() as f64;
     let coord = coordinator_addr(&p);
     let text = scrape_until(coord, "klm_run_paused", 1.0).await?;

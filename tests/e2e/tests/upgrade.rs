@@ -1367,20 +1367,8 @@ async fn a_run_on_helm_3_upgrades_and_restores() -> anyhow::Result<()> {
 async fn pause_then_resume_continues_where_it_stopped() -> anyhow::Result<()> {
     let p = Product::start("pause", 3, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2", "node-3"]).await?;
-    let before = p.current_run().await?.map(|r| r.id);
-    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
-        .await?;
-    p.wait_run(
-        |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
-        product::RUN_TIMEOUT,
-    )
-    .await?;
-    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
-        .await?;
     // Paused, and the node that was in progress has finished.
-    let paused = p
-        .wait_run(|r| r.paused && r.turn.is_none(), product::RUN_TIMEOUT)
-        .await?;
+    let (before, paused) = p.trigger_then_pause("3.28.0").await?;
     assert_eq!(paused.phase, RunPhase::Running, "{paused:#?}");
     assert!(paused.message.contains("paused"), "{}", paused.message);
     let started: Vec<&String> = paused

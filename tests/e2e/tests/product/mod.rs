@@ -397,6 +397,26 @@ impl Product {
         .await
     }
 
+    /// Triggers `version`, asks for `action=pause` once a turn is granted, and waits until the run
+    /// is paused with no node in progress. Returns the run id seen before the trigger and the
+    /// paused record.
+    pub async fn trigger_then_pause(&self, version: &str) -> Result<(Option<String>, RunRecord)> {
+        let before = self.current_run().await?.map(|r| r.id);
+        self.annotate(&[(trigger::TARGET_VERSION, Some(version))])
+            .await?;
+        self.wait_run(
+            |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
+            RUN_TIMEOUT,
+        )
+        .await?;
+        self.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
+            .await?;
+        let paused = self
+            .wait_run(|r| r.paused && r.turn.is_none(), RUN_TIMEOUT)
+            .await?;
+        Ok((before, paused))
+    }
+
     /// Waits (watch) until the run record satisfies `f`.
     pub async fn wait_run(
         &self,
