@@ -1156,11 +1156,17 @@ async fn kata_deploy_pods(
         .collect())
 }
 
-async fn update_strategy(p: &Product) -> anyhow::Result<Option<String>> {
+/// The slice's kata-deploy DaemonSet as the API server has it.
+async fn kata_deploy_daemonset(
+    p: &Product,
+) -> anyhow::Result<k8s_openapi::api::apps::v1::DaemonSet> {
     let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
         kube::Api::namespaced(p.slice.client(), &p.slice.kata_deploy_namespace());
-    Ok(ds
-        .get("kata-deploy")
+    Ok(ds.get("kata-deploy").await?)
+}
+
+async fn update_strategy(p: &Product) -> anyhow::Result<Option<String>> {
+    Ok(kata_deploy_daemonset(p)
         .await?
         .spec
         .and_then(|s| s.update_strategy)
@@ -1228,10 +1234,7 @@ async fn helm_set_values_reach_the_daemonset_and_pacing_keys_are_refused() -> an
         )
         .await?;
     assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
-    let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
-        kube::Api::namespaced(p.slice.client(), &p.slice.kata_deploy_namespace());
-    let container = ds
-        .get("kata-deploy")
+    let container = kata_deploy_daemonset(&p)
         .await?
         .spec
         .and_then(|s| s.template.spec)
