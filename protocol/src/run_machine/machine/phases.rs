@@ -72,7 +72,7 @@ impl Machine {
                 "cancelled before any change was made".into(),
             );
         }
-        let Some(p) = run.params.clone() else {
+        let Some(mut p) = run.params.clone() else {
             return self.finish(
                 RunPhase::Failed,
                 "RunRejected",
@@ -118,10 +118,7 @@ impl Machine {
                 &hazards,
             );
             if let Some(choice) = choice {
-                let run = self.run_mut();
-                if let Some(params) = run.params.as_mut() {
-                    params.drain_enabled = drain;
-                }
+                p.drain_enabled = drain;
                 for h in &hazards {
                     let w = h.warning(choice);
                     self.run_mut().warnings.push(w.clone());
@@ -129,7 +126,7 @@ impl Machine {
                 }
             }
             let run = self.run_mut();
-            let p = run.params.clone().unwrap_or_else(|| p.clone());
+            run.params = Some(p.clone());
             run.plan = plan::select(&facts, &p);
             run.release = Some(ReleaseState {
                 recorded_revision: rel.revision,
@@ -157,13 +154,6 @@ impl Machine {
                 );
             }
         }
-        // A hazard of the deployed version may have changed the parameters above.
-        let p = self
-            .state
-            .run
-            .as_ref()
-            .and_then(|r| r.params.clone())
-            .unwrap_or(p);
         let Some(ds) = self.daemonset.take() else {
             return self.request(
                 Awaiting::DaemonSet,
