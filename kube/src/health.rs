@@ -7,8 +7,8 @@
 //! for weeks — so age since the last iteration says nothing. Being busy on one wake-up for
 //! longer than the loop's own bound (longer than any API call or helm call it makes can take)
 //! does: the loop is stuck, and `/healthz` answers 503 so the kubelet restarts the process.
-use crate::lease::mono_ms;
 use crate::metrics::{self, Registry};
+use crate::time::mono_ms;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};

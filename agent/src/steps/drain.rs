@@ -4,7 +4,7 @@
 //! machine, and performs the eviction it names.
 use crate::ctx::{StepError, TurnCtx, is_status};
 use k8s_openapi::api::core::v1::Pod;
-use klm_kube::lease::mono_ms;
+use klm_kube::time::mono_ms;
 use klm_protocol::drain::{Drain, DrainPod, DrainStep, Eviction, refusal};
 use klm_protocol::procedure::sleep_for;
 use kube::api::{Api, EvictParams};

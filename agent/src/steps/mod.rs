@@ -10,7 +10,8 @@ pub mod verify;
 
 use crate::ctx::{StepError, Stop, TurnCtx};
 use backon::BackoffBuilder;
-use klm_kube::lease::{mono_ms, transient};
+use klm_kube::lease::transient;
+use klm_kube::time::mono_ms;
 use klm_protocol::node_record::NodePatch;
 use klm_protocol::procedure::{Attempt, Walk, WalkNext, after_attempt, cancelled, may_uncordon};
 use klm_protocol::verification::FailureCause;

@@ -5,7 +5,7 @@
 //! pod it names after a fresh read of the Lease confirms the turn is still ours.
 use super::drain::{AbortOnDrop, sleep_or_never};
 use crate::ctx::{StepError, TurnCtx, api_error, is_status};
-use klm_kube::lease::mono_ms;
+use klm_kube::time::mono_ms;
 use klm_protocol::keys::kata_deploy;
 use klm_protocol::procedure::sleep_for;
 use klm_protocol::restart::{ObservedPod, Restart, RestartStep};

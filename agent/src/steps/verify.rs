@@ -8,7 +8,7 @@ use super::drain::sleep_or_never;
 use crate::ctx::{StepError, Stop, TurnCtx, api_error, failure, is_status};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use klm_kube::lease::mono_ms;
+use klm_kube::time::mono_ms;
 use klm_protocol::NodeStatus;
 use klm_protocol::keys::verification as labels;
 use klm_protocol::procedure::{Budget, sleep_for};

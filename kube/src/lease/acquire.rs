@@ -4,9 +4,10 @@
 //! carrying the read `resourceVersion`, so two takers cannot both win; a 409 re-reads after a
 //! jittered backoff. Who may take it is `klm_protocol::lease::claim`; expiry is measured from
 //! when this process saw the Lease change (`LeaseClock`), never from the holder's timestamps.
-use super::model::{is_status, mono_ms, new_lease, released, taken_by, transient, view_of};
+use super::model::{is_status, new_lease, released, taken_by, transient, view_of};
 use super::renew::HeldLease;
 use crate::retry;
+use crate::time::mono_ms;
 use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;

@@ -3,7 +3,8 @@
 //! from the moment each successful renewal was *sent*, so it lapses before the server-side
 //! Lease can expire, and declared lost at once when a renewal or the watch sees another holder.
 use super::acquire::NamedLease;
-use super::model::{LeaseLost, mono_instant, mono_ms, view_of};
+use super::model::{LeaseLost, view_of};
+use crate::time::{mono_instant, mono_ms};
 use klm_protocol::lease::Fence;
 use tokio::sync::watch;
 

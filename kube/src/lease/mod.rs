@@ -18,5 +18,5 @@ mod renew;
 
 pub use acquire::{NamedLease, RetakeError, UpgradeLease};
 pub use fence::FenceGuard;
-pub use model::{LeaseLost, mono_ms, new_lease, parked_by, released, taken_by, transient, view_of};
+pub use model::{LeaseLost, new_lease, parked_by, released, taken_by, transient, view_of};
 pub use renew::HeldLease;

@@ -4,29 +4,6 @@
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use klm_protocol::lease::{LeaseView, parked, sane_duration_seconds};
-use std::sync::OnceLock;
-use std::time::Duration;
-use tokio::time::Instant;
-
-/// Local monotonic milliseconds (since the first call in this process). Fences and Lease
-/// expiry use this clock, never the wall clock, so neither a clock step nor another machine's
-/// clock can extend or shorten a hold.
-pub fn mono_ms() -> i64 {
-    i64::try_from(epoch().elapsed().as_millis()).unwrap_or(i64::MAX)
-}
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// The instant of a [`mono_ms`] value (saturating: never panics).
-pub(crate) fn mono_instant(ms: i64) -> Instant {
-    let at = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    epoch()
-        .checked_add(at)
-        .unwrap_or_else(|| epoch() + Duration::from_secs(86_400 * 365 * 30))
-}
 
 pub(crate) fn now_micro() -> MicroTime {
     MicroTime(jiff::Timestamp::now())
@@ -193,11 +170,5 @@ pub(crate) mod tests {
         assert!(transient(&api(429)));
         assert!(!transient(&api(403)));
         assert!(!transient(&api(404)));
-    }
-
-    #[test]
-    fn far_monotonic_times_do_not_panic() {
-        let _ = mono_instant(i64::MAX);
-        let _ = mono_instant(-5);
     }
 }

@@ -6,8 +6,9 @@
 //! for the node's next agent process) or [`HeldLease::keep`] (this process takes it again).
 use super::acquire::NamedLease;
 use super::fence::{FenceGuard, FenceState};
-use super::model::{is_status, mono_instant, mono_ms, now_micro, parked_by, view_of};
+use super::model::{is_status, now_micro, parked_by, view_of};
 use crate::retry;
+use crate::time::{mono_instant, mono_ms};
 use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
