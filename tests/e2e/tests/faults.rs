@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use klm_protocol::keys::{node as node_keys, trigger};
-use klm_protocol::{NodeStatus, RunPhase, RunRecord};
+use klm_protocol::{NodeStatus, RunPhase, RunRecord, TurnKind};
 use klm_testkit::{Cluster, Outcome, VERIFICATION_LABEL};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use product::Product;
@@ -626,6 +626,128 @@ async fn a_coordinator_killed_during_helm_upgrade_never_upgrades_twice() -> Resu
     }
     p.assert_safe(&run.plan).await?;
     assert_nothing_cordoned(&p).await?;
+    Ok(())
+}
+
+/// The leading coordinator is SIGKILLed while its run is `Pending` — held inside its first look
+/// at the release (`helm get metadata`), before it has recorded anything or touched the cluster —
+/// and a new one starts: it picks the run up from the trigger and runs it once — one upgrade,
+/// every node upgraded once, nothing left cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_while_pending_runs_the_upgrade_once() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut p = Product::start("coord-pending", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let (recorded, ..) = p.release().await?;
+    let gate = p.slice.helm_gate()?;
+    gate.let_upgrades_through()?;
+    gate.let_rollbacks_through()?;
+    gate.hold_first_release_read()?;
+    p.kill_coordinator();
+    p.extra_coordinator_args
+        .extend(["--helm".to_string(), gate.helm_path().display().to_string()]);
+    p.start_coordinator()?;
+
+    let before = trigger(&p, "3.28.0", &[]).await?;
+    gate.wait_release_read_held().await?;
+    let mid = p
+        .current_run()
+        .await?
+        .with_context(|| format!("a run on record; calls {:?}\n{}", gate.calls(), p.logs()))?;
+    assert_eq!(mid.phase, RunPhase::Pending, "{mid:#?}");
+    assert!(mid.release.is_none(), "nothing recorded yet: {mid:#?}");
+    p.kill_coordinator();
+    assert_eq!(p.release().await?.0, recorded, "the release is untouched");
+    assert_nothing_cordoned(&p).await?;
+    p.start_coordinator()?;
+
+    let run = finished_after(&p, before, product::RUN_TIMEOUT)
+        .await
+        .context("the run must not be stuck after the coordinator died while pending")?;
+    eprintln!("helm calls: {:#?}", gate.calls());
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(run.id, mid.id, "the same run, picked up again");
+    assert_eq!(gate.upgrade_calls().len(), 1, "{:#?}", gate.calls());
+    let (rev, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.28.0", "deployed"));
+    assert_eq!(rev, recorded + 1, "one upgrade");
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("completed".into()), Some("3.28.0".into())),
+            "{n}"
+        );
+        assert!(
+            p.kata_deploy_pods_seen(&p.node(n)) <= 2,
+            "{n}'s kata-deploy pod was restarted once: {:?}",
+            p.observed.lock().unwrap().kata_deploy_pods
+        );
+    }
+    assert_clean_end(&p, &run.plan).await?;
+    Ok(())
+}
+
+/// The leading coordinator is SIGKILLed during a restore turn (node-2 failed its verification,
+/// the release is already restored, node-1's agent is restoring its node) and a new one starts:
+/// it does not restore the release a second time, the restore turns finish, and the run ends
+/// Failed naming node-2. The agent is not held: whatever it manages while no coordinator runs,
+/// the end state must be the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_during_a_restore_turn_finishes_the_rollback_once() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut p = Product::start("coord-restore-turn", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    p.slice
+        .set_verification_outcome("node-2", "3.28.0", Outcome::Fail);
+    let (recorded, ..) = p.release().await?;
+    let n1 = p.node("node-1");
+
+    let before = trigger(&p, "3.28.0", &[]).await?;
+    p.wait_node_label(&n1, NodeStatus::RollingBack).await?;
+    p.kill_coordinator();
+    // Only the leader writes the record: this is what the dead leader left.
+    let mid = p.current_run().await?.context("a run")?;
+    assert_eq!(mid.phase, RunPhase::RollingBack, "{mid:#?}");
+    assert!(
+        mid.release.as_ref().is_some_and(|r| r.rolled_back),
+        "the release is restored before any restore turn: {mid:#?}"
+    );
+    assert!(
+        mid.turn
+            .as_ref()
+            .is_some_and(|t| t.kind == TurnKind::Restore),
+        "killed during a restore turn: {mid:#?}"
+    );
+    p.start_coordinator()?;
+
+    let run = finished_after(&p, before, product::RUN_TIMEOUT)
+        .await
+        .context("the run must not be stuck after the coordinator died in a restore turn")?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    assert_eq!(
+        run.failure.as_ref().and_then(|f| f.node.as_deref()),
+        Some(p.node("node-2").as_str())
+    );
+    let (rev, version, status) = p.release().await?;
+    assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
+    assert_eq!(
+        rev,
+        recorded + 2,
+        "one upgrade, one restore — not a second restore"
+    );
+    for n in ["node-1", "node-2"] {
+        assert_eq!(
+            p.node_labels(n).await?,
+            (Some("rolled-back".into()), Some("3.27.0".into())),
+            "{n}"
+        );
+        assert!(
+            p.kata_deploy_pods_seen(&p.node(n)) <= 3,
+            "{n}: one restart per turn at most: {:?}",
+            p.observed.lock().unwrap().kata_deploy_pods
+        );
+    }
+    assert_clean_end(&p, &run.plan).await?;
     Ok(())
 }
 

@@ -15,6 +15,10 @@
 //! ([`HelmGate::wait_rollback_held`]), then blocks reading a second FIFO nobody writes — until
 //! it is killed with whoever runs it.
 //!
+//! On request ([`HelmGate::hold_first_release_read`]) the first `helm get metadata` — the
+//! coordinator's first look at the release, while its run is `Pending` — is held the same way,
+//! for tests that kill the coordinator before it has changed anything.
+//!
 //! Every other helm call (and every later upgrade or rollback) goes straight to the real helm; the
 //! wrapper logs each call's arguments so a test can tell a second upgrade *attempt* from none,
 //! even one helm refused without a new revision.
@@ -46,7 +50,12 @@ impl Slice {
         let dir = self.dir().join("helm-gate");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         std::fs::write(dir.join("gate-hook.yaml"), GATE_HOOK)?;
-        for fifo in ["rollback-held.fifo", "rollback-go.fifo"] {
+        for fifo in [
+            "rollback-held.fifo",
+            "rollback-go.fifo",
+            "read-held.fifo",
+            "read-go.fifo",
+        ] {
             let path = dir.join(fifo);
             if !path.exists() {
                 let c = std::ffi::CString::new(path.display().to_string())?;
@@ -111,7 +120,25 @@ impl HelmGate {
 
     /// Waits until the first `helm rollback` is held in the wrapper (the real helm not started).
     pub async fn wait_rollback_held(&self) -> Result<()> {
-        let fifo = self.dir.join("rollback-held.fifo");
+        self.wait_fifo("rollback-held.fifo", "helm rollback").await
+    }
+
+    /// Holds the first `helm get metadata` in the wrapper from now on (off by default: most
+    /// tests need the release read to go through).
+    pub fn hold_first_release_read(&self) -> Result<()> {
+        std::fs::write(self.dir.join("hold-read"), "")?;
+        Ok(())
+    }
+
+    /// Waits until the first `helm get metadata` is held in the wrapper (the real helm not
+    /// started); see [`HelmGate::hold_first_release_read`].
+    pub async fn wait_release_read_held(&self) -> Result<()> {
+        self.wait_fifo("read-held.fifo", "helm get metadata").await
+    }
+
+    /// Reads the `held` line a held wrapper writes into `fifo` before it blocks.
+    async fn wait_fifo(&self, fifo: &str, what: &str) -> Result<()> {
+        let fifo = self.dir.join(fifo);
         let path = fifo.clone();
         let mut read = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path));
         let text = match tokio::time::timeout(crate::wait::DEFAULT_TIMEOUT, &mut read).await {
@@ -127,12 +154,12 @@ impl HelmGate {
                         .open(&fifo),
                 );
                 let _ = read.await;
-                anyhow::bail!("timed out waiting for helm rollback to be held");
+                anyhow::bail!("timed out waiting for {what} to be held");
             }
         };
         anyhow::ensure!(
             text.trim() == "held",
-            "unexpected {text:?} from the rollback gate"
+            "unexpected {text:?} from the {what} gate"
         );
         Ok(())
     }
@@ -228,6 +255,10 @@ if ! $restore && [[ "${1:-}" == upgrade && $# -ge 3 ]] && mkdir "$gate/held" 2>/
   dir="$(find "$pulled" -mindepth 1 -maxdepth 1 -type d | head -n1)"
   cp "$gate/gate-hook.yaml" "$dir/templates/zz-klm-test-helm-gate.yaml"
   exec "$real" upgrade "$release" "$dir" "${rest[@]}"
+fi
+if [[ "${1:-}" == get && "${2:-}" == metadata && -e "$gate/hold-read" ]] && mkdir "$gate/read-held" 2>/dev/null; then
+  echo held >"$gate/read-held.fifo"
+  read -r _ <"$gate/read-go.fifo"
 fi
 if $restore && mkdir "$gate/rollback-held" 2>/dev/null; then
   echo held >"$gate/rollback-held.fifo"

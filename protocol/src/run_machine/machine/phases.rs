@@ -39,6 +39,9 @@ impl Machine {
     }
 
     fn read_release(&mut self) {
+        // Write-ahead: helm may take long to answer (or the coordinator may die while it does);
+        // the run is visible as it stands before we wait on it.
+        self.persist();
         let p = self.run_mut().params.clone().unwrap_or_else(missing_params);
         self.request(
             Awaiting::Release,
