@@ -69,6 +69,9 @@ pub enum DrainState {
     Done,
     /// Timed out or cancelled; `failure` names the blocking pod/PDB.
     Failed,
+    /// Not admitted (yet): `message` says why. Judged again whenever the run record or the Node
+    /// changes, so the agent keeps waiting (bounded) rather than fail on a momentary view.
+    Refused,
 }
 
 /// The coordinator's report on a Node (JSON in `keys::node::DRAIN_RESULT`).
@@ -99,6 +102,13 @@ impl DrainResult {
         DrainResult {
             state: DrainState::Done,
             ..DrainResult::progress(request, message)
+        }
+    }
+
+    pub fn refused(request: &DrainRequest, why: &Rejection) -> Self {
+        DrainResult {
+            state: DrainState::Refused,
+            ..DrainResult::progress(request, format!("drain request refused: {why}"))
         }
     }
 
@@ -136,9 +146,14 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Not this coordinator's business: no warning (several installations may share a cluster).
-    pub fn is_foreign(&self) -> bool {
-        matches!(self, Rejection::NotInPlan)
+    /// The request comes from a node of the active run: worth a warning and a refusal written
+    /// back on the Node. Otherwise it may be another installation's node (several may share a
+    /// cluster), whose bookkeeping is not ours to write.
+    pub fn concerns_our_run(&self) -> bool {
+        !matches!(
+            self,
+            Rejection::Malformed(_) | Rejection::NoActiveRun | Rejection::NotInPlan
+        )
     }
 }
 
@@ -248,7 +263,7 @@ pub fn agent_next(
                 exit_code: None,
             }));
         }
-        Some(DrainState::Draining) | None => {}
+        Some(DrainState::Draining | DrainState::Refused) | None => {}
     }
     if cancel {
         return AgentWait::Failed(cancelled(
@@ -297,9 +312,11 @@ mod tests {
             kind: TurnKind::Upgrade,
             granted_at_ms: 0,
         });
-        let mut p = RunParams::default();
-        p.drain_enabled = drain;
-        r.params = Some(p);
+        r.params = Some(RunParams {
+            drain_enabled: drain,
+            drain_timeout_seconds: 30,
+            ..Default::default()
+        });
         r
     }
 
@@ -396,8 +413,9 @@ mod tests {
         );
         let foreign = admit("upgrade/r1", "elsewhere", &n, Some(&run(true)));
         assert_eq!(foreign, Err(Rejection::NotInPlan));
-        assert!(foreign.unwrap_err().is_foreign());
-        assert!(!Rejection::NotItsTurn.is_foreign());
+        assert!(!foreign.unwrap_err().concerns_our_run());
+        assert!(!Rejection::NoActiveRun.concerns_our_run());
+        assert!(Rejection::NotItsTurn.concerns_our_run());
     }
 
     #[test]
@@ -458,6 +476,16 @@ mod tests {
         let progress = DrainResult::progress(&req, "evicting 2 pods");
         assert_eq!(
             agent_next(&req, Some(&progress), &budget, 5, false),
+            AgentWait::Until(Some(ends))
+        );
+        // A refusal may be a momentary view (it is judged again on every change): keep waiting.
+        let refused = DrainResult::refused(&req, &Rejection::NotCordoned);
+        assert_eq!(
+            refused.message,
+            "drain request refused: the node is not cordoned"
+        );
+        assert_eq!(
+            agent_next(&req, Some(&refused), &budget, 5, false),
             AgentWait::Until(Some(ends))
         );
         // A result left by an earlier run is not an answer.
