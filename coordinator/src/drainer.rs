@@ -31,7 +31,9 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 /// Field manager of the drainer's Node writes.
 const FIELD_MANAGER: &str = "kata-lifecycle-manager-drainer";
 /// Attempts at writing a final report before giving up (the agent then times out by itself).
-const REPORT_ATTEMPTS: usize = 6;
+const FINAL_REPORT_ATTEMPTS: u32 = 8;
+/// Attempts at a progress report or a refusal (the next change brings another).
+const REPORT_ATTEMPTS: u32 = 3;
 const REPORT_RETRY_BASE: Duration = Duration::from_millis(250);
 const REPORT_RETRY_CAP: Duration = Duration::from_secs(4);
 
@@ -70,40 +72,59 @@ impl Shared {
         }
     }
 
-    /// Writes `result` on the Node (merge patch of the one annotation).
-    async fn report(&self, node: &str, result: &DrainResult) -> kube::Result<()> {
-        let patch = NodePatch::default().drain_result(Some(result)).to_json();
+    /// Writes `result` on the Node, unless the Node no longer asks for it: preconditioned on
+    /// the Node's `resourceVersion` as last seen (`seen`, else read), and judged again on a
+    /// conflict, so a report never lands on top of a withdrawn request or a final answer the
+    /// watch had not shown yet (which would leave a stale report behind).
+    async fn report(
+        &self,
+        node: &str,
+        result: &DrainResult,
+        seen: Option<Arc<Node>>,
+        attempts: u32,
+    ) -> Reported {
+        let request = DrainRequest::new(&result.run_id, result.turn);
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        self.node_api
-            .patch(node, &pp, &Patch::Merge(patch))
-            .await
-            .map(|_| ())
-    }
-
-    /// A final report must arrive: retried with backoff (the agent waits for it).
-    async fn report_final(&self, node: &str, result: &DrainResult) {
-        for attempt in 0..REPORT_ATTEMPTS as u32 {
+        let mut current = seen;
+        for attempt in 0..attempts {
             if !self.leading() {
-                return;
+                return Reported::Moot;
             }
-            match self.report(node, result).await {
-                Ok(()) => return,
-                Err(e) if is_status(&e, 404) => {
-                    warn!("the node is gone: no drain report");
-                    return;
-                }
-                Err(e) => {
-                    let wait =
-                        jittered(attempt, REPORT_RETRY_BASE, REPORT_RETRY_CAP, rand::random());
-                    warn!(error = %e, ?wait, "could not report the drain; retrying");
-                    tokio::time::sleep(wait).await;
-                }
+            let fresh = match current.take() {
+                Some(n) => n,
+                None => match self.node_api.get_opt(node).await {
+                    Ok(Some(n)) => Arc::new(n),
+                    Ok(None) => return Reported::Moot,
+                    Err(e) => {
+                        retry_wait(attempt, &e).await;
+                        continue;
+                    }
+                },
+            };
+            let record = NodeRecord::of(&fresh);
+            let answered = record
+                .drain_result
+                .as_ref()
+                .is_some_and(|r| request.answered_by(r) && is_final(r.state));
+            if record.drain_request.as_deref() != Some(request.value().as_str()) || answered {
+                return Reported::Moot;
+            }
+            let patch = NodePatch::default()
+                .drain_result(Some(result))
+                .precondition(record.resource_version.as_deref())
+                .to_json();
+            match self.node_api.patch(node, &pp, &Patch::Merge(patch)).await {
+                Ok(_) => return Reported::Written,
+                Err(e) if is_status(&e, 404) => return Reported::Moot,
+                // Changed since we looked: read it again and judge again.
+                Err(e) if is_status(&e, 409) => {}
+                Err(e) => retry_wait(attempt, &e).await,
             }
         }
-        error!("could not report the drain's outcome; the agent will time out waiting for it");
+        Reported::Failed
     }
 
     fn event(&self, node: &Node, warning: bool, reason: &'static str, note: String) {
@@ -153,6 +174,24 @@ pub fn spawn(
         leadership,
     };
     tokio::spawn(supervise(shared, changed).instrument(info_span!("drainer")))
+}
+
+/// How a report ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    Written,
+    /// The Node no longer asks (request withdrawn or already answered, Node gone, leadership
+    /// lost): nothing to say.
+    Moot,
+    /// The API kept failing.
+    Failed,
+}
+
+/// Waits before another attempt at a report after an API error.
+async fn retry_wait(attempt: u32, e: &kube::Error) {
+    let wait = jittered(attempt, REPORT_RETRY_BASE, REPORT_RETRY_CAP, rand::random());
+    warn!(error = %e, ?wait, "could not write the drain report; retrying");
+    tokio::time::sleep(wait).await;
 }
 
 /// One node's drain in progress.
@@ -230,12 +269,9 @@ async fn supervise(sh: Shared, changed: Arc<Notify>) {
                             "DrainRequestRefused",
                             format!("node {name}: drain request {value} refused: {why}"),
                         );
-                        if let Err(e) = sh
-                            .report(&name, &DrainResult::refused(&request, &why))
-                            .await
-                        {
-                            warn!(node = %name, error = %e, "could not report the refusal");
-                        }
+                        let refusal = DrainResult::refused(&request, &why);
+                        sh.report(&name, &refusal, Some(node.clone()), REPORT_ATTEMPTS)
+                            .await;
                     }
                 }
             }
@@ -277,15 +313,15 @@ async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notif
         wake.clone(),
     );
     let _stop_watching = AbortOnDrop(task);
-    if sh.leading()
-        && let Err(e) = sh
-            .report(
-                node,
-                &DrainResult::progress(request, "evicting the node's pods"),
-            )
-            .await
+    let start = DrainResult::progress(request, "evicting the node's pods");
+    if sh
+        .report(node, &start, sh.node(node), REPORT_ATTEMPTS)
+        .await
+        == Reported::Moot
     {
-        warn!(error = %e, "could not report the drain's start");
+        // Answered already (our watch had not shown it yet) or withdrawn meanwhile.
+        info!("the request needs no drain any more");
+        return;
     }
     let mut listed = false;
     let mut ready = std::pin::pin!(pods.wait_until_ready());
@@ -320,8 +356,8 @@ async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notif
             DrainStep::Done => {
                 info!(evicted, "node drained");
                 let msg = format!("{evicted} pod(s) evicted");
-                sh.report_final(node, &DrainResult::done(request, msg.clone()))
-                    .await;
+                let done = DrainResult::done(request, msg.clone());
+                final_report(sh, node, &done, current.clone()).await;
                 sh.event(
                     &current,
                     false,
@@ -338,8 +374,8 @@ async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notif
                     "DrainFailed",
                     format!("node {node}: {}: {}", cause.reason, cause.message),
                 );
-                sh.report_final(node, &DrainResult::failed(request, cause))
-                    .await;
+                let failed = DrainResult::failed(request, cause);
+                final_report(sh, node, &failed, current.clone()).await;
                 return;
             }
             DrainStep::Evict(key) => {
@@ -362,9 +398,8 @@ async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notif
                         format!("pod {key}: {why}"),
                     );
                     let progress = DrainResult::progress(request, format!("pod {key} {why}"));
-                    if let Err(e) = sh.report(node, &progress).await {
-                        warn!(error = %e, "could not report the drain's progress");
-                    }
+                    sh.report(node, &progress, sh.node(node), REPORT_ATTEMPTS)
+                        .await;
                 }
                 continue;
             }
@@ -380,6 +415,17 @@ async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notif
             _ = wake.notified() => {}
             _ = sleep_or_never(wait) => {}
         }
+    }
+}
+
+/// The outcome must reach the agent, which waits for it.
+async fn final_report(sh: &Shared, node: &str, result: &DrainResult, seen: Arc<Node>) {
+    if sh
+        .report(node, result, Some(seen), FINAL_REPORT_ATTEMPTS)
+        .await
+        == Reported::Failed
+    {
+        error!("could not report the drain's outcome; the agent will time out waiting for it");
     }
 }
 
