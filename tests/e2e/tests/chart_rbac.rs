@@ -1296,6 +1296,65 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     Ok(())
 }
 
+/// The eviction right moved from the agents to the coordinator: a workload pod on the agent's own
+/// node cannot be evicted with the agent's pod-bound token, and is evicted for real by the
+/// coordinator's ServiceAccount (as its drainer does, for a node in its draining turn).
+#[tokio::test]
+async fn the_coordinator_evicts_what_no_agent_may() -> Result<()> {
+    let inst = installed().await;
+    let admin = inst.cluster.client().await?;
+    let own = NODES[0];
+    let name = "klm-chart-e2e-drain-probe";
+    let workloads: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let mut pod = probe_pod(name, json!({"nodeName": own}));
+    pod.metadata.namespace = Some("default".into());
+    created_or_exists(workloads.create(&PostParams::default(), &pod).await)?;
+
+    let agent = client_with_token(
+        inst.cluster.kubeconfig_path(),
+        &agent_token(&admin, Some(own)).await?,
+    )
+    .await?;
+    match Api::<Pod>::namespaced(agent, "default")
+        .evict(name, &EvictParams::default())
+        .await
+    {
+        Err(kube::Error::Api(e))
+            if e.code == 403
+                && e.message
+                    .contains("cannot create resource \"pods/eviction\"") => {}
+        other => bail!(
+            "the agent's eviction of a pod on its own node was not refused by RBAC: {other:?}"
+        ),
+    }
+    ensure!(
+        workloads
+            .get_opt(name)
+            .await?
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "the pod survived the agent's attempt"
+    );
+
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    Api::<Pod>::namespaced(coordinator, "default")
+        .evict(name, &EvictParams::default())
+        .await
+        .context("the coordinator could not evict a pod")?;
+    ensure!(
+        workloads
+            .get_opt(name)
+            .await?
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+        "the coordinator's eviction went through"
+    );
+    workloads.delete(name, &DeleteParams::default()).await.ok();
+    Ok(())
+}
+
 /// The coordinator's template check (`klm_protocol::pod_policy`) and the agents' admission policy
 /// must agree: a template the coordinator accepts is never refused when the agent creates its
 /// pod (a run would fail on its first node), and one it refuses is refused by the API server too
