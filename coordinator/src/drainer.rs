@@ -1,10 +1,11 @@
 //! The drainer: the leading coordinator evicts the pods of a node whose agent asked for it —
 //! the agent itself holds no eviction right, since no admission policy can tie an eviction to
 //! the evicted pod's node (chart README, RBAC). It watches the Nodes in `draining` (by our status
-//! label) and the run record; a request passes `drain_request::admit` only for a node the active
-//! run has granted that turn, in `draining`, cordoned, with the drain on. Each admitted node gets
-//! its own task (several nodes may drain at once), driving the pure `drain::Drain` machine over a
-//! watch of that node's pods and reporting on the Node (`drain_request::DrainResult`), which the
+//! label) and the run record; `drain_request::judge` admits a request only for a node the
+//! active run has granted that turn, in `draining`, cordoned, with the drain on. Each admitted
+//! node gets
+//! its own task (several nodes may drain at once), driving the pure `drain::Drain` machine over
+//! a watch of that node's pods and reporting on the Node (`drain_request::DrainResult`), which the
 //! agent waits for. A refused request evicts nothing and is logged (and, for a node of the run,
 //! reported on that Node and as an Event).
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
@@ -13,7 +14,9 @@ use klm_kube::lease::FenceGuard;
 use klm_kube::time::mono_ms;
 use klm_protocol::backoff::jittered;
 use klm_protocol::drain::{Drain, DrainPod, DrainStep, Eviction, refusal};
-use klm_protocol::drain_request::{DrainRequest, DrainResult, DrainState, admit, cancel_requested};
+use klm_protocol::drain_request::{
+    DrainRequest, DrainResult, Verdict, admit, cancel_requested, judge,
+};
 use klm_protocol::keys::{node as node_keys, status_data};
 use klm_protocol::node_record::{NodePatch, NodeRecord};
 use klm_protocol::procedure::{Budget, sleep_for};
@@ -108,7 +111,7 @@ impl Shared {
             let answered = record
                 .drain_result
                 .as_ref()
-                .is_some_and(|r| request.answered_by(r) && is_final(r.state));
+                .is_some_and(|r| request.answered_by(r) && r.state.is_final());
             if record.drain_request.as_deref() != Some(request.value().as_str()) || answered {
                 return Reported::Moot;
             }
@@ -229,14 +232,10 @@ async fn supervise(sh: Shared, changed: Arc<Notify>) {
             let Some(value) = record.drain_request.clone() else {
                 continue;
             };
-            match admit(&value, &name, &record, run.as_ref()) {
-                Ok(request) => {
+            match judge(&value, &name, &record, run.as_ref()) {
+                Verdict::Drain(request) => {
                     refused.remove(&name);
-                    let answered = record
-                        .drain_result
-                        .as_ref()
-                        .is_some_and(|r| request.answered_by(r) && is_final(r.state));
-                    if !answered && !tasks.contains_key(&name) && sh.leading() {
+                    if !tasks.contains_key(&name) && sh.leading() {
                         let wake = Arc::new(Notify::new());
                         let span = info_span!("drain", node = %name, run = %request.run_id);
                         let handle = tokio::spawn(
@@ -249,28 +248,28 @@ async fn supervise(sh: Shared, changed: Arc<Notify>) {
                         tasks.insert(name, Task { handle, wake });
                     }
                 }
-                Err(why) => {
+                Verdict::Answered => {
+                    refused.remove(&name);
+                }
+                Verdict::Refuse { why, report } => {
                     let key = format!("{value}: {why}");
                     if refused.get(&name) == Some(&key) {
                         continue;
                     }
                     refused.insert(name.clone(), key);
-                    if !why.concerns_our_run() {
+                    let Some(report) = report else {
                         debug!(node = %name, request = %value, %why, "ignoring a drain request");
                         continue;
-                    }
+                    };
                     warn!(node = %name, request = %value, %why, "refusing a drain request: nothing evicted");
-                    if let Some(request) = DrainRequest::parse(&value)
-                        && sh.leading()
-                    {
+                    if sh.leading() {
                         sh.event(
                             &node,
                             true,
                             "DrainRequestRefused",
                             format!("node {name}: drain request {value} refused: {why}"),
                         );
-                        let refusal = DrainResult::refused(&request, &why);
-                        sh.report(&name, &refusal, Some(node.clone()), REPORT_ATTEMPTS)
+                        sh.report(&name, &report, Some(node.clone()), REPORT_ATTEMPTS)
                             .await;
                     }
                 }
@@ -278,10 +277,6 @@ async fn supervise(sh: Shared, changed: Arc<Notify>) {
         }
         changed.notified().await;
     }
-}
-
-fn is_final(state: DrainState) -> bool {
-    matches!(state, DrainState::Done | DrainState::Failed)
 }
 
 /// One node's drain, while its request stays admitted: evict what `Drain` names, report

@@ -74,6 +74,13 @@ pub enum DrainState {
     Refused,
 }
 
+impl DrainState {
+    /// The drain is over (nothing more will be reported for that request).
+    pub fn is_final(self) -> bool {
+        matches!(self, DrainState::Done | DrainState::Failed)
+    }
+}
+
 /// The coordinator's report on a Node (JSON in `keys::node::DRAIN_RESULT`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -224,6 +231,44 @@ pub fn admit(
         return Err(Rejection::NotCordoned);
     }
     Ok(request)
+}
+
+/// What the drainer does about the request a Node carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted and not answered yet: drain (or keep draining) the node.
+    Drain(DrainRequest),
+    /// Admitted, and the Node already carries the final report: nothing more to do.
+    Answered,
+    /// Not admitted: evict nothing. `report` is the refusal to write back on the Node — only
+    /// for a node of the active run, whose bookkeeping is ours to write.
+    Refuse {
+        why: Rejection,
+        report: Option<DrainResult>,
+    },
+}
+
+/// Judges the request `value` on `node` (see [`admit`]) and whether it was answered already.
+pub fn judge(value: &str, node: &str, record: &NodeRecord, run: Option<&RunRecord>) -> Verdict {
+    match admit(value, node, record, run) {
+        Ok(request) => {
+            let answered = record
+                .drain_result
+                .as_ref()
+                .is_some_and(|r| request.answered_by(r) && r.state.is_final());
+            if answered {
+                Verdict::Answered
+            } else {
+                Verdict::Drain(request)
+            }
+        }
+        Err(why) => {
+            let report = DrainRequest::parse(value)
+                .filter(|_| why.concerns_our_run())
+                .map(|request| DrainResult::refused(&request, &why));
+            Verdict::Refuse { why, report }
+        }
+    }
 }
 
 /// Whether the run asks the drain of this turn to stop (restore turns always finish, as the
@@ -446,6 +491,63 @@ mod tests {
 
     fn n_uncordoned() -> NodeRecord {
         rec(&draining("r1", "upgrade"), false)
+    }
+
+    #[test]
+    fn the_verdict_drains_once_and_reports_refusals_only_on_nodes_of_the_run() {
+        let req = DrainRequest::new("r1", TurnKind::Upgrade);
+        let mut pairs = draining("r1", "upgrade");
+        assert_eq!(
+            judge("upgrade/r1", "n1", &rec(&pairs, true), Some(&run(true))),
+            Verdict::Drain(req.clone())
+        );
+        // Progress (a restarted coordinator continues) and an earlier run's report: drain.
+        for result in [
+            DrainResult::progress(&req, "x"),
+            DrainResult::done(&DrainRequest::new("r0", TurnKind::Upgrade), ""),
+        ] {
+            pairs.push((keys::DRAIN_RESULT, serde_json::to_string(&result).unwrap()));
+            assert_eq!(
+                judge("upgrade/r1", "n1", &rec(&pairs, true), Some(&run(true))),
+                Verdict::Drain(req.clone())
+            );
+            pairs.pop();
+        }
+        for result in [
+            DrainResult::done(&req, ""),
+            DrainResult::failed(&req, cancelled("x")),
+        ] {
+            pairs.push((keys::DRAIN_RESULT, serde_json::to_string(&result).unwrap()));
+            assert_eq!(
+                judge("upgrade/r1", "n1", &rec(&pairs, true), Some(&run(true))),
+                Verdict::Answered
+            );
+            pairs.pop();
+        }
+        // Out of turn: refused, and the refusal goes back on the Node.
+        match judge("upgrade/r1", "n2", &rec(&pairs, true), Some(&run(true))) {
+            Verdict::Refuse { why, report } => {
+                assert_eq!(why, Rejection::NotItsTurn);
+                let report = report.expect("a node of the run hears why");
+                assert_eq!(report.state, DrainState::Refused);
+                assert!(req.answered_by(&report));
+            }
+            v => panic!("{v:?}"),
+        }
+        // Another installation's node, or no run: refused without a word on the Node.
+        for (node, r) in [("elsewhere", Some(run(true))), ("n1", None)] {
+            match judge("upgrade/r1", node, &rec(&pairs, true), r.as_ref()) {
+                Verdict::Refuse { report, .. } => assert_eq!(report, None, "{node}"),
+                v => panic!("{v:?}"),
+            }
+        }
+        match judge("garbage", "n1", &rec(&pairs, true), Some(&run(true))) {
+            Verdict::Refuse { why, report } => {
+                assert!(matches!(why, Rejection::Malformed(_)));
+                assert_eq!(report, None);
+            }
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]
