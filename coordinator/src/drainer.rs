@@ -3,11 +3,10 @@
 //! the evicted pod's node (chart README, RBAC). It watches the Nodes in `draining` (by our status
 //! label) and the run record; `drain_request::judge` admits a request only for a node the
 //! active run has granted that turn, in `draining`, cordoned, with the drain on. Each admitted
-//! node gets
-//! its own task (several nodes may drain at once), driving the pure `drain::Drain` machine over
-//! a watch of that node's pods and reporting on the Node (`drain_request::DrainResult`), which the
-//! agent waits for. A refused request evicts nothing and is logged (and, for a node of the run,
-//! reported on that Node and as an Event).
+//! node gets its own task (several nodes may drain at once), driving the pure `drain::Drain`
+//! machine over a watch of that node's pods and reporting on the Node
+//! (`drain_request::DrainResult`), which the agent waits for. A refused request evicts nothing
+//! and is logged (and, for a node of the run, reported on that Node and as an Event).
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use klm_kube::events::{Events, node_ref};
 use klm_kube::lease::FenceGuard;
