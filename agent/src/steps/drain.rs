@@ -14,9 +14,16 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tracing::info;
 
+/// This turn's drain request.
+pub fn request(ctx: &TurnCtx<'_>) -> DrainRequest {
+    DrainRequest::new(&ctx.rec.a.run_id, ctx.kind())
+}
+
+/// Waits for the coordinator's report on the request the `draining` status write carried
+/// (written again here if the Node lost it).
 pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     let node = ctx.node_name().to_string();
-    let request = DrainRequest::new(&ctx.rec.a.run_id, ctx.kind());
+    let request = request(ctx);
     // Counted from when the Node entered `draining`: a restarted agent keeps the same budget.
     let budget = ctx.rec.step_budget(ctx.rec.a.params.drain_timeout());
     let changed = Arc::new(Notify::new());

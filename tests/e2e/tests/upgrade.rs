@@ -597,7 +597,21 @@ async fn a_drain_request_out_of_turn_evicts_nothing() -> anyhow::Result<()> {
         .find(|n| **n != in_turn)
         .expect("a second node")
         .clone();
-    let run = p.wait_node_status(&in_turn, NodeStatus::Verifying).await?;
+    // Held in `verifying` once its (pending) verification pod exists.
+    let verification: kube::Api<Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
+    klm_testkit::wait::wait_list(
+        &verification,
+        kube::runtime::watcher::Config::default().labels(&format!(
+            "{}={in_turn}",
+            klm_protocol::keys::verification::NODE_LABEL
+        )),
+        "the verification pod of the node in its turn",
+        product::RUN_TIMEOUT,
+        |pods| (!pods.is_empty()).then_some(()),
+    )
+    .await?;
+    let run = granted;
     let victim = format!("web-{}", p.slice.id());
     let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
