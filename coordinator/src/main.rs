@@ -2,6 +2,7 @@
 //! grants node turns through the run record in the trigger ConfigMap.
 mod config;
 mod daemonset;
+mod drainer;
 mod driver;
 mod helm;
 mod metrics;
@@ -99,6 +100,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leadership: Some(fence.clone()),
         metrics,
     };
+    // Evictions are the coordinator's, not the agents' (chart README, RBAC): only the leader
+    // drains, and only nodes the run has granted a draining turn.
+    let _drainer = drainer::spawn(
+        client.clone(),
+        &ns,
+        &args.common.trigger_configmap,
+        klm_kube::events::Events::new(
+            client.clone(),
+            klm_protocol::keys::defaults::EVENT_REPORTER,
+            Some(me.clone()),
+        ),
+        Some(fence.clone()),
+    );
     let notify = Arc::new(Notify::new());
     let mut coordinator =
         driver::Coordinator::start(client, requests, settings, me.clone(), notify.clone()).await?;

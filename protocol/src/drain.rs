@@ -1,8 +1,9 @@
 //! The drain step as a pure machine: which pods a drain evicts (as `kubectl drain
 //! --ignore-daemonsets` does), when to retry a refused eviction (jittered exponential backoff),
 //! when the node is drained, and — when the budget runs out — which pod and which
-//! PodDisruptionBudget blocked it. The agent's driver feeds it the pods its watch sees and the
-//! outcome of each eviction, and performs the eviction it asks for.
+//! PodDisruptionBudget blocked it. The coordinator's drainer (which alone holds the eviction
+//! right, see `drain_request`) feeds it the pods its watch sees on the node and the outcome of
+//! each eviction, and performs the eviction it asks for.
 use crate::backoff::jittered;
 use crate::procedure::{Budget, cancelled};
 use crate::verification::FailureCause;

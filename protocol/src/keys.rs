@@ -93,6 +93,12 @@ pub mod node {
     pub const STEP_STARTED_AT: &str = "lifecycle.katacontainers.io/step-started-at";
     /// RFC 3339 time the node's turn started (for durations that survive restarts).
     pub const STARTED_AT: &str = "lifecycle.katacontainers.io/started-at";
+    /// The agent's request that the coordinator drain its node: `<turn>/<run id>`
+    /// (`drain_request`). The agent holds no eviction right; the coordinator checks the request
+    /// against the run record before it evicts anything.
+    pub const DRAIN_REQUEST: &str = "lifecycle.katacontainers.io/drain-request";
+    /// The coordinator's report on that drain (JSON `drain_request::DrainResult`).
+    pub const DRAIN_RESULT: &str = "lifecycle.katacontainers.io/drain-result";
     /// Value of CORDONED_BY.
     pub const CORDON_OWNER: &str = "kata-lifecycle-manager";
 }

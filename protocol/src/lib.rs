@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod drain;
+pub mod drain_request;
 pub mod duration;
 pub mod helm_values;
 pub mod kata_deploy;

@@ -6,6 +6,7 @@
 //! Each patch carries the status together with its run id and turn, so nobody ever sees a
 //! status without knowing which run and turn it belongs to, and whatever else belongs to the
 //! same moment (cordon, pod name, version, evidence), so one step transition is one API call.
+use crate::drain_request::{DrainRequest, DrainResult};
 use crate::keys::node as keys;
 use crate::run::{Evidence, TurnKind};
 use crate::selector::valid_value;
@@ -108,6 +109,26 @@ impl NodePatch {
         self
     }
 
+    /// The agent's drain request (`None` removes it).
+    pub fn drain_request(mut self, request: Option<&DrainRequest>) -> Self {
+        self.annotations.insert(
+            keys::DRAIN_REQUEST.into(),
+            request.map_or(Value::Null, |r| r.value().into()),
+        );
+        self
+    }
+
+    /// The coordinator's drain report (`None` removes it).
+    pub fn drain_result(mut self, result: Option<&DrainResult>) -> Self {
+        // A report is plain strings: serializing it cannot fail.
+        let text = result.map(|r| serde_json::to_string(r).unwrap_or_default());
+        self.annotations.insert(
+            keys::DRAIN_RESULT.into(),
+            text.map_or(Value::Null, Value::from),
+        );
+        self
+    }
+
     /// Whether this patch makes the node schedulable again.
     pub fn uncordons(&self) -> bool {
         self.unschedulable == Some(Value::Null)
@@ -190,6 +211,10 @@ pub struct NodeRecord {
     pub evidence: Option<Evidence>,
     pub cordoned_by_us: bool,
     pub unschedulable: bool,
+    /// The agent's drain request, as written (checked by `drain_request::admit`).
+    pub drain_request: Option<String>,
+    /// The coordinator's drain report (unreadable JSON reads as none).
+    pub drain_result: Option<DrainResult>,
 }
 
 impl NodeRecord {
@@ -207,6 +232,8 @@ impl NodeRecord {
             evidence: a(keys::EVIDENCE).and_then(|e| serde_json::from_str(&e).ok()),
             cordoned_by_us: cordoned_by_us(node),
             unschedulable: is_unschedulable(node),
+            drain_request: a(keys::DRAIN_REQUEST).filter(|s| !s.is_empty()),
+            drain_result: a(keys::DRAIN_RESULT).and_then(|r| serde_json::from_str(&r).ok()),
         }
     }
 
@@ -428,5 +455,47 @@ mod tests {
         let p = failed_by_coordinator("r1", TurnKind::Upgrade, &Evidence::default()).to_json();
         assert_eq!(p["metadata"]["annotations"][keys::STATUS], "failed");
         assert!(p.get("spec").is_none(), "keeps the cordon");
+    }
+
+    #[test]
+    fn the_drain_handshake_reads_back_and_clears() {
+        let req = DrainRequest::new("r1", TurnKind::Upgrade);
+        let result = DrainResult::done(&req, "2 pods evicted");
+        let p = NodePatch::default()
+            .drain_request(Some(&req))
+            .drain_result(Some(&result))
+            .to_json();
+        assert_eq!(
+            p["metadata"]["annotations"][keys::DRAIN_REQUEST],
+            "upgrade/r1"
+        );
+        let written: Vec<(String, String)> = p["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let refs: Vec<(&str, &str)> = written
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let back = NodeRecord::of(&node(&refs, true));
+        assert_eq!(back.drain_request.as_deref(), Some("upgrade/r1"));
+        assert_eq!(back.drain_result, Some(result));
+        let cleared = NodePatch::default()
+            .drain_request(None)
+            .drain_result(None)
+            .to_json();
+        assert_eq!(
+            cleared["metadata"]["annotations"][keys::DRAIN_REQUEST],
+            Value::Null
+        );
+        assert_eq!(
+            cleared["metadata"]["annotations"][keys::DRAIN_RESULT],
+            Value::Null
+        );
+        // A report that is not ours to read is no report.
+        let garbage = NodeRecord::of(&node(&[(keys::DRAIN_RESULT, "{oops")], true));
+        assert_eq!(garbage.drain_result, None);
     }
 }

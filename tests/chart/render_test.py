@@ -545,7 +545,7 @@ def no_wildcards_and_no_secrets_for_the_agent():
                 assert "*" not in rule.get(field, []), f"{comp}: wildcard in {rule}"
     agent = component_rules(r, "agent")
     resources = {res for _, rule in agent for res in rule["resources"]}
-    assert resources == {"nodes", "pods", "pods/eviction", "pods/log", "events", "leases", "configmaps"}, resources
+    assert resources == {"nodes", "pods", "pods/log", "events", "leases", "configmaps"}, resources
     assert not any("apps" in rule["apiGroups"] for _, rule in agent)
 
 
@@ -558,7 +558,9 @@ def agent_pod_writes_only_where_it_must():
             if "create" in rule["verbs"]:
                 assert ns == "default", f"pod create outside the verification namespace: {ns}"
     cluster = rules_of(r, "ClusterRole", f"{RELEASE}-agent")
-    assert allows(cluster, "", "pods/eviction", "create")
+    # The coordinator drains: the agent may neither evict nor read pods cluster-wide.
+    assert not allows(cluster, "", "pods/eviction", "create")
+    assert not allows(cluster, "", "pods", "list")
     assert allows(cluster, "", "nodes", "patch")
     assert not allows(cluster, "", "pods", "delete") and not allows(cluster, "", "nodes", "delete")
 
@@ -731,11 +733,17 @@ def coordinator_may_update_kata_deploys_job_mode_rbac_by_name():
 
 
 @test
-def agent_evictions_can_be_turned_off():
-    def may_evict(r):
-        return allows([rule for _, rule in component_rules(r, "agent")], "", "pods/eviction", "create")
-    assert may_evict(template())
-    assert not may_evict(template("--set", "rbac.agentEvictions=false"))
+def evictions_are_the_coordinators_and_the_removed_agent_value_says_so():
+    r = template()
+    agent = [rule for _, rule in component_rules(r, "agent")]
+    assert not allows(agent, "", "pods/eviction", "create")
+    cluster = rules_of(r, "ClusterRole", f"{RELEASE}-coordinator")
+    assert allows(cluster, "", "pods/eviction", "create")
+    assert allows(cluster, "", "pods", "list")
+    assert not allows(cluster, "", "pods", "delete")
+    for value in ("true", "false"):
+        out = template("--set", f"rbac.agentEvictions={value}", expect_ok=False)
+        assert "rbac.agentEvictions was removed" in out and "coordinator drains" in out, out
 
 
 @test

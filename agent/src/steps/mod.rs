@@ -109,7 +109,11 @@ async fn run_step(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<(), StepError
         (TurnKind::Upgrade, NodeStatus::Preparing) => prepare(ctx).await,
         (TurnKind::Upgrade, NodeStatus::Cordoned) => cordon::run(ctx).await,
         (TurnKind::Upgrade, NodeStatus::Draining) => {
-            write_status(ctx, NodeStatus::Draining).await?;
+            // The status and the request to the coordinator's drainer in one write.
+            let status = ctx.rec.status(NodeStatus::Draining);
+            let patch = with_step_start(ctx, status, NodeStatus::Draining)
+                .drain_request(Some(&drain::request(ctx)));
+            ctx.patch_node("writing status draining", &patch).await?;
             ctx.event(
                 false,
                 "Draining",

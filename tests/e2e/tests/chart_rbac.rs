@@ -22,9 +22,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use klm_protocol::keys::node::STATUS as STATUS_LABEL;
+use klm_protocol::keys::node::{DRAIN_REQUEST, STATUS as STATUS_LABEL};
 use klm_testkit::Cluster;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
@@ -281,10 +281,14 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Agent, true,  "patch",  "", "nodes", "", "klm-chart-e2e-1"),
         row(Agent, true,  "watch",  "", "nodes", "", ""),
         row(Agent, false, "delete", "", "nodes", "", "klm-chart-e2e-1"),
-        row(Agent, true,  "list",   "", "pods", "", ""),                 // drain: pods on its node, all namespaces
-        row(Agent, true,  "create", "", "pods/eviction", "default", "x"),
-        row(Agent, true,  "create", "", "pods/eviction", NS, "x"),
-        row(Agent, false, "delete", "", "pods", "default", "x"),         // drain evicts, never deletes
+        // The coordinator drains: the agent neither reads pods cluster-wide nor evicts any.
+        row(Agent, false, "list",   "", "pods", "", ""),
+        row(Agent, false, "watch",  "", "pods", "", ""),
+        row(Agent, false, "create", "", "pods/eviction", "default", "x"),
+        row(Agent, false, "create", "", "pods/eviction", NS, "x"),
+        row(Agent, false, "create", "", "pods/eviction", KD_NS, "x"),
+        row(Agent, false, "create", "", "pods/eviction", VERIFY_NS, "x"),
+        row(Agent, false, "delete", "", "pods", "default", "x"),
         row(Agent, true,  "delete", "", "pods", KD_NS, "kata-deploy-abcde"),
         row(Agent, false, "create", "", "pods", KD_NS, ""),
         row(Agent, true,  "create", "", "pods", VERIFY_NS, ""),
@@ -312,8 +316,8 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         // agent's own node (agent_token_reaches_only_its_own_node)...
         row(Agent, true,  "patch",  "", "nodes", "", "klm-chart-e2e-2"),
         row(Agent, true,  "delete", "", "pods", KD_NS, "kata-deploy-on-another-node"),
-        // ...except evictions, which no admission policy can tie to a node (chart README).
-        row(Agent, true,  "create", "", "pods/eviction", "kube-system", "x"),
+        // Evictions, which no admission policy can tie to a node, are not the agent's at all.
+        row(Agent, false, "create", "", "pods/eviction", "kube-system", "x"),
         // Nothing that could mint another identity or reach into a pod.
         row(Agent, false, "update", "", "nodes/status", "", "klm-chart-e2e-1"),
         row(Agent, false, "create", "", "serviceaccounts/token", NS, &agent_sa()),
@@ -338,6 +342,13 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Coordinator, true,  "update", "", "configmaps", KD_NS, "kata-deploy-settings"),
         row(Coordinator, true,  "create", "batch", "jobs", KD_NS, ""),
         row(Coordinator, true,  "list",   "", "pods", KD_NS, ""),
+        // The drain is the coordinator's: the node's pods in any namespace, evicted (never deleted).
+        row(Coordinator, true,  "list",   "", "pods", "", ""),
+        row(Coordinator, true,  "watch",  "", "pods", "", ""),
+        row(Coordinator, true,  "create", "", "pods/eviction", "default", "x"),
+        row(Coordinator, true,  "create", "", "pods/eviction", "kube-system", "x"),
+        row(Coordinator, false, "delete", "", "pods", "default", "x"),
+        row(Coordinator, false, "deletecollection", "", "pods", "default", ""),
         row(Coordinator, false, "delete", "", "pods", KD_NS, "x"),
         row(Coordinator, false, "create", "", "pods", KD_NS, ""),
         row(Coordinator, false, "create", "", "pods", VERIFY_NS, ""),
@@ -1021,7 +1032,9 @@ fn dry_delete() -> DeleteParams {
 /// With the agent's real credential (a token bound to the agent pod on node A), everything RBAC
 /// grants it on every node is refused by the API server outside node A: pods on another node,
 /// pods with host access or Secrets, kata-deploy pods elsewhere, foreign Node fields, other
-/// Nodes; a token bound to no pod can do nothing. The agent's own work on node A still passes.
+/// Nodes, a drain request for another Node; evictions are refused everywhere (the coordinator
+/// drains); a token bound to no pod can do nothing. The agent's own work on node A — including
+/// asking for its own drain — still passes.
 #[tokio::test]
 async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     let inst = installed().await;
@@ -1096,6 +1109,8 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     const PRIVILEGED: &str = "may not create privileged pods";
     const SECRETS: &str = "may not create pods that mount Secrets";
     const NO_NODE: &str = "carries no node";
+    // RBAC's refusal (the agent's ClusterRole has no pods/eviction).
+    const EVICT: &str = "cannot create resource \"pods/eviction\"";
     let create = |api: &Api<Pod>, spec: Value| {
         let api = api.clone();
         move || {
@@ -1116,6 +1131,17 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         move || {
             let (api, name) = (api.clone(), name.clone());
             async move { api.delete(&name, &dry_delete()).await }
+        }
+    };
+    let evict = |api: &Api<Pod>, name: String| {
+        let api = api.clone();
+        move || {
+            let (api, name) = (api.clone(), name.clone());
+            let ep = EvictParams {
+                post_options: dry_post(),
+                ..Default::default()
+            };
+            async move { api.evict(&name, &ep).await }
         }
     };
     let conforming = pinned_with(
@@ -1152,6 +1178,13 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
             "containers": container(json!({"env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "anything", "key": "k"}}}]}))})))),
         attack("pod running as another ServiceAccount", "running as ServiceAccount", create(&verify, pinned_with(own, json!({"serviceAccountName": "builder"})))),
         attack(format!("delete the kata-deploy pod on {other}"), "may only delete pods on that node", delete(&kd, kd_name(other))),
+        // No eviction at all: an eviction request does not show the pod's node to admission,
+        // so the right moved to the coordinator (which drains only a node in its turn).
+        attack(format!("evict the kata-deploy pod on {other}"), EVICT, evict(&kd, kd_name(other))),
+        attack(format!("evict the kata-deploy pod on {own} (its own node)"), EVICT, evict(&kd, kd_name(own))),
+        attack("evict a pod in kube-system", EVICT, evict(&Api::namespaced(bound.clone(), "kube-system"), "kube-apiserver".into())),
+        attack(format!("ask for the drain of {other}"), "may only change its own Node",
+            patch_node(&nodes, other, json!({"metadata": {"annotations": {DRAIN_REQUEST: "upgrade/security-probe"}}}))),
         attack(format!("node-restriction.kubernetes.io label on {own}"), "may only change its own Node labels",
             patch_node(&nodes, own, json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
         attack(format!("foreign annotation on {own}"), "may only change its own Node annotations",
@@ -1179,6 +1212,7 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         attack(format!("unbound token: conforming pod on {own}"), NO_NODE, create(&verify_unbound, conforming.clone())),
         attack(format!("unbound token: status label on {own}"), NO_NODE, patch_node(&nodes_unbound, own, status_label.clone())),
         attack(format!("unbound token: delete the kata-deploy pod on {own}"), NO_NODE, delete(&kd_unbound, kd_name(own))),
+        attack(format!("unbound token: evict the kata-deploy pod on {own}"), EVICT, evict(&kd_unbound, kd_name(own))),
     ];
     let wrong = unrefused(&attacks, settle).await;
     ensure!(
@@ -1215,19 +1249,20 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         "metadata": {
             "labels": {STATUS_LABEL: "verifying"},
             "annotations": {STATUS_LABEL: "verifying", "lifecycle.katacontainers.io/run": "security-probe",
-                            "lifecycle.katacontainers.io/cordoned-by": "kata-lifecycle-manager"}
+                            "lifecycle.katacontainers.io/cordoned-by": "kata-lifecycle-manager",
+                            DRAIN_REQUEST: "upgrade/security-probe"}
         },
         "spec": {"unschedulable": true}
     });
     nodes
         .patch(own, &PatchParams::default(), &Patch::Merge(cordon))
         .await
-        .context("the agent could not cordon and mark its own node")?;
+        .context("the agent could not cordon, mark and ask for the drain of its own node")?;
     let uncordon = json!({
         "metadata": {
             "labels": {STATUS_LABEL: null},
             "annotations": {STATUS_LABEL: null, "lifecycle.katacontainers.io/run": null,
-                            "lifecycle.katacontainers.io/cordoned-by": null}
+                            "lifecycle.katacontainers.io/cordoned-by": null, DRAIN_REQUEST: null}
         },
         "spec": {"unschedulable": null}
     });
@@ -1258,6 +1293,65 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
     kd_admin
         .delete(&kd_name(other), &DeleteParams::default())
         .await?;
+    Ok(())
+}
+
+/// The eviction right moved from the agents to the coordinator: a workload pod on the agent's own
+/// node cannot be evicted with the agent's pod-bound token, and is evicted for real by the
+/// coordinator's ServiceAccount (as its drainer does, for a node in its draining turn).
+#[tokio::test]
+async fn the_coordinator_evicts_what_no_agent_may() -> Result<()> {
+    let inst = installed().await;
+    let admin = inst.cluster.client().await?;
+    let own = NODES[0];
+    let name = "klm-chart-e2e-drain-probe";
+    let workloads: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let mut pod = probe_pod(name, json!({"nodeName": own}));
+    pod.metadata.namespace = Some("default".into());
+    created_or_exists(workloads.create(&PostParams::default(), &pod).await)?;
+
+    let agent = client_with_token(
+        inst.cluster.kubeconfig_path(),
+        &agent_token(&admin, Some(own)).await?,
+    )
+    .await?;
+    match Api::<Pod>::namespaced(agent, "default")
+        .evict(name, &EvictParams::default())
+        .await
+    {
+        Err(kube::Error::Api(e))
+            if e.code == 403
+                && e.message
+                    .contains("cannot create resource \"pods/eviction\"") => {}
+        other => bail!(
+            "the agent's eviction of a pod on its own node was not refused by RBAC: {other:?}"
+        ),
+    }
+    ensure!(
+        workloads
+            .get_opt(name)
+            .await?
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "the pod survived the agent's attempt"
+    );
+
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    Api::<Pod>::namespaced(coordinator, "default")
+        .evict(name, &EvictParams::default())
+        .await
+        .context("the coordinator could not evict a pod")?;
+    ensure!(
+        workloads
+            .get_opt(name)
+            .await?
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+        "the coordinator's eviction went through"
+    );
+    workloads.delete(name, &DeleteParams::default()).await.ok();
     Ok(())
 }
 

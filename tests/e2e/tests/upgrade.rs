@@ -560,6 +560,141 @@ async fn drain_evicts_workloads_and_a_blocking_pdb_fails_the_node_by_name() -> a
     Ok(())
 }
 
+/// The agent holds no eviction right: it asks the coordinator to drain its node, and the
+/// coordinator's drainer checks the request against the run record. A node of the run that is
+/// not in its turn (as a compromised agent would: it may write its own Node's draining label,
+/// run, turn and request, and cordon itself) while another node is in its turn gets a refusal on
+/// its Node and nothing evicted; when the run later grants it its turn, it is drained for real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_request_out_of_turn_evicts_nothing() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use klm_protocol::drain_request::{DrainResult, DrainState};
+    use klm_protocol::keys::node as node_keys;
+    use klm_protocol::node_record::NodeRecord;
+    let p = Product::start("drainreq", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    // Each turn holds in `verifying` until the test lets it pass.
+    for n in ["node-1", "node-2"] {
+        p.slice
+            .set_verification_outcome(n, "3.28.0", Outcome::Pending);
+    }
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[
+        (trigger::TARGET_VERSION, Some("3.28.0")),
+        (trigger::DRAIN_ENABLED, Some("true")),
+    ])
+    .await?;
+    let granted = p
+        .wait_run(
+            |r| Some(&r.id) != before.as_ref() && r.turn.is_some(),
+            product::RUN_TIMEOUT,
+        )
+        .await?;
+    let in_turn = granted.turn.clone().expect("a turn").node;
+    let waiting = granted
+        .plan
+        .iter()
+        .find(|n| **n != in_turn)
+        .expect("a second node")
+        .clone();
+    // Held in `verifying` once its (pending) verification pod exists.
+    let verification: kube::Api<Pod> =
+        kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
+    klm_testkit::wait::wait_list(
+        &verification,
+        kube::runtime::watcher::Config::default().labels(&format!(
+            "{}={in_turn}",
+            klm_protocol::keys::verification::NODE_LABEL
+        )),
+        "the verification pod of the node in its turn",
+        product::RUN_TIMEOUT,
+        |pods| (!pods.is_empty()).then_some(()),
+    )
+    .await?;
+    let run = granted;
+    let victim = format!("web-{}", p.slice.id());
+    let pods: kube::Api<Pod> = kube::Api::namespaced(p.slice.client(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": victim, "labels": {"app": victim}},
+        "spec": {"nodeName": waiting, "tolerations": [{"operator": "Exists"}],
+                 "containers": [{"name": "c", "image": "registry.example/web:1"}]}
+    }))?;
+    pods.create(&Default::default(), &pod).await?;
+
+    // What the agent on `waiting` may write on its own Node (the chart's own-node policy lets
+    // it): our draining label, this run and turn, a drain request, a cordon. The status
+    // annotation the run machine reads is left alone, so the run itself goes on undisturbed.
+    let request = format!("upgrade/{}", run.id);
+    let nodes: kube::Api<Node> = kube::Api::all(p.slice.client());
+    let forge = |on: bool| {
+        let v = |s: &str| on.then(|| s.to_string());
+        serde_json::json!({
+            "metadata": {
+                "labels": {node_keys::STATUS: v("draining")},
+                "annotations": {node_keys::RUN_ID: v(&run.id), node_keys::TURN: v("upgrade"),
+                                node_keys::DRAIN_REQUEST: v(&request), node_keys::DRAIN_RESULT: None::<String>},
+            },
+            "spec": {"unschedulable": on.then_some(true)},
+        })
+    };
+    nodes
+        .patch(
+            &waiting,
+            &Default::default(),
+            &kube::api::Patch::Merge(forge(true)),
+        )
+        .await?;
+    let refused = klm_testkit::wait::wait_for(
+        &nodes,
+        &waiting,
+        "the coordinator's answer to the out-of-turn drain request",
+        klm_testkit::wait::DEFAULT_TIMEOUT,
+        klm_testkit::wait::when(|n: &Node| NodeRecord::of(n).drain_result.is_some()),
+    )
+    .await?
+    .and_then(|n| NodeRecord::of(&n).drain_result)
+    .expect("a drain result");
+    assert_eq!(refused.state, DrainState::Refused, "{refused:?}");
+    assert!(
+        refused.message.contains("has not granted this node"),
+        "{}",
+        refused.message
+    );
+    // The request has been judged and refused; the drainer evicts only for admitted ones.
+    assert!(
+        pods.get_opt(&victim)
+            .await?
+            .is_some_and(|x| x.metadata.deletion_timestamp.is_none()),
+        "the pod on {waiting} was not evicted"
+    );
+
+    // Undo the forgery; once the turn in progress ends, the run grants `waiting` its turn and
+    // the coordinator drains it for real.
+    nodes
+        .patch(
+            &waiting,
+            &Default::default(),
+            &kube::api::Patch::Merge(forge(false)),
+        )
+        .await?;
+    p.slice
+        .set_verification_outcome(&waiting, "3.28.0", Outcome::Succeed);
+    let_verification_succeed(&p, &in_turn).await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+    assert!(
+        pods.get_opt(&victim)
+            .await?
+            .is_none_or(|x| x.metadata.deletion_timestamp.is_some()),
+        "the coordinator drained {waiting} in its turn"
+    );
+    let after = NodeRecord::of(&nodes.get(&waiting).await?);
+    assert_eq!(after.drain_request, None, "the agent withdrew its request");
+    assert_eq!(after.drain_result, None::<DrainResult>);
+    pods.delete(&victim, &Default::default()).await.ok();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_trigger_during_a_run_is_reported_not_interleaved() -> anyhow::Result<()> {
     let p = Product::start("second", 2, "3.27.0").await?;
