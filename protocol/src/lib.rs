@@ -6,11 +6,13 @@
 pub mod backoff;
 pub mod drain;
 pub mod duration;
+pub mod grant_gate;
 pub mod helm_values;
 pub mod kata_deploy;
 pub mod keys;
 pub mod lease;
 pub mod lifecycle;
+pub mod maintenance_window;
 pub mod node_record;
 pub mod params;
 pub mod plan;
