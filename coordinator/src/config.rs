@@ -120,6 +120,14 @@ pub struct DefaultArgs {
     pub default_helm_set_values: String,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
+    /// When node turns may start, e.g. `Mon-Fri 22:00-06:00 Europe/Berlin` (validated per
+    /// run; the trigger annotation `maintenance-window` replaces it). Empty: always.
+    #[arg(long, env = "KLM_DEFAULT_MAINTENANCE_WINDOW", default_value = "")]
+    pub default_maintenance_window: String,
+    /// Label selector of pods that hold their node's turn (validated per run; the trigger
+    /// annotation `blocking-pod-selector` replaces it). Empty: no pod gate.
+    #[arg(long, env = "KLM_DEFAULT_BLOCKING_POD_SELECTOR", default_value = "")]
+    pub default_blocking_pod_selector: String,
     /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
     #[arg(
         long,
@@ -161,6 +169,8 @@ impl DefaultArgs {
                 .filter(|s| !s.is_empty())
                 .collect(),
             helm_set_values: self.default_helm_set_values.clone(),
+            maintenance_window: self.default_maintenance_window.clone(),
+            blocking_pod_selector: self.default_blocking_pod_selector.clone(),
         }
     }
 }

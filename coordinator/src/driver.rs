@@ -3,6 +3,7 @@
 //! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
+use crate::gates::PodGate;
 use crate::helm::{Helm, HelmError};
 use crate::metrics::{HelmOp, LeaseEvent, Metrics};
 use crate::status_data;
@@ -62,6 +63,8 @@ pub struct Coordinator {
     fed: Fed,
     /// The turn last seen in the run record, to count grants (`klm_lease_events_total`).
     seen_turn: Option<klm_protocol::Turn>,
+    /// The blocking-pod gate's pod watch (only while a run with a selector is active).
+    pod_gate: PodGate,
 }
 
 impl Coordinator {
@@ -89,7 +92,8 @@ impl Coordinator {
             notify.clone(),
         );
         let (leases, _) =
-            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify);
+            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
+        let pod_gate = PodGate::new(client.clone(), notify);
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         leases.wait_until_ready().await?;
@@ -121,6 +125,7 @@ impl Coordinator {
             requests,
             fed: Fed::default(),
             seen_turn: None,
+            pod_gate,
         })
     }
 
@@ -198,6 +203,7 @@ impl Coordinator {
                 data: c.data.clone().unwrap_or_default(),
             })));
         }
+        inputs.extend(self.pod_gate.observe());
         inputs.push_back(Input::Tick);
         inputs
     }
@@ -207,6 +213,8 @@ impl Coordinator {
     pub async fn reconcile(&mut self) -> anyhow::Result<Option<Wake>> {
         let result = self.reconcile_inner().await;
         self.s.metrics.observe_run(self.machine.run());
+        self.pod_gate
+            .follow(blocking_pod_selector(self.machine.run()));
         result
     }
 
@@ -428,4 +436,12 @@ impl Coordinator {
                 .await;
         }
     }
+}
+
+/// The selector of the pods to watch for the blocking-pod gate: the active run's, if it has one.
+fn blocking_pod_selector(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
+    run.filter(|r| !r.phase.is_finished())
+        .and_then(|r| r.params.as_ref())
+        .map(|p| p.blocking_pod_selector.as_str())
+        .filter(|s| !s.is_empty())
 }

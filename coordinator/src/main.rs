@@ -3,6 +3,7 @@
 mod config;
 mod daemonset;
 mod driver;
+mod gates;
 mod helm;
 mod metrics;
 mod status_data;

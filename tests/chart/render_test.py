@@ -266,6 +266,8 @@ def default_values_reach_the_coordinator():
         "KLM_DEFAULT_DRAIN_ENABLED": "false",
         "KLM_DEFAULT_DRAIN_TIMEOUT": "300s",
         "KLM_DEFAULT_VERIFICATION_TIMEOUT": "300s",
+        "KLM_DEFAULT_MAINTENANCE_WINDOW": "",
+        "KLM_DEFAULT_BLOCKING_POD_SELECTOR": "",
         "KLM_LEASE_DURATION_SECONDS": "30",
         "KLM_CHART_REF": "oci://ghcr.io/kata-containers/kata-deploy-charts/kata-deploy",
         "KLM_CHART_REPO": "",
@@ -291,6 +293,8 @@ def overridden_values_reach_the_coordinator():
         "--set", "defaults.nodeSelector=pool=kata",
         "--set", "defaults.nodeTaintKey=kata-lifecycle-manager",
         "--set", "defaults.nodeTaintValue=pending",
+        "--set", "defaults.maintenanceWindow=Mon-Fri 22:00-06:00 Europe/Berlin",
+        "--set", "defaults.blockingPodSelector=app=backup",
         "--set", "leaseDurationSeconds=15",
         "--set", "kataDeployChart.ref=kata-deploy",
         "--set", "kataDeployChart.repo=http://127.0.0.1:8879",
@@ -306,6 +310,8 @@ def overridden_values_reach_the_coordinator():
         "KLM_DEFAULT_NODE_SELECTOR": "pool=kata",
         "KLM_DEFAULT_NODE_TAINT_KEY": "kata-lifecycle-manager",
         "KLM_DEFAULT_NODE_TAINT_VALUE": "pending",
+        "KLM_DEFAULT_MAINTENANCE_WINDOW": "Mon-Fri 22:00-06:00 Europe/Berlin",
+        "KLM_DEFAULT_BLOCKING_POD_SELECTOR": "app=backup",
         "KLM_LEASE_DURATION_SECONDS": "15",
         "KLM_CHART_REF": "kata-deploy",
         "KLM_CHART_REPO": "http://127.0.0.1:8879",
@@ -594,6 +600,9 @@ def coordinator_can_upgrade_kata_deploy_but_reads_secrets_only_there():
     assert allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "kata-deploy-rb")
     assert not allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "cluster-admin")
     assert not allows(cluster, "apps", "daemonsets", "patch")
+    # The blocking-pod gate reads pods anywhere, and only reads.
+    assert allows(cluster, "", "pods", "watch") and allows(cluster, "", "pods", "list")
+    assert not allows(cluster, "", "pods", "delete") and not allows(cluster, "", "pods", "create")
     lease = rules_of(r, "Role", f"{RELEASE}-coordinator", NAMESPACE)
     assert allows(lease, "coordination.k8s.io", "leases", "create")
 
