@@ -241,6 +241,8 @@ impl RunRecord {
         self.phase = phase;
         self.message = message.into();
         self.turn = None;
+        // A finished run is held by nothing.
+        self.hold = None;
         self.finished_at_ms = Some(now_ms);
     }
 

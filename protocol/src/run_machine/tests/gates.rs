@@ -234,3 +234,18 @@ fn a_bad_window_refuses_the_run_before_anything_is_touched() {
     );
     assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
 }
+
+#[test]
+fn a_run_cancelled_while_held_ends_held_by_nothing() {
+    let mut h = H::new(&["n1"]);
+    h.now = utc("2026-11-30T12:00:00");
+    h.annotations
+        .insert(trigger::MAINTENANCE_WINDOW.into(), "22:00-23:00".into());
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    assert!(h.run().hold.is_some());
+    h.annotate(trigger::ACTION, trigger::ACTION_CANCEL);
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Cancelled, "{}", r.message);
+    assert!(r.hold.is_none(), "{:?}", r.hold);
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
+}
