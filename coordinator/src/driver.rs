@@ -3,7 +3,7 @@
 //! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
-use crate::gates::PodGate;
+use crate::gates::{AlertGate, PodGate};
 use crate::helm::{Helm, HelmError};
 use crate::metrics::{HelmOp, LeaseEvent, Metrics};
 use crate::status_data;
@@ -38,6 +38,9 @@ pub struct Settings {
     pub leadership: Option<klm_kube::lease::FenceGuard>,
     /// Updated as the run moves and effects are performed; served on `/metrics`.
     pub metrics: Metrics,
+    /// Prometheus base URL for the alert gate (empty: none) and how often it is asked.
+    pub prometheus_url: String,
+    pub prometheus_poll_interval: Duration,
 }
 
 /// What was last fed to the machine, so only changes are fed (the machine folds them).
@@ -65,6 +68,8 @@ pub struct Coordinator {
     seen_turn: Option<klm_protocol::Turn>,
     /// The blocking-pod gate's pod watch (only while a run with a selector is active).
     pod_gate: PodGate,
+    /// The Prometheus alert gate's poller (only while a run with the alert gate is active).
+    alert_gate: AlertGate,
 }
 
 impl Coordinator {
@@ -93,7 +98,8 @@ impl Coordinator {
         );
         let (leases, _) =
             klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
-        let pod_gate = PodGate::new(client.clone(), notify);
+        let pod_gate = PodGate::new(client.clone(), notify.clone());
+        let alert_gate = AlertGate::new(&s.prometheus_url, s.prometheus_poll_interval, notify);
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         leases.wait_until_ready().await?;
@@ -126,6 +132,7 @@ impl Coordinator {
             fed: Fed::default(),
             seen_turn: None,
             pod_gate,
+            alert_gate,
         })
     }
 
@@ -204,6 +211,7 @@ impl Coordinator {
             })));
         }
         inputs.extend(self.pod_gate.observe());
+        inputs.extend(self.alert_gate.observe());
         inputs.push_back(Input::Tick);
         inputs
     }
@@ -215,6 +223,7 @@ impl Coordinator {
         self.s.metrics.observe_run(self.machine.run());
         self.pod_gate
             .follow(blocking_pod_selector(self.machine.run()));
+        self.alert_gate.follow(alert_gated(self.machine.run()));
         result
     }
 
@@ -444,4 +453,11 @@ fn blocking_pod_selector(run: Option<&klm_protocol::RunRecord>) -> Option<&str> 
         .and_then(|r| r.params.as_ref())
         .map(|p| p.blocking_pod_selector.as_str())
         .filter(|s| !s.is_empty())
+}
+
+/// Whether the active run has the Prometheus alert gate.
+fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> bool {
+    run.filter(|r| !r.phase.is_finished())
+        .and_then(|r| r.params.as_ref())
+        .is_some_and(|p| !p.alert_filter.is_empty())
 }

@@ -1,15 +1,25 @@
-//! The blocking-pod health gate's observation: a reflector on the pods matching the active run's
-//! `blocking-pod-selector` (all namespaces, filtered by the API server), running only while such
-//! a run is active, whose list is fed to the run machine (`Input::BlockingPods`) each time it
-//! changes. What blocks which node is the machine's decision (`klm_protocol::grant_gate`).
+//! The health gates' observations, fed to the run machine; what holds the run is the machine's
+//! decision (`klm_protocol::grant_gate`):
+//! - [`PodGate`]: a reflector on the pods matching the active run's `blocking-pod-selector`
+//!   (all namespaces, filtered by the API server), running only while such a run is active; its
+//!   list is fed (`Input::BlockingPods`) each time it changes;
+//! - [`AlertGate`]: Prometheus's `GET /api/v1/alerts`, polled every interval while a run with the
+//!   alert gate is active (an HTTP API offers no watch); fed (`Input::FiringAlerts`) when the
+//!   answer changes.
+use bytes::Bytes;
 use futures::FutureExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use klm_protocol::grant_gate::BlockingPod;
 use klm_protocol::run_machine::Input;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -96,4 +106,126 @@ fn blocking_pod(p: &Pod) -> BlockingPod {
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
     }
+}
+
+/// The Prometheus alert gate's poller.
+pub struct AlertGate {
+    url: String,
+    interval: Duration,
+    notify: Arc<Notify>,
+    poll: Option<Poll>,
+}
+
+type Polled = Result<Vec<String>, String>;
+
+struct Poll {
+    latest: Arc<Mutex<Option<Polled>>>,
+    task: JoinHandle<()>,
+    fed: Option<Polled>,
+}
+
+impl Drop for Poll {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Bound of one request to Prometheus (a hung one must not stall the gate).
+const ALERTS_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AlertGate {
+    /// `url`: Prometheus's base URL (empty: no alert gate, [`AlertGate::follow`] never polls).
+    pub fn new(url: &str, interval: Duration, notify: Arc<Notify>) -> Self {
+        AlertGate {
+            url: url.trim().trim_end_matches('/').to_string(),
+            interval,
+            notify,
+            poll: None,
+        }
+    }
+
+    /// Polls while `active` (a run with the alert gate is active), stops otherwise.
+    pub fn follow(&mut self, active: bool) {
+        let active = active && !self.url.is_empty();
+        if active == self.poll.is_some() {
+            return;
+        }
+        if !active {
+            tracing::info!("Prometheus alert gate: polling stopped");
+            self.poll = None;
+            return;
+        }
+        tracing::info!(url = %self.url, interval = ?self.interval, "Prometheus alert gate: polling alerts");
+        let latest: Arc<Mutex<Option<Polled>>> = Arc::default();
+        let task = tokio::spawn(poll_loop(
+            format!("{}/api/v1/alerts", self.url),
+            self.interval,
+            latest.clone(),
+            self.notify.clone(),
+        ));
+        self.poll = Some(Poll {
+            latest,
+            task,
+            fed: None,
+        });
+    }
+
+    /// The last answer, if it changed since it was last fed.
+    pub fn observe(&mut self) -> Option<Input> {
+        let poll = self.poll.as_mut()?;
+        let latest = poll.latest.lock().ok()?.clone()?;
+        if poll.fed.as_ref() == Some(&latest) {
+            return None;
+        }
+        poll.fed = Some(latest.clone());
+        Some(Input::FiringAlerts(latest))
+    }
+}
+
+async fn poll_loop(
+    url: String,
+    interval: Duration,
+    latest: Arc<Mutex<Option<Polled>>>,
+    notify: Arc<Notify>,
+) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    loop {
+        let answer = firing_alerts(&client, &url).await;
+        if let Err(e) = &answer {
+            tracing::warn!(url, error = %e, "Prometheus alert gate: cannot read the alerts");
+        }
+        let changed = match latest.lock() {
+            Ok(mut l) => {
+                let changed = l.as_ref() != Some(&answer);
+                *l = Some(answer);
+                changed
+            }
+            Err(_) => false,
+        };
+        if changed {
+            notify.notify_one();
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn firing_alerts(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Polled {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("bad Prometheus URL {url:?}: {e}"))?;
+    let response = tokio::time::timeout(ALERTS_TIMEOUT, client.get(uri))
+        .await
+        .map_err(|_| format!("no answer from {url} within {ALERTS_TIMEOUT:?}"))?
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = response.status();
+    let body = tokio::time::timeout(ALERTS_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| format!("{url}: the answer did not complete within {ALERTS_TIMEOUT:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("GET {url} answered {status}"));
+    }
+    klm_protocol::grant_gate::firing_alert_names(&String::from_utf8_lossy(&body))
 }

@@ -140,7 +140,7 @@ impl Metrics {
         );
         registry.register(
             "klm_run_held",
-            "1 while the grant gate holds the run, by reason (maintenance_window, blocking_pod).",
+            "1 while the grant gate holds the run, by reason (maintenance_window, blocking_pod, prometheus_alert).",
             m.run_held.clone(),
         );
         registry.register(
@@ -320,6 +320,7 @@ mod tests {
             until_ms: None,
             node: Some("n1".into()),
             blocking_pods: vec!["ops/backup".into()],
+            firing_alerts: vec![],
             message: String::new(),
         });
         m.observe_run(Some(&held));

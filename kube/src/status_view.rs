@@ -242,6 +242,7 @@ fn hold_line(h: &klm_protocol::grant_gate::Hold) -> String {
     let mut line = match h.reason {
         klm_protocol::grant_gate::HoldReason::MaintenanceWindow => "outside the maintenance window",
         klm_protocol::grant_gate::HoldReason::BlockingPod => "blocking pods",
+        klm_protocol::grant_gate::HoldReason::PrometheusAlert => "Prometheus alerts",
     }
     .to_string();
     if let Some(node) = &h.node {
@@ -255,6 +256,9 @@ fn hold_line(h: &klm_protocol::grant_gate::Hold) -> String {
     }
     if !h.blocking_pods.is_empty() {
         line.push_str(&format!(": {}", h.blocking_pods.join(", ")));
+    }
+    if !h.firing_alerts.is_empty() {
+        line.push_str(&format!(": {} firing", h.firing_alerts.join(", ")));
     }
     line
 }
@@ -338,6 +342,7 @@ mod tests {
             until_ms: Some(1_796_162_400_000),
             node: Some("b".into()),
             blocking_pods: vec![],
+            firing_alerts: vec![],
             message: String::new(),
         });
         let out = render(&r, &[], 1_000);
@@ -352,6 +357,7 @@ mod tests {
             until_ms: None,
             node: Some("b".into()),
             blocking_pods: vec!["ops/backup".into()],
+            firing_alerts: vec![],
             message: String::new(),
         });
         let out = render(&r, &[], 1_000);

@@ -34,6 +34,10 @@ pub struct Defaults {
     pub maintenance_window: String,
     /// Pods that hold a node's turn (chart value `defaults.blockingPodSelector`); empty: none.
     pub blocking_pod_selector: String,
+    /// Regex on the names of firing Prometheus alerts that hold the run (chart value
+    /// `defaults.prometheus.alertFilter`, set only with `defaults.prometheus.url`); empty: no
+    /// alert gate.
+    pub alert_filter: String,
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -67,6 +71,10 @@ pub struct RunParams {
     /// Validated label selector of pods that hold their node's turn; empty: no pod gate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub blocking_pod_selector: String,
+    /// Validated regex (whole alert name) of the firing Prometheus alerts that hold the run;
+    /// empty: no alert gate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub alert_filter: String,
 }
 
 impl RunParams {
@@ -79,6 +87,11 @@ impl RunParams {
     pub fn selector(&self) -> LabelSelector {
         // Validated when the params were resolved.
         LabelSelector::parse(&self.node_selector).unwrap_or_default()
+    }
+    /// Whether a firing alert named `name` holds the run (the filter matches the whole name).
+    pub fn alert_blocks(&self, name: &str) -> bool {
+        !self.alert_filter.is_empty()
+            && alert_regex(&self.alert_filter).is_ok_and(|re| re.is_match(name))
     }
     /// The run's maintenance window (validated when the params were resolved; a hand-edited
     /// record with a bad one gets "always open" rather than a panic).
@@ -243,6 +256,11 @@ pub fn resolve(
         )
     })?;
 
+    let alert_filter = defaults.alert_filter.trim().to_string();
+    if !alert_filter.is_empty() {
+        alert_regex(&alert_filter).map_err(|e| invalid(ALERT_FILTER_VALUE, e.to_string()))?;
+    }
+
     Ok(RunParams {
         target_version: target,
         helm_release,
@@ -259,7 +277,16 @@ pub fn resolve(
         drain_chosen,
         maintenance_window: maintenance_window.trim().to_string(),
         blocking_pod_selector: blocking_pod_selector.trim().to_string(),
+        alert_filter,
     })
+}
+
+/// The chart value that sets the alert gate's filter (not a trigger annotation: the Prometheus
+/// URL and what blocks are cluster policy).
+pub const ALERT_FILTER_VALUE: &str = "defaults.prometheus.alertFilter";
+
+fn alert_regex(filter: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{filter})$"))
 }
 
 fn decode_pod(b64: &str) -> Result<String, ParamError> {
@@ -344,7 +371,23 @@ pub(crate) mod tests {
             helm_set_values: String::new(),
             maintenance_window: String::new(),
             blocking_pod_selector: String::new(),
+            alert_filter: String::new(),
         }
+    }
+
+    #[test]
+    fn the_alert_filter_matches_whole_names_and_a_bad_one_is_refused() {
+        let mut d = defaults();
+        d.alert_filter = "Node.*|KubeAPIDown".into();
+        let p = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d).unwrap();
+        assert!(p.alert_blocks("NodeDiskPressure") && p.alert_blocks("KubeAPIDown"));
+        assert!(!p.alert_blocks("Watchdog") && !p.alert_blocks("KubeAPIDownSoon"));
+        assert!(!RunParams::default().alert_blocks("NodeDiskPressure"));
+        d.alert_filter = "Node(".into();
+        let e = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(ALERT_FILTER_VALUE), "{e}");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Machine {
     requests_at_start: u64,
     /// The last list of pods matching a blocking-pod selector, with that selector.
     blocking_pods: Option<(String, Vec<crate::grant_gate::BlockingPod>)>,
+    /// The last poll of Prometheus's firing alerts (`None`: not answered yet).
+    firing_alerts: Option<Result<Vec<String>, String>>,
     env: Env,
     fx: Vec<Effect>,
 }
@@ -70,6 +72,7 @@ impl Machine {
             retry_at: None,
             requests_at_start: 0,
             blocking_pods: None,
+            firing_alerts: None,
             env: Env::default(),
             fx: Vec::new(),
         }
@@ -105,6 +108,7 @@ impl Machine {
             Input::HelmFinished(r) => self.answer(Awaiting::Helm, |m| m.helm = Some(r)),
             Input::DaemonSet(r) => self.answer(Awaiting::DaemonSet, |m| m.daemonset = Some(r)),
             Input::BlockingPods { selector, pods } => self.blocking_pods = Some((selector, pods)),
+            Input::FiringAlerts(alerts) => self.firing_alerts = Some(alerts),
             Input::Tick => {}
         }
         if self.loaded && self.paused.is_none() && self.nodes.is_some() && self.lease.is_some() {

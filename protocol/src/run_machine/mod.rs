@@ -155,6 +155,8 @@ pub enum Input {
         selector: String,
         pods: Vec<crate::grant_gate::BlockingPod>,
     },
+    /// The last poll of Prometheus's alerts: the names of the firing alerts, or why it failed.
+    FiringAlerts(Result<Vec<String>, String>),
     /// Nothing changed; time passed (a wake-up).
     Tick,
 }

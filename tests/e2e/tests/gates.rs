@@ -1,7 +1,8 @@
 //! Issue 14.2 and 14.4 end to end (real control plane, real helm, coordinator and agents as
 //! processes, the safety monitor on): a maintenance window closed at trigger time holds the run
 //! until it opens; a blocking pod on the next node holds that node's turn until it is deleted;
-//! a bad window is refused with nothing touched.
+//! a firing Prometheus alert (a stand-in serving `/api/v1/alerts`) holds the run until it
+//! resolves; a bad window is refused with nothing touched.
 mod product;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -158,5 +159,93 @@ async fn a_bad_window_is_refused_and_nothing_is_touched() -> anyhow::Result<()> 
     );
     assert_eq!(p.release().await?, release_before);
     assert_eq!(p.node_labels("node-1").await?, (None, None));
+    Ok(())
+}
+
+/// A stand-in for Prometheus's `GET /api/v1/alerts`, answering with the alerts in `firing`.
+async fn alerts_stand_in(
+    firing: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route(
+        "/api/v1/alerts",
+        axum::routing::get(move || {
+            let names = firing.lock().unwrap().clone();
+            async move {
+                let alerts: Vec<serde_json::Value> = names
+                    .iter()
+                    .map(|n| serde_json::json!({"labels": {"alertname": n}, "state": "firing"}))
+                    .collect();
+                let body = serde_json::json!({"status": "success", "data": {"alerts": alerts}})
+                    .to_string();
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_holds_the_run_until_it_resolves() -> anyhow::Result<()> {
+    let firing = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        "NodeDiskPressure".to_string(),
+        "Watchdog".to_string(),
+    ]));
+    let prometheus = alerts_stand_in(firing.clone()).await?;
+    let url = format!("http://{prometheus}");
+    let p = Product::start_with(
+        "alerts",
+        2,
+        "3.27.0",
+        &[
+            "--prometheus-url",
+            &url,
+            "--prometheus-alert-filter",
+            "Node.*",
+            "--prometheus-poll-interval",
+            "1s",
+        ],
+    )
+    .await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    let held = p
+        .wait_run(
+            |r| {
+                Some(&r.id) != before.as_ref()
+                    && r.hold.as_ref().is_some_and(|h| !h.firing_alerts.is_empty())
+            },
+            RUN_TIMEOUT,
+        )
+        .await?;
+    let hold = held.hold.clone().expect("held");
+    assert_eq!(hold.reason, HoldReason::PrometheusAlert, "{held:#?}");
+    assert_eq!(
+        hold.firing_alerts,
+        ["NodeDiskPressure"],
+        "Watchdog does not match"
+    );
+    assert_eq!(held.phase, RunPhase::Pending);
+    assert!(
+        held.message.contains("NodeDiskPressure"),
+        "{}",
+        held.message
+    );
+    assert_eq!(p.node_labels("node-1").await?.0, None);
+    assert_eq!(p.release().await?.1, "3.27.0");
+
+    // The alert resolves (Watchdog keeps firing, it does not match): the run goes through.
+    *firing.lock().unwrap() = vec!["Watchdog".to_string()];
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+    assert_eq!(run.completed(), 2);
+    p.assert_safe(&run.plan).await?;
     Ok(())
 }

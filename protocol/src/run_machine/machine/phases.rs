@@ -611,7 +611,22 @@ impl Machine {
             selector: &p.blocking_pod_selector,
             pods: listed,
         });
-        let gate = grant_gate::decide(&window, node.as_deref(), pods, now);
+        let blocking_alerts: Option<Result<Vec<String>, &str>> =
+            self.firing_alerts.as_ref().map(|polled| match polled {
+                Ok(names) => Ok(names
+                    .iter()
+                    .filter(|n| p.alert_blocks(n))
+                    .cloned()
+                    .collect()),
+                Err(e) => Err(e.as_str()),
+            });
+        let alerts = match (&blocking_alerts, p.alert_filter.is_empty()) {
+            (_, true) => grant_gate::Alerts::NotGated,
+            (None, false) => grant_gate::Alerts::NotAsked,
+            (Some(Err(e)), false) => grant_gate::Alerts::Unreachable(e),
+            (Some(Ok(names)), false) => grant_gate::Alerts::Firing(names),
+        };
+        let gate = grant_gate::decide(&window, node.as_deref(), pods, alerts, now);
         let run = self.run_mut();
         let id = run.id.clone();
         match gate {

@@ -249,3 +249,41 @@ fn a_run_cancelled_while_held_ends_held_by_nothing() {
     assert!(r.hold.is_none(), "{:?}", r.hold);
     assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
 }
+
+#[test]
+fn firing_alerts_matching_the_filter_hold_the_start_and_each_turn() {
+    let mut cfg = config();
+    cfg.defaults.alert_filter = "Node.*".into();
+    let mut h = H::new(&["n1", "n2"]);
+    h.m = Machine::new(cfg);
+    h.feed(Input::NodesListed(vec![node("n1"), node("n2")]));
+    h.feed(Input::Lease(Some(LeaseView {
+        duration_seconds: 30,
+        ..Default::default()
+    })));
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    // Not asked yet: held, nothing read.
+    let hold = h.run().hold.expect("held until Prometheus answers");
+    assert_eq!(hold.reason, HoldReason::PrometheusAlert);
+    h.feed(Input::FiringAlerts(Ok(vec![
+        "Watchdog".into(),
+        "NodeDiskPressure".into(),
+    ])));
+    let hold = h.run().hold.expect("a matching alert fires");
+    assert_eq!(hold.firing_alerts, ["NodeDiskPressure"]);
+    assert!(h.run().message.contains("NodeDiskPressure"));
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadRelease { .. })), 0);
+    // Only a non-matching alert left: the run starts.
+    h.feed(Input::FiringAlerts(Ok(vec!["Watchdog".into()])));
+    assert!(h.run().hold.is_none());
+    h.through_upgrade();
+    assert_eq!(h.turn_node().as_deref(), Some("n1"));
+    // Prometheus unreachable: the next turn is held rather than granted on a guess.
+    h.feed(Input::FiringAlerts(Err("connection refused".into())));
+    h.feed(observed(&h, "n1", NodeStatus::Completed));
+    let r = h.run();
+    assert_eq!(r.turn, None);
+    assert!(r.message.contains("connection refused"), "{}", r.message);
+    h.feed(Input::FiringAlerts(Ok(vec![])));
+    assert_eq!(h.turn_node().as_deref(), Some("n2"));
+}
