@@ -447,17 +447,20 @@ impl Coordinator {
     }
 }
 
-/// The selector of the pods to watch for the blocking-pod gate: the active run's, if it has one.
-fn blocking_pod_selector(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
-    run.filter(|r| !r.phase.is_finished())
-        .and_then(|r| r.params.as_ref())
-        .map(|p| p.blocking_pod_selector.as_str())
-        .filter(|s| !s.is_empty())
+/// The active run's id and blocking-pod selector, if it has one (the pods to watch).
+fn blocking_pod_selector(run: Option<&klm_protocol::RunRecord>) -> Option<(&str, &str)> {
+    let run = run.filter(|r| !r.phase.is_finished())?;
+    let selector = run.params.as_ref()?.blocking_pod_selector.as_str();
+    (!selector.is_empty()).then_some((run.id.as_str(), selector))
 }
 
-/// Whether the active run has the Prometheus alert gate.
-fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> bool {
+/// The active run's id if it has the Prometheus alert gate.
+fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
     run.filter(|r| !r.phase.is_finished())
-        .and_then(|r| r.params.as_ref())
-        .is_some_and(|p| !p.alert_filter.is_empty())
+        .filter(|r| {
+            r.params
+                .as_ref()
+                .is_some_and(|p| !p.alert_filter.is_empty())
+        })
+        .map(|r| r.id.as_str())
 }

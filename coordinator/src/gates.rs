@@ -31,6 +31,8 @@ pub struct PodGate {
 }
 
 struct Watch {
+    /// The run it observes for: a new run is fed the list again.
+    run: String,
     selector: String,
     store: Store<Pod>,
     task: JoinHandle<()>,
@@ -53,18 +55,29 @@ impl PodGate {
         }
     }
 
-    /// Watches the pods matching `selector` (validated by the run's admission), or nothing
-    /// (`None`: no active run with a pod gate). A changed selector restarts the watch.
-    pub fn follow(&mut self, selector: Option<&str>) {
-        if self.watch.as_ref().map(|w| w.selector.as_str()) == selector {
+    /// Watches the pods matching the active run's `selector` (validated by the run's
+    /// admission), or nothing (`None`: no active run with a pod gate). A changed selector
+    /// restarts the watch; a new run with the same selector is fed the current list again.
+    pub fn follow(&mut self, wanted: Option<(&str, &str)>) {
+        if let (Some(w), Some((run, selector))) = (self.watch.as_mut(), wanted)
+            && w.selector == selector
+        {
+            if w.run != run {
+                w.run = run.to_string();
+                w.fed = None;
+            }
             return;
         }
-        self.watch = selector.map(|selector| {
+        if self.watch.is_none() && wanted.is_none() {
+            return;
+        }
+        self.watch = wanted.map(|(run, selector)| {
             tracing::info!(selector, "watching pods of the blocking-pod gate");
             let cfg = watcher::Config::default().labels(selector);
             let (store, task) =
                 klm_kube::watch::reflect(self.api.clone(), cfg, self.notify.clone());
             Watch {
+                run: run.to_string(),
                 selector: selector.to_string(),
                 store,
                 task,
@@ -119,6 +132,8 @@ pub struct AlertGate {
 type Polled = Result<Vec<String>, String>;
 
 struct Poll {
+    /// The run it polls for: a new run is fed the last answer again.
+    run: String,
     latest: Arc<Mutex<Option<Polled>>>,
     task: JoinHandle<()>,
     fed: Option<Polled>,
@@ -144,30 +159,38 @@ impl AlertGate {
         }
     }
 
-    /// Polls while `active` (a run with the alert gate is active), stops otherwise.
-    pub fn follow(&mut self, active: bool) {
-        let active = active && !self.url.is_empty();
-        if active == self.poll.is_some() {
-            return;
+    /// Polls while a run with the alert gate is active (`run`: its id), stops otherwise.
+    pub fn follow(&mut self, run: Option<&str>) {
+        let run = run.filter(|_| !self.url.is_empty());
+        match (self.poll.as_mut(), run) {
+            (Some(p), Some(run)) => {
+                if p.run != run {
+                    p.run = run.to_string();
+                    p.fed = None;
+                }
+            }
+            (Some(_), None) => {
+                tracing::info!("Prometheus alert gate: polling stopped");
+                self.poll = None;
+            }
+            (None, None) => {}
+            (None, Some(run)) => {
+                tracing::info!(url = %self.url, interval = ?self.interval, "Prometheus alert gate: polling alerts");
+                let latest: Arc<Mutex<Option<Polled>>> = Arc::default();
+                let task = tokio::spawn(poll_loop(
+                    format!("{}/api/v1/alerts", self.url),
+                    self.interval,
+                    latest.clone(),
+                    self.notify.clone(),
+                ));
+                self.poll = Some(Poll {
+                    run: run.to_string(),
+                    latest,
+                    task,
+                    fed: None,
+                });
+            }
         }
-        if !active {
-            tracing::info!("Prometheus alert gate: polling stopped");
-            self.poll = None;
-            return;
-        }
-        tracing::info!(url = %self.url, interval = ?self.interval, "Prometheus alert gate: polling alerts");
-        let latest: Arc<Mutex<Option<Polled>>> = Arc::default();
-        let task = tokio::spawn(poll_loop(
-            format!("{}/api/v1/alerts", self.url),
-            self.interval,
-            latest.clone(),
-            self.notify.clone(),
-        ));
-        self.poll = Some(Poll {
-            latest,
-            task,
-            fed: None,
-        });
     }
 
     /// The last answer, if it changed since it was last fed.

@@ -490,6 +490,10 @@ impl Machine {
     }
 
     fn reset_volatile(&mut self) {
+        // A new run decides on fresh gate observations, not on what a finished run saw (the
+        // driver feeds them again for every run).
+        self.blocking_pods = None;
+        self.firing_alerts = None;
         self.awaiting = None;
         self.release = None;
         self.daemonset = None;

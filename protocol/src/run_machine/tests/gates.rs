@@ -287,3 +287,38 @@ fn firing_alerts_matching_the_filter_hold_the_start_and_each_turn() {
     h.feed(Input::FiringAlerts(Ok(vec![])));
     assert_eq!(h.turn_node().as_deref(), Some("n2"));
 }
+
+#[test]
+fn a_new_run_waits_for_fresh_gate_observations() {
+    let mut h = H::new(&["n1"]);
+    h.annotations
+        .insert(trigger::BLOCKING_POD_SELECTOR.into(), "app=backup".into());
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.through_upgrade();
+    h.feed(Input::BlockingPods {
+        selector: "app=backup".into(),
+        pods: vec![],
+    });
+    h.feed(observed(&h, "n1", NodeStatus::Completed));
+    assert_eq!(h.run().phase, RunPhase::Succeeded);
+    // The next run, same selector: the list the first run saw is not reused.
+    h.annotate(trigger::TARGET_VERSION, "3.29.0");
+    h.feed(found(4, "3.28.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(4, "3.28.0", "deployed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    h.feed(found(5, "3.29.0", "deployed"));
+    h.feed(ds());
+    let r = h.run();
+    assert_eq!(
+        (r.phase, r.target_version.as_str()),
+        (RunPhase::Running, "3.29.0")
+    );
+    assert_eq!(r.turn, None);
+    assert!(r.message.contains("waiting to list"), "{}", r.message);
+    h.feed(Input::BlockingPods {
+        selector: "app=backup".into(),
+        pods: vec![],
+    });
+    assert_eq!(h.turn_node().as_deref(), Some("n1"));
+}
