@@ -229,7 +229,12 @@ async fn a_paused_run_shows_in_the_metrics_until_resumed() -> anyhow::Result<()>
     let (before, paused) = p.trigger_then_pause("3.28.0").await?;
     let done = paused.completed() as f64;
     let coord = coordinator_addr(&p);
-    let text = scrape_until(coord, "klm_run_paused", 1.0).await?;
+    scrape_until(coord, "klm_run_paused", 1.0).await?;
+    // The pause is taken while a node is still in its turn: the gauges may show it paused
+    // before they show that node completed (the record read above is ahead of /metrics).
+    // Paused stays 1 and the completed count only grows until the resume, so wait for both.
+    let text = scrape_until(coord, "klm_run_nodes{status=\"completed\"}", done).await?;
+    assert_eq!(value(&text, "klm_run_paused"), Some(1.0), "{text}");
     for (series, want) in [
         ("klm_run_phase{phase=\"Running\"}", 1.0),
         ("klm_run_nodes{status=\"completed\"}", done),
