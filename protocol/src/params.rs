@@ -88,10 +88,17 @@ impl RunParams {
         // Validated when the params were resolved.
         LabelSelector::parse(&self.node_selector).unwrap_or_default()
     }
-    /// Whether a firing alert named `name` holds the run (the filter matches the whole name).
-    pub fn alert_blocks(&self, name: &str) -> bool {
-        !self.alert_filter.is_empty()
-            && alert_regex(&self.alert_filter).is_ok_and(|re| re.is_match(name))
+    /// The firing alerts among `firing` that hold the run (the filter matches the whole name).
+    pub fn blocking_alerts(&self, firing: &[String]) -> Vec<String> {
+        if self.alert_filter.is_empty() {
+            return Vec::new();
+        }
+        match alert_regex(&self.alert_filter) {
+            Ok(re) => firing.iter().filter(|n| re.is_match(n)).cloned().collect(),
+            // Validated when the params were resolved; a hand-edited record's bad filter
+            // matches everything rather than nothing (a gate that cannot be read holds).
+            Err(_) => firing.to_vec(),
+        }
     }
     /// The run's maintenance window (validated when the params were resolved; a hand-edited
     /// record with a bad one gets "always open" rather than a panic).
@@ -380,9 +387,19 @@ pub(crate) mod tests {
         let mut d = defaults();
         d.alert_filter = "Node.*|KubeAPIDown".into();
         let p = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d).unwrap();
-        assert!(p.alert_blocks("NodeDiskPressure") && p.alert_blocks("KubeAPIDown"));
-        assert!(!p.alert_blocks("Watchdog") && !p.alert_blocks("KubeAPIDownSoon"));
-        assert!(!RunParams::default().alert_blocks("NodeDiskPressure"));
+        let firing: Vec<String> = [
+            "NodeDiskPressure",
+            "Watchdog",
+            "KubeAPIDownSoon",
+            "KubeAPIDown",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            p.blocking_alerts(&firing),
+            ["NodeDiskPressure", "KubeAPIDown"]
+        );
+        assert!(RunParams::default().blocking_alerts(&firing).is_empty());
         d.alert_filter = "Node(".into();
         let e = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d)
             .unwrap_err()

@@ -600,7 +600,14 @@ impl Machine {
     fn gate(&mut self, node: Option<String>) -> bool {
         let now = self.now();
         let run = self.state.run.as_ref().expect("run");
-        let p = run.params.clone().unwrap_or_else(missing_params);
+        let no_params;
+        let p = match run.params.as_ref() {
+            Some(p) => p,
+            None => {
+                no_params = missing_params();
+                &no_params
+            }
+        };
         let window = p.window();
         let listed = self
             .blocking_pods
@@ -611,15 +618,10 @@ impl Machine {
             selector: &p.blocking_pod_selector,
             pods: listed,
         });
-        let blocking_alerts: Option<Result<Vec<String>, &str>> =
-            self.firing_alerts.as_ref().map(|polled| match polled {
-                Ok(names) => Ok(names
-                    .iter()
-                    .filter(|n| p.alert_blocks(n))
-                    .cloned()
-                    .collect()),
-                Err(e) => Err(e.as_str()),
-            });
+        let blocking_alerts = self.firing_alerts.as_ref().map(|polled| match polled {
+            Ok(names) => Ok(p.blocking_alerts(names)),
+            Err(e) => Err(e.as_str()),
+        });
         let alerts = match (&blocking_alerts, p.alert_filter.is_empty()) {
             (_, true) => grant_gate::Alerts::NotGated,
             (None, false) => grant_gate::Alerts::NotAsked,
@@ -634,7 +636,7 @@ impl Machine {
                 if run.hold.take().is_some() {
                     run.message = match &node {
                         Some(n) => format!("no longer held; node {n} is next"),
-                        None => "maintenance window open; starting".into(),
+                        None => "no longer held; starting".into(),
                     };
                     let msg = format!("run {id}: {}", run.message);
                     self.event(node.as_deref(), false, "RunHoldLifted", msg);
