@@ -66,7 +66,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     {
         info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
     }
-    let client = client(requests.clone()).await.context(
+    let client = client(requests.clone(), metrics.clone()).await.context(
         "connecting to the Kubernetes API (in a pod: the service account; locally: KUBECONFIG)",
     )?;
 
@@ -91,7 +91,10 @@ const MAX_BUSY: std::time::Duration = std::time::Duration::from_secs(600);
 /// a PodDisruptionBudget's refusal (429) from the drain and its deadline, and stall a Lease
 /// renewal past the fence. Every caller here retries on its own terms (jittered backoff,
 /// bounded by its step's deadline or the fence).
-async fn client(counter: ctx::RequestCounter) -> anyhow::Result<kube::Client> {
+async fn client(
+    counter: ctx::RequestCounter,
+    metrics: metrics::Metrics,
+) -> anyhow::Result<kube::Client> {
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
     let inner = counter;
@@ -99,8 +102,15 @@ async fn client(counter: ctx::RequestCounter) -> anyhow::Result<kube::Client> {
         inner.add();
         req
     });
+    // Every answer (or its absence) is classified for `klm_api_errors_total`.
+    type Answer = Result<http::Response<Box<kube::client::DynBody>>, tower::BoxError>;
+    let errors = tower::util::MapResultLayer::new(move |answer: Answer| {
+        metrics.api_response(answer.as_ref().ok().map(|r| r.status().as_u16()));
+        answer
+    });
     let client = kube::client::ClientBuilder::try_from(config)?
         .with_layer(&count)
+        .with_layer(&errors)
         .build();
     Ok(client)
 }

@@ -1,5 +1,6 @@
-//! The agent's Prometheus metrics, bumped where the steps run (`steps::execute`) and where the
-//! upgrade Lease is taken or lost (`runner`). Served on `/metrics` by `klm_kube::health`.
+//! The agent's Prometheus metrics, bumped where the steps run (`steps::execute`), where the
+//! upgrade Lease is taken or lost (`runner`) and where the API client answers (`main`'s client
+//! layer). Served on `/metrics` by `klm_kube::health`.
 use klm_kube::metrics::{Registry, slow_buckets};
 use klm_protocol::NodeStatus;
 use klm_protocol::procedure::CANCELLED_REASON;
@@ -18,6 +19,24 @@ struct StepLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The `klm_api_errors_total` kind of an API answer (`None`: no response at all), or `None`
+/// when it is not an error. Only failures count: a 404 (`get_opt`), a 409 (a lost update
+/// race) or a 410 (an expired watch) are answers the agent's code expects and acts on.
+pub fn api_error_kind(status: Option<u16>) -> Option<&'static str> {
+    match status {
+        None => Some("transport"),
+        Some(401 | 403) => Some("denied"),
+        Some(429) => Some("throttled"),
+        Some(s) if s >= 500 => Some("server"),
+        Some(_) => None,
+    }
 }
 
 /// `klm_verification_outcomes_total` result of a verification that passed.
@@ -66,6 +85,8 @@ pub struct Metrics {
     verification: Family<ResultLabel, Counter>,
     lease_holds: Counter,
     lease_lost: Counter,
+    lease_takeovers: Counter,
+    api_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +96,8 @@ impl Metrics {
             verification: Family::default(),
             lease_holds: Counter::default(),
             lease_lost: Counter::default(),
+            lease_takeovers: Counter::default(),
+            api_errors: Family::default(),
         };
         registry.register(
             "klm_node_step_duration_seconds",
@@ -95,6 +118,16 @@ impl Metrics {
             "klm_lease_lost",
             "Times this agent's hold on the upgrade Lease lapsed or was taken mid-turn.",
             m.lease_lost.clone(),
+        );
+        registry.register(
+            "klm_lease_takeovers",
+            "Times this agent took the upgrade Lease over from another process whose hold had expired.",
+            m.lease_takeovers.clone(),
+        );
+        registry.register(
+            "klm_api_errors",
+            "API requests of this agent that failed, by kind: transport (no answer), denied (401/403), throttled (429), server (5xx).",
+            m.api_errors.clone(),
         );
         m
     }
@@ -119,6 +152,22 @@ impl Metrics {
 
     pub fn lease_lost(&self) {
         self.lease_lost.inc();
+    }
+
+    /// The Lease was just taken: a hold, and a takeover when it replaced another process's
+    /// expired hold (`HeldLease::taken_over_from`).
+    pub fn lease_taken(&self, taken_over_from: Option<&str>) {
+        self.lease_holds.inc();
+        if taken_over_from.is_some() {
+            self.lease_takeovers.inc();
+        }
+    }
+
+    /// One API answer (`None`: the request got no response): counted when it is a failure.
+    pub fn api_response(&self, status: Option<u16>) {
+        if let Some(kind) = api_error_kind(status) {
+            self.api_errors.get_or_create(&KindLabel { kind }).inc();
+        }
     }
 }
 
@@ -175,5 +224,38 @@ mod tests {
         }
         assert_eq!(step_label(NodeStatus::Preparing), None);
         assert_eq!(step_label(NodeStatus::Verifying), Some("verify"));
+    }
+
+    #[test]
+    fn takeovers_and_api_errors_count() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg);
+        m.lease_taken(None);
+        m.lease_taken(Some("node-1/previous-process"));
+        for status in [
+            Some(200),
+            Some(404),
+            Some(409),
+            Some(410),
+            None,
+            Some(403),
+            Some(503),
+            Some(500),
+            Some(429),
+        ] {
+            m.api_response(status);
+        }
+        let text = render(&reg);
+        for line in [
+            "klm_lease_holds_total 2",
+            "klm_lease_takeovers_total 1",
+            "klm_api_errors_total{kind=\"transport\"} 1",
+            "klm_api_errors_total{kind=\"denied\"} 1",
+            "klm_api_errors_total{kind=\"server\"} 2",
+            "klm_api_errors_total{kind=\"throttled\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert_eq!(text.matches("klm_api_errors_total{").count(), 4, "{text}");
     }
 }

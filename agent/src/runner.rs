@@ -146,7 +146,7 @@ async fn attempt_turn(
                 _ = revoked.wait_for(|s| s.revoked) => return Attempt::End(TurnEnd::Revoked),
                 held = agent.lease.acquire() => match held {
                     Ok(h) => {
-                        agent.metrics.lease_held();
+                        agent.metrics.lease_taken(h.taken_over_from());
                         h
                     }
                     Err(e) => return Attempt::Retry(format!(

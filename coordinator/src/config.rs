@@ -90,6 +90,14 @@ pub struct RunArgs {
     pub process: ProcessArgs,
     #[command(flatten)]
     pub defaults: DefaultArgs,
+    /// Prometheus base URL (http) for the alert gate, e.g. http://prometheus.monitoring:9090;
+    /// empty: no alert gate.
+    #[arg(long, env = "KLM_PROMETHEUS_URL", default_value = "")]
+    pub prometheus_url: String,
+    /// How often Prometheus's alerts are asked while a run with the alert gate is active (an
+    /// HTTP API offers no watch).
+    #[arg(long, env = "KLM_PROMETHEUS_POLL_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub prometheus_poll_interval: Duration,
 }
 
 /// The chart's `defaults.*` values.
@@ -120,6 +128,18 @@ pub struct DefaultArgs {
     pub default_helm_set_values: String,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
+    /// When node turns may start, e.g. `Mon-Fri 22:00-06:00 Europe/Berlin` (validated per
+    /// run; the trigger annotation `maintenance-window` replaces it). Empty: always.
+    #[arg(long, env = "KLM_DEFAULT_MAINTENANCE_WINDOW", default_value = "")]
+    pub default_maintenance_window: String,
+    /// Label selector of pods that hold their node's turn (validated per run; the trigger
+    /// annotation `blocking-pod-selector` replaces it). Empty: no pod gate.
+    #[arg(long, env = "KLM_DEFAULT_BLOCKING_POD_SELECTOR", default_value = "")]
+    pub default_blocking_pod_selector: String,
+    /// Regex (whole name) of the firing Prometheus alerts that hold a run (with
+    /// --prometheus-url); empty: no alert gate.
+    #[arg(long, env = "KLM_PROMETHEUS_ALERT_FILTER", default_value = "")]
+    pub prometheus_alert_filter: String,
     /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
     #[arg(
         long,
@@ -137,7 +157,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 impl DefaultArgs {
     /// Reads the verification pod file now; a missing file is reported per run, not at start,
     /// so a coordinator installed without one still reports *why* runs cannot start.
-    pub fn load(&self) -> Defaults {
+    pub fn load(&self, prometheus_url: &str) -> Defaults {
         let verification_pod = self
             .default_verification_pod_file
             .as_deref()
@@ -161,6 +181,14 @@ impl DefaultArgs {
                 .filter(|s| !s.is_empty())
                 .collect(),
             helm_set_values: self.default_helm_set_values.clone(),
+            maintenance_window: self.default_maintenance_window.clone(),
+            blocking_pod_selector: self.default_blocking_pod_selector.clone(),
+            // The filter means nothing without a Prometheus to ask.
+            alert_filter: if prometheus_url.trim().is_empty() {
+                String::new()
+            } else {
+                self.prometheus_alert_filter.clone()
+            },
         }
     }
 }

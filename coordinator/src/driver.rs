@@ -3,6 +3,7 @@
 //! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
+use crate::gates::{AlertGate, PodGate};
 use crate::helm::{Helm, HelmError};
 use crate::metrics::{HelmOp, LeaseEvent, Metrics};
 use crate::status_data;
@@ -37,6 +38,9 @@ pub struct Settings {
     pub leadership: Option<klm_kube::lease::FenceGuard>,
     /// Updated as the run moves and effects are performed; served on `/metrics`.
     pub metrics: Metrics,
+    /// Prometheus base URL for the alert gate (empty: none) and how often it is asked.
+    pub prometheus_url: String,
+    pub prometheus_poll_interval: Duration,
 }
 
 /// What was last fed to the machine, so only changes are fed (the machine folds them).
@@ -62,6 +66,10 @@ pub struct Coordinator {
     fed: Fed,
     /// The turn last seen in the run record, to count grants (`klm_lease_events_total`).
     seen_turn: Option<klm_protocol::Turn>,
+    /// The blocking-pod gate's pod watch (only while a run with a selector is active).
+    pod_gate: PodGate,
+    /// The Prometheus alert gate's poller (only while a run with the alert gate is active).
+    alert_gate: AlertGate,
 }
 
 impl Coordinator {
@@ -89,7 +97,9 @@ impl Coordinator {
             notify.clone(),
         );
         let (leases, _) =
-            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify);
+            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
+        let pod_gate = PodGate::new(client.clone(), notify.clone());
+        let alert_gate = AlertGate::new(&s.prometheus_url, s.prometheus_poll_interval, notify);
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         leases.wait_until_ready().await?;
@@ -121,6 +131,8 @@ impl Coordinator {
             requests,
             fed: Fed::default(),
             seen_turn: None,
+            pod_gate,
+            alert_gate,
         })
     }
 
@@ -198,6 +210,8 @@ impl Coordinator {
                 data: c.data.clone().unwrap_or_default(),
             })));
         }
+        inputs.extend(self.pod_gate.observe());
+        inputs.extend(self.alert_gate.observe());
         inputs.push_back(Input::Tick);
         inputs
     }
@@ -207,6 +221,9 @@ impl Coordinator {
     pub async fn reconcile(&mut self) -> anyhow::Result<Option<Wake>> {
         let result = self.reconcile_inner().await;
         self.s.metrics.observe_run(self.machine.run());
+        self.pod_gate
+            .follow(blocking_pod_selector(self.machine.run()));
+        self.alert_gate.follow(alert_gated(self.machine.run()));
         result
     }
 
@@ -428,4 +445,22 @@ impl Coordinator {
                 .await;
         }
     }
+}
+
+/// The active run's id and blocking-pod selector, if it has one (the pods to watch).
+fn blocking_pod_selector(run: Option<&klm_protocol::RunRecord>) -> Option<(&str, &str)> {
+    let run = run.filter(|r| !r.phase.is_finished())?;
+    let selector = run.params.as_ref()?.blocking_pod_selector.as_str();
+    (!selector.is_empty()).then_some((run.id.as_str(), selector))
+}
+
+/// The active run's id if it has the Prometheus alert gate.
+fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
+    run.filter(|r| !r.phase.is_finished())
+        .filter(|r| {
+            r.params
+                .as_ref()
+                .is_some_and(|p| !p.alert_filter.is_empty())
+        })
+        .map(|r| r.id.as_str())
 }

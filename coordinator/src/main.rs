@@ -4,6 +4,7 @@ mod config;
 mod daemonset;
 mod drainer;
 mod driver;
+mod gates;
 mod helm;
 mod metrics;
 mod status_data;
@@ -82,7 +83,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 turn_start_timeout_ms: millis(args.turn_start_timeout),
                 expiry_grace_ms: millis(args.lease_expiry_grace),
             },
-            defaults: args.defaults.load(),
+            defaults: args.defaults.load(&args.prometheus_url),
             rollback_retry: RetryPolicy {
                 attempts: args.rollback_retry_attempts.max(1),
                 base: ROLLBACK_RETRY_BASE,
@@ -99,6 +100,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         leadership: Some(fence.clone()),
         metrics,
+        prometheus_url: args.prometheus_url.clone(),
+        prometheus_poll_interval: args.prometheus_poll_interval,
     };
     // Evictions are the coordinator's, not the agents' (chart README, RBAC): only the leader
     // drains, and only nodes the run has granted a draining turn.

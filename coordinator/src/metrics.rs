@@ -2,6 +2,7 @@
 //! machine decided (`observe_run`, called by the driver after each reconcile); the helm and
 //! Lease counters are bumped where the driver performs those effects.
 use klm_kube::metrics::{Registry, slow_buckets};
+use klm_protocol::grant_gate::HoldReason;
 use klm_protocol::run::RunRecord;
 use klm_protocol::{NodeStatus, RunPhase};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -25,6 +26,11 @@ struct StatusLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +102,7 @@ pub struct Metrics {
     run_phase: Family<PhaseLabel, Gauge>,
     run_nodes: Family<StatusLabel, Gauge>,
     run_paused: Gauge,
+    run_held: Family<ReasonLabel, Gauge>,
     last_result: Family<ResultLabel, Gauge>,
     last_finished: Gauge<f64, AtomicU64>,
     helm_duration: Family<OpLabel, Histogram>,
@@ -109,6 +116,7 @@ impl Metrics {
             run_phase: Family::default(),
             run_nodes: Family::default(),
             run_paused: Gauge::default(),
+            run_held: Family::default(),
             last_result: Family::default(),
             last_finished: Gauge::default(),
             helm_duration: Family::new_with_constructor(|| Histogram::new(slow_buckets())),
@@ -129,6 +137,11 @@ impl Metrics {
             "klm_run_paused",
             "1 while the run is paused (action=pause).",
             m.run_paused.clone(),
+        );
+        registry.register(
+            "klm_run_held",
+            "1 while the grant gate holds the run, by reason (maintenance_window, blocking_pod, prometheus_alert).",
+            m.run_held.clone(),
         );
         registry.register(
             "klm_run_last_result",
@@ -187,6 +200,14 @@ impl Metrics {
             self.run_nodes.get_or_create(&StatusLabel { status }).set(n);
         }
         self.run_paused.set(i64::from(run.paused));
+        let held = run.hold.as_ref().filter(|_| !run.phase.is_finished());
+        for reason in HoldReason::ALL {
+            self.run_held
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .set(i64::from(held.is_some_and(|h| h.reason == reason)));
+        }
         if run.phase.is_finished() {
             for p in PHASES.iter().filter(|p| p.is_finished()) {
                 self.last_result
@@ -263,6 +284,8 @@ mod tests {
             "klm_run_nodes{status=\"pending\"} 1",
             "klm_run_nodes{status=\"failed\"} 0",
             "klm_run_paused 0",
+            "klm_run_held{reason=\"maintenance_window\"} 0",
+            "klm_run_held{reason=\"blocking_pod\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
@@ -285,6 +308,34 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_held_gauge_names_the_reason_of_the_hold() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg);
+        let mut held = run(RunPhase::Running, &[Some(NodeStatus::Completed), None]);
+        held.hold = Some(klm_protocol::grant_gate::Hold {
+            reason: HoldReason::BlockingPod,
+            until_ms: None,
+            node: Some("n1".into()),
+            blocking_pods: vec!["ops/backup".into()],
+            firing_alerts: vec![],
+            message: String::new(),
+        });
+        m.observe_run(Some(&held));
+        let text = render(&reg);
+        assert!(
+            text.contains("klm_run_held{reason=\"blocking_pod\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("klm_run_held{reason=\"maintenance_window\"} 0"),
+            "{text}"
+        );
+        held.hold = None;
+        m.observe_run(Some(&held));
+        assert!(render(&reg).contains("klm_run_held{reason=\"blocking_pod\"} 0"));
     }
 
     #[test]

@@ -171,6 +171,9 @@ pub fn render(
     if let Some(t) = &run.turn {
         s.push_str(&format!("current:  {} ({})\n", t.node, t.kind.as_str()));
     }
+    if let Some(h) = run.hold.as_ref().filter(|_| run.finished_at_ms.is_none()) {
+        s.push_str(&format!("held:     {}\n", hold_line(h)));
+    }
     s.push_str(&format!("message:  {}\n", run.message));
     for w in &run.warnings {
         s.push_str(&format!("warning:  {w}\n"));
@@ -231,6 +234,33 @@ pub fn render(
         }
     }
     s
+}
+
+/// What holds the run, in one line: the gate's reason, the node held, until when (UTC) or by
+/// which pods.
+fn hold_line(h: &klm_protocol::grant_gate::Hold) -> String {
+    let mut line = match h.reason {
+        klm_protocol::grant_gate::HoldReason::MaintenanceWindow => "outside the maintenance window",
+        klm_protocol::grant_gate::HoldReason::BlockingPod => "blocking pods",
+        klm_protocol::grant_gate::HoldReason::PrometheusAlert => "Prometheus alerts",
+    }
+    .to_string();
+    if let Some(node) = &h.node {
+        line.push_str(&format!(", next node {node}"));
+    }
+    if let Some(ts) = h
+        .until_ms
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+    {
+        line.push_str(&format!(", until {ts}"));
+    }
+    if !h.blocking_pods.is_empty() {
+        line.push_str(&format!(": {}", h.blocking_pods.join(", ")));
+    }
+    if !h.firing_alerts.is_empty() {
+        line.push_str(&format!(": {} firing", h.firing_alerts.join(", ")));
+    }
+    line
 }
 
 /// Width of the progress bar, in cells.
@@ -300,6 +330,43 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("failure: n2 — NonZeroExit"), "{out}");
+    }
+
+    #[test]
+    fn a_held_run_says_why_and_until_when() {
+        use klm_protocol::grant_gate::{Hold, HoldReason};
+        let mut r = RunRecord::new("3-28-0-x".into(), "t".into(), "3.28.0".into(), 0);
+        r.plan = vec!["a".into(), "b".into()];
+        r.hold = Some(Hold {
+            reason: HoldReason::MaintenanceWindow,
+            until_ms: Some(1_796_162_400_000),
+            node: Some("b".into()),
+            blocking_pods: vec![],
+            firing_alerts: vec![],
+            message: String::new(),
+        });
+        let out = render(&r, &[], 1_000);
+        assert!(
+            out.contains(
+                "held:     outside the maintenance window, next node b, until 2026-12-01T22:00:00Z"
+            ),
+            "{out}"
+        );
+        r.hold = Some(Hold {
+            reason: HoldReason::BlockingPod,
+            until_ms: None,
+            node: Some("b".into()),
+            blocking_pods: vec!["ops/backup".into()],
+            firing_alerts: vec![],
+            message: String::new(),
+        });
+        let out = render(&r, &[], 1_000);
+        assert!(
+            out.contains("held:     blocking pods, next node b: ops/backup"),
+            "{out}"
+        );
+        r.hold = None;
+        assert!(!render(&r, &[], 1_000).contains("held:"));
     }
 
     #[test]

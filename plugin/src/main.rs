@@ -97,6 +97,12 @@ struct UpgradeArgs {
     /// Namespace of the kata-deploy release.
     #[arg(long)]
     release_namespace: Option<String>,
+    /// When node turns may start, e.g. "Mon-Fri 22:00-06:00 Europe/Berlin" ("" : always).
+    #[arg(long)]
+    maintenance_window: Option<String>,
+    /// Pods that hold their node's turn while one runs there, e.g. app=backup ("" : none).
+    #[arg(long)]
+    blocking_pod_selector: Option<String>,
 }
 
 /// How long `upgrade` waits for the coordinator to see `target-version` removed before setting
@@ -228,6 +234,8 @@ async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
         set_values: args.set,
         release: args.release,
         release_namespace: args.release_namespace,
+        maintenance_window: args.maintenance_window,
+        blocking_pod_selector: args.blocking_pod_selector,
     };
     // Bad input is reported before anything is read or written.
     request::upgrade_changes(&req)?;

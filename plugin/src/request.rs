@@ -5,6 +5,7 @@ use base64::Engine;
 use klm_protocol::RunRecord;
 use klm_protocol::duration::parse_timeout;
 use klm_protocol::keys::trigger;
+use klm_protocol::maintenance_window::MaintenanceWindow;
 use klm_protocol::params::{ParamError, validate_version};
 use klm_protocol::run::trigger_fingerprint;
 use klm_protocol::selector::{LabelSelector, valid_key, valid_value};
@@ -31,6 +32,10 @@ pub struct UpgradeRequest {
     pub set_values: Vec<String>,
     pub release: Option<String>,
     pub release_namespace: Option<String>,
+    /// When node turns may start, e.g. `Mon-Fri 22:00-06:00 Europe/Berlin` (empty: always).
+    pub maintenance_window: Option<String>,
+    /// Pods that hold their node's turn while one runs there (empty: none).
+    pub blocking_pod_selector: Option<String>,
 }
 
 fn invalid(key: &'static str, reason: impl ToString) -> ParamError {
@@ -87,6 +92,14 @@ pub fn upgrade_changes(req: &UpgradeRequest) -> Result<Changes, ParamError> {
     }
     if let Some(ns) = &req.release_namespace {
         c.insert(trigger::HELM_NAMESPACE, Some(ns.clone()));
+    }
+    if let Some(w) = &req.maintenance_window {
+        MaintenanceWindow::parse(w).map_err(|e| invalid(trigger::MAINTENANCE_WINDOW, e))?;
+        c.insert(trigger::MAINTENANCE_WINDOW, Some(w.clone()));
+    }
+    if let Some(s) = &req.blocking_pod_selector {
+        LabelSelector::parse(s).map_err(|e| invalid(trigger::BLOCKING_POD_SELECTOR, e))?;
+        c.insert(trigger::BLOCKING_POD_SELECTOR, Some(s.clone()));
     }
     Ok(c)
 }
@@ -241,6 +254,24 @@ mod tests {
     }
 
     #[test]
+    fn window_and_blocking_selector_are_written_as_given() {
+        let c = upgrade_changes(&UpgradeRequest {
+            maintenance_window: Some("Sat,Sun 00:00-24:00 Europe/Berlin".into()),
+            blocking_pod_selector: Some("app=backup".into()),
+            ..req("3.28.0")
+        })
+        .unwrap();
+        assert_eq!(
+            c[trigger::MAINTENANCE_WINDOW].as_deref(),
+            Some("Sat,Sun 00:00-24:00 Europe/Berlin")
+        );
+        assert_eq!(
+            c[trigger::BLOCKING_POD_SELECTOR].as_deref(),
+            Some("app=backup")
+        );
+    }
+
+    #[test]
     fn bad_input_is_refused_naming_the_annotation() {
         let cases: Vec<(UpgradeRequest, &str)> = vec![
             (req("v3.28"), "bad target version"),
@@ -278,6 +309,20 @@ mod tests {
                     ..req("3.28.0")
                 },
                 trigger::HELM_SET_VALUES,
+            ),
+            (
+                UpgradeRequest {
+                    maintenance_window: Some("Mon-Fri 22:00".into()),
+                    ..req("3.28.0")
+                },
+                trigger::MAINTENANCE_WINDOW,
+            ),
+            (
+                UpgradeRequest {
+                    blocking_pod_selector: Some("app in (".into()),
+                    ..req("3.28.0")
+                },
+                trigger::BLOCKING_POD_SELECTOR,
             ),
             (
                 UpgradeRequest {

@@ -20,6 +20,12 @@ pub mod trigger {
     /// Extra `key=value` values for the run's `helm upgrade`, separated by newlines or `;`,
     /// each passed as its own `--set` (see `helm_values`).
     pub const HELM_SET_VALUES: &str = "lifecycle.katacontainers.io/helm-set-values";
+    /// When node turns may start, e.g. `Mon-Fri 22:00-06:00 Europe/Berlin` (see
+    /// `maintenance_window`); empty: always.
+    pub const MAINTENANCE_WINDOW: &str = "lifecycle.katacontainers.io/maintenance-window";
+    /// Label selector of pods that hold a node's turn while one runs (or is pending) on that
+    /// node (kured's `--blocking-pod-selector`).
+    pub const BLOCKING_POD_SELECTOR: &str = "lifecycle.katacontainers.io/blocking-pod-selector";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -33,7 +39,7 @@ pub mod trigger {
     pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 12] = [
+    pub const RUN_DEFINING: [&str; 14] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -46,6 +52,8 @@ pub mod trigger {
         DRAIN_ENABLED,
         DRAIN_TIMEOUT,
         HELM_SET_VALUES,
+        MAINTENANCE_WINDOW,
+        BLOCKING_POD_SELECTOR,
     ];
 }
 

@@ -103,6 +103,8 @@ pub enum WakeReason {
     RetryReleaseRead,
     /// The driver's last reconcile failed (an API error); try again.
     RetryAfterError,
+    /// The maintenance window holding the run opens at this time.
+    WindowOpens,
 }
 
 /// "Call `reduce` again at this time even if nothing changes" (unix ms on the coordinator's
@@ -177,6 +179,9 @@ pub fn reduce(
                 // Paused: no new turn until `action=resume` (no wake needed: the resume is an
                 // observation of its own).
                 RunPhase::Running if run.paused => return effects,
+                // Held by the grant gate (`run_machine` decides it before calling us and
+                // clears it when the gate opens, which is an observation or a timer wake).
+                RunPhase::Running if run.hold.is_some() => return effects,
                 RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
                     Some(t) => t,
                     None => {

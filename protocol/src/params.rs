@@ -3,6 +3,7 @@
 //! with a message and no side effect.
 use crate::duration::{format_duration, parse_timeout};
 use crate::keys::{node::DEFAULT_SELECTOR, trigger};
+use crate::maintenance_window::MaintenanceWindow;
 use crate::selector::{LabelSelector, valid_key, valid_value};
 use crate::verification::PodTemplate;
 use base64::Engine;
@@ -29,6 +30,14 @@ pub struct Defaults {
     pub verification_service_accounts: Vec<String>,
     /// Extra values for every run's `helm upgrade` (chart value `defaults.helmSetValues`).
     pub helm_set_values: String,
+    /// When node turns may start (chart value `defaults.maintenanceWindow`); empty: always.
+    pub maintenance_window: String,
+    /// Pods that hold a node's turn (chart value `defaults.blockingPodSelector`); empty: none.
+    pub blocking_pod_selector: String,
+    /// Regex on the names of firing Prometheus alerts that hold the run (chart value
+    /// `defaults.prometheus.alertFilter`, set only with `defaults.prometheus.url`); empty: no
+    /// alert gate.
+    pub alert_filter: String,
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -56,6 +65,16 @@ pub struct RunParams {
     /// on only when it was not, see `kata_deploy::drain_decision`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drain_chosen: bool,
+    /// Validated maintenance window text (`maintenance_window`); empty: always open.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub maintenance_window: String,
+    /// Validated label selector of pods that hold their node's turn; empty: no pod gate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub blocking_pod_selector: String,
+    /// Validated regex (whole alert name) of the firing Prometheus alerts that hold the run;
+    /// empty: no alert gate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub alert_filter: String,
 }
 
 impl RunParams {
@@ -68,6 +87,25 @@ impl RunParams {
     pub fn selector(&self) -> LabelSelector {
         // Validated when the params were resolved.
         LabelSelector::parse(&self.node_selector).unwrap_or_default()
+    }
+    /// The firing alerts among `firing` that hold the run (the filter matches the whole name).
+    pub fn blocking_alerts(&self, firing: &[String]) -> Vec<String> {
+        if self.alert_filter.is_empty() {
+            return Vec::new();
+        }
+        match alert_regex(&self.alert_filter) {
+            Ok(re) => firing.iter().filter(|n| re.is_match(n)).cloned().collect(),
+            // Validated when the params were resolved; a hand-edited record's bad filter
+            // matches everything rather than nothing (a gate that cannot be read holds).
+            Err(_) => firing.to_vec(),
+        }
+    }
+    /// The run's maintenance window (validated when the params were resolved; a hand-edited
+    /// record with a bad one gets "always open" rather than a panic).
+    pub fn window(&self) -> MaintenanceWindow {
+        MaintenanceWindow::parse(&self.maintenance_window)
+            .or_else(|_| MaintenanceWindow::parse(""))
+            .expect("an empty window parses")
     }
 }
 
@@ -209,6 +247,26 @@ pub fn resolve(
         .iter()
         .map(crate::helm_values::SetValue::to_arg)
         .collect();
+    let maintenance_window =
+        get(trigger::MAINTENANCE_WINDOW).unwrap_or_else(|| defaults.maintenance_window.clone());
+    MaintenanceWindow::parse(&maintenance_window)
+        .map_err(|e| invalid(trigger::MAINTENANCE_WINDOW, e.to_string()))?;
+    let blocking_pod_selector = get(trigger::BLOCKING_POD_SELECTOR)
+        .unwrap_or_else(|| defaults.blocking_pod_selector.clone());
+    LabelSelector::parse(&blocking_pod_selector).map_err(|e| {
+        invalid(
+            trigger::BLOCKING_POD_SELECTOR,
+            format!(
+                "bad pod selector {:?}: {}; write it like app=backup,tier in (db,cache)",
+                e.selector, e.reason
+            ),
+        )
+    })?;
+
+    let alert_filter = defaults.alert_filter.trim().to_string();
+    if !alert_filter.is_empty() {
+        alert_regex(&alert_filter).map_err(|e| invalid(ALERT_FILTER_VALUE, e.to_string()))?;
+    }
 
     Ok(RunParams {
         target_version: target,
@@ -224,7 +282,18 @@ pub fn resolve(
         verification_timeout_seconds: verification_timeout.as_secs().max(1),
         helm_set_values,
         drain_chosen,
+        maintenance_window: maintenance_window.trim().to_string(),
+        blocking_pod_selector: blocking_pod_selector.trim().to_string(),
+        alert_filter,
     })
+}
+
+/// The chart value that sets the alert gate's filter (not a trigger annotation: the Prometheus
+/// URL and what blocks are cluster policy).
+pub const ALERT_FILTER_VALUE: &str = "defaults.prometheus.alertFilter";
+
+fn alert_regex(filter: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{filter})$"))
 }
 
 fn decode_pod(b64: &str) -> Result<String, ParamError> {
@@ -264,6 +333,16 @@ pub fn describe(p: &RunParams) -> String {
     } else {
         format!("; helm --set {}", p.helm_set_values.join(" --set "))
     };
+    let mut extra = extra;
+    if !p.maintenance_window.is_empty() {
+        extra.push_str(&format!("; maintenance window {}", p.maintenance_window));
+    }
+    if !p.blocking_pod_selector.is_empty() {
+        extra.push_str(&format!(
+            "; nodes held by pods matching {}",
+            p.blocking_pod_selector
+        ));
+    }
     format!(
         "release {}/{} -> {}; nodes by {}; drain {} ({}); verification in {} (timeout {}){extra}",
         p.helm_namespace,
@@ -297,6 +376,86 @@ pub(crate) mod tests {
             verification_timeout: Duration::from_secs(300),
             verification_service_accounts: Vec::new(),
             helm_set_values: String::new(),
+            maintenance_window: String::new(),
+            blocking_pod_selector: String::new(),
+            alert_filter: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_alert_filter_matches_whole_names_and_a_bad_one_is_refused() {
+        let mut d = defaults();
+        d.alert_filter = "Node.*|KubeAPIDown".into();
+        let p = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d).unwrap();
+        let firing: Vec<String> = [
+            "NodeDiskPressure",
+            "Watchdog",
+            "KubeAPIDownSoon",
+            "KubeAPIDown",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            p.blocking_alerts(&firing),
+            ["NodeDiskPressure", "KubeAPIDown"]
+        );
+        assert!(RunParams::default().blocking_alerts(&firing).is_empty());
+        d.alert_filter = "Node(".into();
+        let e = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(ALERT_FILTER_VALUE), "{e}");
+    }
+
+    #[test]
+    fn window_and_blocking_selector_default_from_the_chart_and_are_validated() {
+        let mut d = defaults();
+        d.maintenance_window = "Sat,Sun 00:00-24:00".into();
+        d.blocking_pod_selector = "app=backup".into();
+        let p = resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &d).unwrap();
+        assert_eq!(p.maintenance_window, "Sat,Sun 00:00-24:00");
+        assert_eq!(p.blocking_pod_selector, "app=backup");
+        assert!(!p.window().is_always_open());
+        assert!(describe(&p).contains("maintenance window Sat,Sun 00:00-24:00"));
+        // The annotations replace the defaults; an empty annotation turns the gate off.
+        let p = resolve(
+            &ann(&[
+                (trigger::TARGET_VERSION, "3.28.0"),
+                (
+                    trigger::MAINTENANCE_WINDOW,
+                    " Mon-Fri 22:00-06:00 Europe/Berlin ",
+                ),
+                (trigger::BLOCKING_POD_SELECTOR, ""),
+            ]),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(p.maintenance_window, "Mon-Fri 22:00-06:00 Europe/Berlin");
+        assert_eq!(p.blocking_pod_selector, "");
+        for (key, value, needle) in [
+            (
+                trigger::MAINTENANCE_WINDOW,
+                "Mon-Fri 22:00",
+                "not a time range",
+            ),
+            (
+                trigger::MAINTENANCE_WINDOW,
+                "22:00-06:00 Nowhere/City",
+                "unknown time zone",
+            ),
+            (
+                trigger::BLOCKING_POD_SELECTOR,
+                "app in backup",
+                "bad pod selector",
+            ),
+        ] {
+            let e = resolve(
+                &ann(&[(trigger::TARGET_VERSION, "3.28.0"), (key, value)]),
+                &d,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with(key) && e.contains(needle), "{value}: {e}");
         }
     }
 

@@ -186,6 +186,10 @@ pub struct RunRecord {
     /// in progress finishes; restore turns of a rollback are never paused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// Set while the grant gate (maintenance window, blocking pods) holds the run's start or
+    /// its next upgrade turn: why, until when, which node and pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<crate::grant_gate::Hold>,
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
@@ -214,6 +218,7 @@ impl RunRecord {
             cancel_requested: false,
             cancel_requested_at_ms: None,
             paused: false,
+            hold: None,
             coordinator_api_requests: None,
         }
     }
@@ -236,6 +241,8 @@ impl RunRecord {
         self.phase = phase;
         self.message = message.into();
         self.turn = None;
+        // A finished run is held by nothing.
+        self.hold = None;
         self.finished_at_ms = Some(now_ms);
     }
 

@@ -266,6 +266,11 @@ def default_values_reach_the_coordinator():
         "KLM_DEFAULT_DRAIN_ENABLED": "false",
         "KLM_DEFAULT_DRAIN_TIMEOUT": "300s",
         "KLM_DEFAULT_VERIFICATION_TIMEOUT": "300s",
+        "KLM_DEFAULT_MAINTENANCE_WINDOW": "",
+        "KLM_DEFAULT_BLOCKING_POD_SELECTOR": "",
+        "KLM_PROMETHEUS_URL": "",
+        "KLM_PROMETHEUS_ALERT_FILTER": "",
+        "KLM_PROMETHEUS_POLL_INTERVAL": "30s",
         "KLM_LEASE_DURATION_SECONDS": "30",
         "KLM_CHART_REF": "oci://ghcr.io/kata-containers/kata-deploy-charts/kata-deploy",
         "KLM_CHART_REPO": "",
@@ -291,6 +296,11 @@ def overridden_values_reach_the_coordinator():
         "--set", "defaults.nodeSelector=pool=kata",
         "--set", "defaults.nodeTaintKey=kata-lifecycle-manager",
         "--set", "defaults.nodeTaintValue=pending",
+        "--set", "defaults.maintenanceWindow=Mon-Fri 22:00-06:00 Europe/Berlin",
+        "--set", "defaults.blockingPodSelector=app=backup",
+        "--set", "defaults.prometheus.url=http://prometheus.monitoring:9090",
+        "--set", "defaults.prometheus.alertFilter=Node.*",
+        "--set", "defaults.prometheus.pollInterval=1m",
         "--set", "leaseDurationSeconds=15",
         "--set", "kataDeployChart.ref=kata-deploy",
         "--set", "kataDeployChart.repo=http://127.0.0.1:8879",
@@ -306,6 +316,11 @@ def overridden_values_reach_the_coordinator():
         "KLM_DEFAULT_NODE_SELECTOR": "pool=kata",
         "KLM_DEFAULT_NODE_TAINT_KEY": "kata-lifecycle-manager",
         "KLM_DEFAULT_NODE_TAINT_VALUE": "pending",
+        "KLM_DEFAULT_MAINTENANCE_WINDOW": "Mon-Fri 22:00-06:00 Europe/Berlin",
+        "KLM_DEFAULT_BLOCKING_POD_SELECTOR": "app=backup",
+        "KLM_PROMETHEUS_URL": "http://prometheus.monitoring:9090",
+        "KLM_PROMETHEUS_ALERT_FILTER": "Node.*",
+        "KLM_PROMETHEUS_POLL_INTERVAL": "1m",
         "KLM_LEASE_DURATION_SECONDS": "15",
         "KLM_CHART_REF": "kata-deploy",
         "KLM_CHART_REPO": "http://127.0.0.1:8879",
@@ -596,6 +611,9 @@ def coordinator_can_upgrade_kata_deploy_but_reads_secrets_only_there():
     assert allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "kata-deploy-rb")
     assert not allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "cluster-admin")
     assert not allows(cluster, "apps", "daemonsets", "patch")
+    # The blocking-pod gate reads pods anywhere, and only reads.
+    assert allows(cluster, "", "pods", "watch") and allows(cluster, "", "pods", "list")
+    assert not allows(cluster, "", "pods", "delete") and not allows(cluster, "", "pods", "create")
     lease = rules_of(r, "Role", f"{RELEASE}-coordinator", NAMESPACE)
     assert allows(lease, "coordination.k8s.io", "leases", "create")
 

@@ -172,8 +172,14 @@ impl NamedLease {
             renewed_at_ms: sent,
             duration_ms: i64::from(view.duration_seconds) * 1000,
         };
-        info!(lease = %self.name, holder = %self.identity, transitions = view.transitions, "took the Lease");
-        Ok(HeldLease::start(self.clone(), stored, fence))
+        // `claim` let us take a Lease another process held only once its hold expired.
+        let previous = view_of(lease)
+            .holder
+            .filter(|h| !h.is_empty() && *h != self.identity && h != holder_node(&self.identity));
+        info!(lease = %self.name, holder = %self.identity, transitions = view.transitions, taken_over_from = ?previous, "took the Lease");
+        let mut held = HeldLease::start(self.clone(), stored, fence);
+        held.taken_over_from = previous;
+        Ok(held)
     }
 
     /// After our hold lapsed (renewals failed, e.g. the API server was down): a fresh read, and

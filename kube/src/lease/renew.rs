@@ -29,6 +29,8 @@ pub struct HeldLease {
     fence: FenceGuard,
     stop: Option<oneshot::Sender<()>>,
     renewer: Option<JoinHandle<Lease>>,
+    /// The holder whose expired hold this one replaced (another process), if any.
+    pub(crate) taken_over_from: Option<String>,
 }
 
 impl HeldLease {
@@ -44,7 +46,14 @@ impl HeldLease {
             lease,
             stop: Some(stop_tx),
             renewer: Some(renewer),
+            taken_over_from: None,
         }
+    }
+
+    /// The holder whose expired hold this one replaced: another process (a crashed agent of
+    /// the same node, or any holder that stopped renewing), not a free or parked Lease.
+    pub fn taken_over_from(&self) -> Option<&str> {
+        self.taken_over_from.as_deref()
     }
 
     pub fn fence(&self) -> FenceGuard {

@@ -40,6 +40,10 @@ pub struct Machine {
     /// A retry (of a helm rollback or a release read) scheduled for this time.
     retry_at: Option<Wake>,
     requests_at_start: u64,
+    /// The last list of pods matching a blocking-pod selector, with that selector.
+    blocking_pods: Option<(String, Vec<crate::grant_gate::BlockingPod>)>,
+    /// The last poll of Prometheus's firing alerts (`None`: not answered yet).
+    firing_alerts: Option<Result<Vec<String>, String>>,
     env: Env,
     fx: Vec<Effect>,
 }
@@ -67,6 +71,8 @@ impl Machine {
             rollback_failures: 0,
             retry_at: None,
             requests_at_start: 0,
+            blocking_pods: None,
+            firing_alerts: None,
             env: Env::default(),
             fx: Vec::new(),
         }
@@ -101,6 +107,8 @@ impl Machine {
             Input::Release(r) => self.answer(Awaiting::Release, |m| m.release = Some(r)),
             Input::HelmFinished(r) => self.answer(Awaiting::Helm, |m| m.helm = Some(r)),
             Input::DaemonSet(r) => self.answer(Awaiting::DaemonSet, |m| m.daemonset = Some(r)),
+            Input::BlockingPods { selector, pods } => self.blocking_pods = Some((selector, pods)),
+            Input::FiringAlerts(alerts) => self.firing_alerts = Some(alerts),
             Input::Tick => {}
         }
         if self.loaded && self.paused.is_none() && self.nodes.is_some() && self.lease.is_some() {
@@ -482,6 +490,10 @@ impl Machine {
     }
 
     fn reset_volatile(&mut self) {
+        // A new run decides on fresh gate observations, not on what a finished run saw (the
+        // driver feeds them again for every run).
+        self.blocking_pods = None;
+        self.firing_alerts = None;
         self.awaiting = None;
         self.release = None;
         self.daemonset = None;

@@ -6,7 +6,9 @@
 //! - [`admission`]: whether a trigger starts a run, is ignored or refused; manual rollbacks;
 //! - [`release`]: whether the release may be touched, adopting or undoing an earlier
 //!   `helm upgrade`, whether the rollback already happened;
-//! - [`crate::lifecycle`]: node turns in phases `Running` and `RollingBack`.
+//! - [`crate::lifecycle`]: node turns in phases `Running` and `RollingBack`;
+//! - [`crate::grant_gate`]: whether the run's start and each new upgrade turn may begin now
+//!   (maintenance window, blocking pods), called from [`machine`]'s `gate`.
 //!
 //! Phases: `Pending` (read the release and the DaemonSet; touch nothing) → `Upgrading` (the one
 //! `helm upgrade`, persisted as issued before it runs) → `Running` (turns) → `Succeeded`; on a
@@ -19,6 +21,7 @@ pub mod release;
 pub use machine::Machine;
 
 use crate::backoff;
+use crate::grant_gate;
 use crate::keys::{status_data as keys, trigger};
 use crate::lease::LeaseView;
 use crate::lifecycle::{self, ObservedNode, Timing, Wake, WakeReason};
@@ -146,6 +149,14 @@ pub enum Input {
     HelmFinished(Result<(), String>),
     /// Answer to [`Effect::ReadDaemonSet`].
     DaemonSet(Result<DaemonSetObservation, String>),
+    /// Every pod matching `selector` (the active run's blocking-pod selector), as a fresh list
+    /// from the driver's watch, each time it changes.
+    BlockingPods {
+        selector: String,
+        pods: Vec<crate::grant_gate::BlockingPod>,
+    },
+    /// The last poll of Prometheus's alerts: the names of the firing alerts, or why it failed.
+    FiringAlerts(Result<Vec<String>, String>),
     /// Nothing changed; time passed (a wake-up).
     Tick,
 }

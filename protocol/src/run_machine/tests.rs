@@ -7,6 +7,9 @@ use crate::keys::node::WINDOW_LABEL;
 
 use crate::params::tests::defaults;
 
+/// The grant gate (maintenance window, blocking pods) in the run machine.
+mod gates;
+
 pub(super) fn config() -> Config {
     Config {
         timing: Timing {

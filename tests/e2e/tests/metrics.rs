@@ -229,7 +229,12 @@ async fn a_paused_run_shows_in_the_metrics_until_resumed() -> anyhow::Result<()>
     let (before, paused) = p.trigger_then_pause("3.28.0").await?;
     let done = paused.completed() as f64;
     let coord = coordinator_addr(&p);
-    let text = scrape_until(coord, "klm_run_paused", 1.0).await?;
+    scrape_until(coord, "klm_run_paused", 1.0).await?;
+    // The pause is taken while a node is still in its turn: the gauges may show it paused
+    // before they show that node completed (the record read above is ahead of /metrics).
+    // Paused stays 1 and the completed count only grows until the resume, so wait for both.
+    let text = scrape_until(coord, "klm_run_nodes{status=\"completed\"}", done).await?;
+    assert_eq!(value(&text, "klm_run_paused"), Some(1.0), "{text}");
     for (series, want) in [
         ("klm_run_phase{phase=\"Running\"}", 1.0),
         ("klm_run_nodes{status=\"completed\"}", done),
@@ -248,5 +253,67 @@ async fn a_paused_run_shows_in_the_metrics_until_resumed() -> anyhow::Result<()>
         value(&text, "klm_run_nodes{status=\"completed\"}"),
         Some(2.0)
     );
+    Ok(())
+}
+
+/// Issue 14.1: the agent counts Lease takeovers (a restarted agent takes over the hold of its
+/// node's killed process once it expired) and its failed API requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_counts_its_lease_takeover() -> anyhow::Result<()> {
+    let mut p = Product::start("metrics-takeover", 1, "3.27.0").await?;
+    p.opt_in(&["node-1"]).await?;
+    let n1 = p.node("node-1");
+    p.slice
+        .set_default_verification_outcome(Outcome::SucceedAfter(Duration::from_secs(10)));
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[(trigger::TARGET_VERSION, Some("3.28.0"))])
+        .await?;
+    p.wait_node_status(&n1, klm_protocol::NodeStatus::Verifying)
+        .await?;
+    // The first process dies holding the Lease; the next one takes it over once it expired.
+    let killed = scrape(agent_addr(&p, "node-1")).await?;
+    assert_eq!(
+        value(&killed, "klm_lease_holds_total"),
+        Some(1.0),
+        "{killed}"
+    );
+    assert_eq!(
+        value(&killed, "klm_lease_takeovers_total"),
+        Some(0.0),
+        "{killed}"
+    );
+    p.kill_agent(&n1);
+    p.start_agent(&n1)?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+
+    let text = scrape(agent_addr(&p, "node-1")).await?;
+    for (series, want) in [
+        ("klm_lease_holds_total", 1.0),
+        ("klm_lease_takeovers_total", 1.0),
+        ("klm_lease_lost_total", 0.0),
+    ] {
+        assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+    }
+    // The one API failure of this run is the verification pod's log read when the simulated
+    // node serves no logs (the API server answers 500): the evidence says so, and the counter
+    // has exactly that one; nothing was denied, throttled or unanswered.
+    let log_tail = run.nodes[&n1]
+        .evidence
+        .as_ref()
+        .and_then(|e| e.log_tail.clone())
+        .unwrap_or_default();
+    let log_read_failed = log_tail.starts_with("logs unavailable");
+    assert_eq!(
+        value(&text, "klm_api_errors_total{kind=\"server\"}"),
+        log_read_failed.then_some(1.0),
+        "log tail {log_tail:?}; metrics:\n{text}"
+    );
+    for kind in ["transport", "denied", "throttled"] {
+        let series = format!("klm_api_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(value(&text, &series), None, "{series} in\n{text}");
+    }
+    assert!(text.contains("# TYPE klm_api_errors counter"), "{text}");
+    p.assert_safe(&run.plan).await?;
     Ok(())
 }

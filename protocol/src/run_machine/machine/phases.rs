@@ -86,6 +86,12 @@ impl Machine {
             return;
         }
         let have_release = run.release.is_some();
+        // Outside the maintenance window the run touches nothing, not even the release (a
+        // chart that ignores OnDelete would restart every node at the helm upgrade): it reads
+        // the release and plans when the window opens.
+        if !have_release && self.gate(None) {
+            return;
+        }
         if !have_release {
             let Some(read) = self.release.take() else {
                 return self.read_release();
@@ -493,6 +499,7 @@ impl Machine {
 
     /// Node turns (phases Running and RollingBack after the release rollback).
     fn turns(&mut self) {
+        self.gate_next_upgrade_turn();
         let now = self.now();
         let nodes = self.nodes.clone().unwrap_or_default();
         let observe = move |n: &str| nodes.get(n).map(|s| s.observed.clone()).unwrap_or_default();
@@ -542,6 +549,118 @@ impl Machine {
                     }
                 }
                 lifecycle::Effect::WakeAt(w) => self.fx.push(Effect::WakeAt(w)),
+            }
+        }
+    }
+}
+
+impl Machine {
+    /// Before the lifecycle may grant a new upgrade turn: the grant gate for the node next in
+    /// the plan, recorded in `run.hold`, which the lifecycle honours when it would grant (also
+    /// right after a turn in flight ends, in the same step). A turn in flight is never held: it
+    /// finishes whatever the window says. Not asked while paused or cancelling, nor for restore
+    /// turns (never held: the fleet goes back to one version first).
+    fn gate_next_upgrade_turn(&mut self) {
+        let run = self.state.run.as_ref().expect("run");
+        if run.phase != RunPhase::Running || run.paused || run.cancel_requested {
+            if let Some(r) = self.state.run.as_mut() {
+                r.hold = None;
+            }
+            return;
+        }
+        let nodes = self.nodes.as_ref();
+        let exists = |n: &str| {
+            nodes
+                .and_then(|m| m.get(n))
+                .is_some_and(|s| s.observed.exists)
+        };
+        let in_turn = run.turn.as_ref().map(|t| t.node.as_str());
+        // The node `lifecycle` grants next: the first in the plan not done, skipped or started
+        // (one that vanished is skipped there, not gated here).
+        let candidate = run
+            .plan
+            .iter()
+            .find(|n| {
+                Some(n.as_str()) != in_turn
+                    && run.nodes.get(*n).is_none_or(|r| {
+                        r.status.is_none() && r.note.is_none() && r.started_at_ms.is_none()
+                    })
+                    && exists(n)
+            })
+            .cloned();
+        match candidate {
+            Some(node) => {
+                self.gate(Some(node));
+            }
+            // Nothing left to grant: the lifecycle finishes the run.
+            None => self.run_mut().hold = None,
+        }
+    }
+
+    /// The grant gate for the run's start (`node` None) or `node`'s upgrade turn: records the
+    /// hold (an Event when it changes, a wake at the window's opening) or lifts it. True while
+    /// held.
+    fn gate(&mut self, node: Option<String>) -> bool {
+        let now = self.now();
+        let run = self.state.run.as_ref().expect("run");
+        let no_params;
+        let p = match run.params.as_ref() {
+            Some(p) => p,
+            None => {
+                no_params = missing_params();
+                &no_params
+            }
+        };
+        let window = p.window();
+        let listed = self
+            .blocking_pods
+            .as_ref()
+            .filter(|(selector, _)| *selector == p.blocking_pod_selector)
+            .map(|(_, pods)| pods.as_slice());
+        let pods = (!p.blocking_pod_selector.is_empty()).then_some(grant_gate::PodCheck {
+            selector: &p.blocking_pod_selector,
+            pods: listed,
+        });
+        let blocking_alerts = self.firing_alerts.as_ref().map(|polled| match polled {
+            Ok(names) => Ok(p.blocking_alerts(names)),
+            Err(e) => Err(e.as_str()),
+        });
+        let alerts = match (&blocking_alerts, p.alert_filter.is_empty()) {
+            (_, true) => grant_gate::Alerts::NotGated,
+            (None, false) => grant_gate::Alerts::NotAsked,
+            (Some(Err(e)), false) => grant_gate::Alerts::Unreachable(e),
+            (Some(Ok(names)), false) => grant_gate::Alerts::Firing(names),
+        };
+        let gate = grant_gate::decide(&window, node.as_deref(), pods, alerts, now);
+        let run = self.run_mut();
+        let id = run.id.clone();
+        match gate {
+            grant_gate::Gate::Open => {
+                if run.hold.take().is_some() {
+                    run.message = match &node {
+                        Some(n) => format!("no longer held; node {n} is next"),
+                        None => "no longer held; starting".into(),
+                    };
+                    let msg = format!("run {id}: {}", run.message);
+                    self.event(node.as_deref(), false, "RunHoldLifted", msg);
+                }
+                false
+            }
+            grant_gate::Gate::Hold(hold) => {
+                let wake = hold.until_ms.map(|at_ms| Wake {
+                    at_ms,
+                    reason: WakeReason::WindowOpens,
+                });
+                if run.hold.as_ref() != Some(&hold) {
+                    run.message = hold.message.clone();
+                    let msg = format!("run {id}: {}", hold.message);
+                    run.hold = Some(hold);
+                    self.event(node.as_deref(), false, "RunHeld", msg);
+                }
+                // Asked on every step while held: the driver sleeps until the earliest wake
+                // of its last reconcile.
+                self.fx.extend(wake.map(Effect::WakeAt));
+                true
             }
         }
     }
