@@ -571,7 +571,7 @@ impl Product {
     pub async fn wait_node_label(&self, node: &str, status: NodeStatus) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.slice.client());
         let want = status.as_str();
-        klm_testkit::wait::wait_for(
+        let waited = klm_testkit::wait::wait_for(
             &nodes,
             &self.node(node),
             &format!("node {node} status {want}"),
@@ -584,8 +584,15 @@ impl Product {
                     .is_some_and(|s| s == want)
             }),
         )
-        .await
-        .map(drop)
+        .await;
+        match waited {
+            Ok(_) => Ok(()),
+            // A wait that never ends is diagnosed by what the run and the processes said.
+            Err(e) => {
+                let run = self.current_run().await.ok().flatten();
+                Err(e.context(format!("run record: {run:#?}\n{}", self.logs())))
+            }
+        }
     }
 
     pub fn leases(&self) -> Api<Lease> {
