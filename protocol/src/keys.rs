@@ -20,6 +20,10 @@ pub mod trigger {
     /// Extra `key=value` values for the run's `helm upgrade`, separated by newlines or `;`,
     /// each passed as its own `--set` (see `helm_values`).
     pub const HELM_SET_VALUES: &str = "lifecycle.katacontainers.io/helm-set-values";
+    /// Waves: at most this many nodes in progress at once (1, the default, is one by one).
+    pub const BATCH_SIZE: &str = "lifecycle.katacontainers.io/batch-size";
+    /// Waves: with `batch-size` > 1, the first wave is one node (default `true`).
+    pub const CANARY: &str = "lifecycle.katacontainers.io/canary";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -33,7 +37,7 @@ pub mod trigger {
     pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 12] = [
+    pub const RUN_DEFINING: [&str; 14] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -46,6 +50,8 @@ pub mod trigger {
         DRAIN_ENABLED,
         DRAIN_TIMEOUT,
         HELM_SET_VALUES,
+        BATCH_SIZE,
+        CANARY,
     ];
 }
 

@@ -19,6 +19,30 @@ pub fn agent_identity(node: &str, instance: &str) -> String {
     format!("{node}/{instance}")
 }
 
+/// The upgrade Lease of wave slot `slot`: `<base>` for slot 0 (so batch-size 1 uses the one
+/// Lease it always did), `<base>-<slot>` for the others. One Lease per slot keeps "at most
+/// batch-size nodes in progress" a property of Lease holds, as with one Lease for one node.
+pub fn slot_lease_name(base: &str, slot: u32) -> String {
+    if slot == 0 {
+        base.to_string()
+    } else {
+        format!("{base}-{slot}")
+    }
+}
+
+/// The slot a Lease name stands for (inverse of [`slot_lease_name`]); `None` for other Leases
+/// (e.g. the coordinator's leader Lease) and for slots beyond `max_slots`.
+pub fn slot_of_lease(base: &str, name: &str, max_slots: u32) -> Option<u32> {
+    if name == base {
+        return Some(0);
+    }
+    let digits = name.strip_prefix(base)?.strip_prefix('-')?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|s| (1..max_slots).contains(s))
+}
+
 /// Bounds on `leaseDurationSeconds` as read: a hand-edited Lease with 0 or 10 000 s would
 /// otherwise make a hold expire at once, or never.
 pub const MIN_DURATION_SECONDS: i32 = 5;
@@ -189,6 +213,31 @@ impl Fence {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slot_leases_are_named_after_the_upgrade_lease() {
+        use super::{slot_lease_name, slot_of_lease};
+        let base = "kata-lifecycle-manager-upgrade";
+        assert_eq!(slot_lease_name(base, 0), base);
+        assert_eq!(slot_lease_name(base, 3), "kata-lifecycle-manager-upgrade-3");
+        for slot in 0..50 {
+            assert_eq!(
+                slot_of_lease(base, &slot_lease_name(base, slot), 50),
+                Some(slot)
+            );
+        }
+        for other in [
+            "kata-lifecycle-manager-coordinator",
+            "kata-lifecycle-manager-upgrade-",
+            "kata-lifecycle-manager-upgrade-01",
+            "kata-lifecycle-manager-upgrade-0",
+            "kata-lifecycle-manager-upgrade-50",
+            "kata-lifecycle-manager-upgrade-x",
+            "kata-lifecycle-manager-upgrader",
+        ] {
+            assert_eq!(slot_of_lease(base, other, 50), None, "{other}");
+        }
+    }
+
     use super::*;
 
     fn view(holder: Option<&str>, renew: Option<i64>) -> LeaseView {
