@@ -97,10 +97,6 @@ fn cfg() -> Config {
 }
 
 impl Sim {
-    fn new(agents: &[Agent], upgrade_fault: UpgradeFault, rollback_fault: RollbackFault) -> Self {
-        Self::with_waves(agents, upgrade_fault, rollback_fault, 1, true)
-    }
-
     fn with_waves(
         agents: &[Agent],
         upgrade_fault: UpgradeFault,
