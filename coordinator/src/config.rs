@@ -120,6 +120,12 @@ pub struct DefaultArgs {
     pub default_helm_set_values: String,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
+    /// Waves: nodes in progress at once (1 = one by one; validated per run, 1 to 50).
+    #[arg(long, env = "KLM_DEFAULT_BATCH_SIZE", default_value_t = 1)]
+    pub default_batch_size: u32,
+    /// Waves: with a batch size above 1, the first wave is one node.
+    #[arg(long, env = "KLM_DEFAULT_CANARY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_canary: bool,
     /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
     #[arg(
         long,
@@ -161,6 +167,8 @@ impl DefaultArgs {
                 .filter(|s| !s.is_empty())
                 .collect(),
             helm_set_values: self.default_helm_set_values.clone(),
+            batch_size: self.default_batch_size,
+            canary: self.default_canary,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The coordinator's I/O loop: observe (the trigger ConfigMap, Nodes and the upgrade Lease from
-//! reflector stores; helm, the DaemonSet and direct reads when asked) → step the pure run
+//! The coordinator's I/O loop: observe (the trigger ConfigMap, Nodes and the upgrade Leases —
+//! one per wave slot — from reflector stores; helm, the DaemonSet and direct reads when asked) → step the pure run
 //! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_kube::events::{Events, configmap_ref, node_ref};
 use klm_kube::nodes;
 use klm_kube::time::now_ms;
-use klm_protocol::lease::LeaseView;
+use klm_protocol::lease::{LeaseView, slot_lease_name, slot_of_lease};
 use klm_protocol::lifecycle::Wake;
+use klm_protocol::params::MAX_BATCH_SIZE;
 use klm_protocol::run_machine::release::{ReleaseObservation, ReleaseRead, ReleaseStatus};
 use klm_protocol::run_machine::{self, Effect, Env, Input, Machine, TriggerView};
 use kube::api::Api;
@@ -43,7 +44,8 @@ pub struct Settings {
 #[derive(Default)]
 struct Fed {
     trigger: Option<Option<String>>,
-    lease: Option<Option<LeaseView>>,
+    /// Per wave slot (0: the upgrade Lease).
+    leases: BTreeMap<u32, Option<LeaseView>>,
     nodes: Option<BTreeMap<String, String>>,
 }
 
@@ -60,8 +62,8 @@ pub struct Coordinator {
     machine: Machine,
     requests: klm_kube::client::RequestCounter,
     fed: Fed,
-    /// The turn last seen in the run record, to count grants (`klm_lease_events_total`).
-    seen_turn: Option<klm_protocol::Turn>,
+    /// The turns last seen in the run record, to count grants (`klm_lease_events_total`).
+    seen_turns: Vec<klm_protocol::Turn>,
 }
 
 impl Coordinator {
@@ -88,8 +90,11 @@ impl Coordinator {
             by_name(&s.trigger_configmap),
             notify.clone(),
         );
+        // Every Lease of the namespace: the upgrade Lease and its wave-slot Leases
+        // (`<name>-<slot>`) cannot be selected by one field selector; the namespace holds only
+        // this chart's Leases in a normal install.
         let (leases, _) =
-            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify);
+            klm_kube::watch::reflect(lease_api.clone(), watcher::Config::default(), notify);
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         leases.wait_until_ready().await?;
@@ -120,7 +125,7 @@ impl Coordinator {
             leases,
             requests,
             fed: Fed::default(),
-            seen_turn: None,
+            seen_turns: Vec::new(),
         })
     }
 
@@ -176,13 +181,30 @@ impl Coordinator {
             }
         }
         self.fed.nodes = Some(versions);
-        let lease = self
+        let mut leases: BTreeMap<u32, Option<LeaseView>> = self
             .leases
-            .get(&ObjectRef::new(&self.s.lease_name).within(&self.s.namespace))
-            .map(|l| klm_kube::lease::view_of(&l));
-        if self.fed.lease.as_ref() != Some(&lease) {
-            self.fed.lease = Some(lease.clone());
-            inputs.push_back(Input::Lease(lease));
+            .state()
+            .iter()
+            .filter_map(|l| {
+                let slot = slot_of_lease(
+                    &self.s.lease_name,
+                    l.metadata.name.as_deref()?,
+                    MAX_BATCH_SIZE,
+                )?;
+                Some((slot, Some(klm_kube::lease::view_of(l))))
+            })
+            .collect();
+        // The upgrade Lease is always reported (missing: the machine recreates it); a slot
+        // Lease only once it was seen (then its deletion too).
+        leases.entry(0).or_insert(None);
+        for slot in self.fed.leases.keys() {
+            leases.entry(*slot).or_insert(None);
+        }
+        for (slot, lease) in leases {
+            if self.fed.leases.get(&slot) != Some(&lease) {
+                self.fed.leases.insert(slot, lease.clone());
+                inputs.push_back(lease_input(slot, lease));
+            }
         }
         let cm = self
             .trigger
@@ -237,11 +259,21 @@ impl Coordinator {
 
     /// A turn in the record that was not there after the previous step was just granted.
     fn count_grant(&mut self) {
-        let turn = self.machine.run().and_then(|r| r.turn.clone());
-        if turn.is_some() && turn != self.seen_turn {
+        let turns = self.machine.run().map(|r| r.turns()).unwrap_or_default();
+        for _ in turns.iter().filter(|t| !self.seen_turns.contains(t)) {
             self.s.metrics.lease_event(LeaseEvent::Granted);
         }
-        self.seen_turn = turn;
+        self.seen_turns = turns;
+    }
+
+    /// The name of a wave slot's upgrade Lease.
+    fn slot_lease(&self, slot: u32) -> klm_kube::lease::UpgradeLease {
+        klm_kube::lease::UpgradeLease::new(
+            self.client.clone(),
+            &self.s.namespace,
+            &slot_lease_name(&self.s.lease_name, slot),
+            "coordinator",
+        )
     }
 
     fn check_leader(&self) -> anyhow::Result<()> {
@@ -353,9 +385,20 @@ impl Coordinator {
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::ReadNode(name) => {
-                // The Lease too: a loss is declared only on what both say right now.
-                let lease = self.lease_api.get_opt(&self.s.lease_name).await?;
-                answers.push(Input::Lease(lease.map(|l| klm_kube::lease::view_of(&l))));
+                // The node's slot Lease too: a loss is declared only on what both say right now.
+                let slot = self
+                    .machine
+                    .run()
+                    .and_then(|r| r.turn_of(&name).map(|t| t.slot))
+                    .unwrap_or(0);
+                let lease = self
+                    .lease_api
+                    .get_opt(&slot_lease_name(&self.s.lease_name, slot))
+                    .await?;
+                answers.push(lease_input(
+                    slot,
+                    lease.map(|l| klm_kube::lease::view_of(&l)),
+                ));
                 let node = self.node_api.get_opt(&name).await?;
                 answers.push(Input::Node {
                     name,
@@ -379,25 +422,20 @@ impl Coordinator {
                 }
             }
             Effect::EnsureLease => {
-                klm_kube::lease::UpgradeLease::new(
-                    self.client.clone(),
-                    &self.s.namespace,
-                    &self.s.lease_name,
-                    "coordinator",
-                )
-                .ensure_exists(self.s.lease_duration_seconds)
-                .await?;
+                self.slot_lease(0)
+                    .ensure_exists(self.s.lease_duration_seconds)
+                    .await?;
             }
-            Effect::RevokeLease { node } => {
+            Effect::EnsureSlotLease(slot) => {
                 self.check_leader()?;
-                let revoked = klm_kube::lease::UpgradeLease::new(
-                    self.client.clone(),
-                    &self.s.namespace,
-                    &self.s.lease_name,
-                    "coordinator",
-                )
-                .revoke_from_node(&node)
-                .await?;
+                self.slot_lease(slot)
+                    .ensure_exists(self.s.lease_duration_seconds)
+                    .await?;
+                tracing::info!(slot, "wave slot Lease ensured");
+            }
+            Effect::RevokeLease { node, slot } => {
+                self.check_leader()?;
+                let revoked = self.slot_lease(slot).revoke_from_node(&node).await?;
                 if revoked {
                     self.s.metrics.lease_event(LeaseEvent::Revoked);
                 }
@@ -427,5 +465,13 @@ impl Coordinator {
                 .publish(&node_ref(n, uid), warning, reason, "Upgrade", note)
                 .await;
         }
+    }
+}
+
+/// What the machine is told of wave slot `slot`'s Lease.
+fn lease_input(slot: u32, lease: Option<LeaseView>) -> Input {
+    match slot {
+        0 => Input::Lease(lease),
+        slot => Input::SlotLease { slot, lease },
     }
 }
