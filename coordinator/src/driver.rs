@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_kube::events::{Events, configmap_ref, node_ref};
 use klm_kube::nodes;
 use klm_kube::time::now_ms;
-use klm_protocol::lease::{LeaseView, slot_lease_name, slot_of_lease};
+use klm_protocol::lease::{LeaseView, slot_lease_name};
 use klm_protocol::lifecycle::Wake;
 use klm_protocol::params::MAX_BATCH_SIZE;
 use klm_protocol::run_machine::release::{ReleaseObservation, ReleaseRead, ReleaseStatus};
@@ -58,7 +58,10 @@ pub struct Coordinator {
     lease_api: Api<Lease>,
     nodes: Store<Node>,
     trigger: Store<ConfigMap>,
-    leases: Store<Lease>,
+    /// One by-name watch per wave slot's Lease (slot 0: the upgrade Lease), started as a run
+    /// needs the slot: the chart's RBAC names each Lease, and a name cannot be watched by prefix.
+    leases: BTreeMap<u32, Store<Lease>>,
+    notify: Arc<Notify>,
     machine: Machine,
     requests: klm_kube::client::RequestCounter,
     fed: Fed,
@@ -90,14 +93,11 @@ impl Coordinator {
             by_name(&s.trigger_configmap),
             notify.clone(),
         );
-        // Every Lease of the namespace: the upgrade Lease and its wave-slot Leases
-        // (`<name>-<slot>`) cannot be selected by one field selector; the namespace holds only
-        // this chart's Leases in a normal install.
-        let (leases, _) =
-            klm_kube::watch::reflect(lease_api.clone(), watcher::Config::default(), notify);
+        let (upgrade_lease, _) =
+            klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
-        leases.wait_until_ready().await?;
+        upgrade_lease.wait_until_ready().await?;
         if trigger
             .get(&ObjectRef::new(&s.trigger_configmap).within(&ns))
             .is_none()
@@ -122,7 +122,8 @@ impl Coordinator {
             lease_api,
             nodes,
             trigger,
-            leases,
+            leases: BTreeMap::from([(0, upgrade_lease)]),
+            notify,
             requests,
             fed: Fed::default(),
             seen_turns: Vec::new(),
@@ -181,29 +182,19 @@ impl Coordinator {
             }
         }
         self.fed.nodes = Some(versions);
-        let mut leases: BTreeMap<u32, Option<LeaseView>> = self
-            .leases
-            .state()
-            .iter()
-            .filter_map(|l| {
-                let slot = slot_of_lease(
-                    &self.s.lease_name,
-                    l.metadata.name.as_deref()?,
-                    MAX_BATCH_SIZE,
-                )?;
-                Some((slot, Some(klm_kube::lease::view_of(l))))
-            })
-            .collect();
-        // The upgrade Lease is always reported (missing: the machine recreates it); a slot
-        // Lease only once it was seen (then its deletion too).
-        leases.entry(0).or_insert(None);
-        for slot in self.fed.leases.keys() {
-            leases.entry(*slot).or_insert(None);
-        }
-        for (slot, lease) in leases {
-            if self.fed.leases.get(&slot) != Some(&lease) {
-                self.fed.leases.insert(slot, lease.clone());
-                inputs.push_back(lease_input(slot, lease));
+        self.watch_slot_leases();
+        for (slot, store) in &self.leases {
+            let name = slot_lease_name(&self.s.lease_name, *slot);
+            let lease = store
+                .get(&ObjectRef::new(&name).within(&self.s.namespace))
+                .map(|l| klm_kube::lease::view_of(&l));
+            // The upgrade Lease is always reported (missing: the machine recreates it); a slot
+            // Lease once it was seen (then its deletion too), as its watch may not have
+            // listed yet.
+            let seen = *slot == 0 || lease.is_some() || self.fed.leases.contains_key(slot);
+            if seen && self.fed.leases.get(slot) != Some(&lease) {
+                self.fed.leases.insert(*slot, lease.clone());
+                inputs.push_back(lease_input(*slot, lease));
             }
         }
         let cm = self
@@ -264,6 +255,27 @@ impl Coordinator {
             self.s.metrics.lease_event(LeaseEvent::Granted);
         }
         self.seen_turns = turns;
+    }
+
+    /// Starts the watch of every wave slot's Lease the current run may use (once per slot).
+    fn watch_slot_leases(&mut self) {
+        let slots = self.machine.run().map_or(1, |r| {
+            let used = r.turns().iter().map(|t| t.slot + 1).max().unwrap_or(0);
+            (r.wave_size() as u32).max(used)
+        });
+        for slot in 1..slots.min(MAX_BATCH_SIZE) {
+            if self.leases.contains_key(&slot) {
+                continue;
+            }
+            let name = slot_lease_name(&self.s.lease_name, slot);
+            let (store, _) = klm_kube::watch::reflect(
+                self.lease_api.clone(),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+                self.notify.clone(),
+            );
+            tracing::info!(lease = %name, slot, "watching a wave slot's upgrade Lease");
+            self.leases.insert(slot, store);
+        }
     }
 
     /// The name of a wave slot's upgrade Lease.
