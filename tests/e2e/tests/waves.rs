@@ -124,6 +124,26 @@ async fn a_failure_in_the_second_wave_reverts_both_waves() -> Result<()> {
             "{n} before the run: {before:?}"
         );
     }
+    // node-4 was still verifying when node-3 failed: it stopped at its safe point (the
+    // coordinator's `NodeStopped` Event), before the release was rolled back.
+    use k8s_openapi::api::events::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(p.slice.client(), &p.slice.namespace());
+    let notes: Vec<String> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| Some(format!("{}: {}", e.reason?, e.note?)))
+        .collect();
+    let stopped = format!(
+        "NodeStopped: run {}: node {} stopped",
+        run.id,
+        p.node("node-4")
+    );
+    assert!(
+        notes.iter().any(|n| n.starts_with(&stopped)),
+        "{stopped}: {notes:#?}"
+    );
     assert_grants_in_plan_order(&run)?;
     p.assert_nothing_left_cordoned().await?;
     p.assert_no_node_processed_twice()?;
