@@ -44,7 +44,7 @@ pub struct Agent {
     pub requests: RequestCounter,
     pub config: Config,
     pub nodes: Api<Node>,
-    /// The upgrade Lease, held as `<node>/<instance>`.
+    /// The upgrade Lease (wave slot 0), held as `<node>/<instance>`; see [`Agent::slot_lease`].
     pub lease: NamedLease,
     pub events: Events,
     pub metrics: Metrics,
@@ -75,6 +75,21 @@ impl Agent {
 
     pub fn node_name(&self) -> &str {
         &self.config.node_name
+    }
+
+    /// The upgrade Lease of a wave slot, held as this process: slot 0 is `lease`, the others
+    /// are named by `klm_protocol::lease::slot_lease_name` (the turn in the run record says
+    /// which slot is this node's).
+    pub fn slot_lease(&self, slot: u32) -> NamedLease {
+        if slot == 0 {
+            return self.lease.clone();
+        }
+        NamedLease::new(
+            self.client.clone(),
+            &self.config.namespace,
+            &klm_protocol::lease::slot_lease_name(&self.config.lease_name, slot),
+            self.lease.identity(),
+        )
     }
 
     pub fn pods(&self, namespace: &str) -> Api<Pod> {

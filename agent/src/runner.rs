@@ -112,13 +112,15 @@ async fn attempt_turn(
         && let Resume::Finished(status) = where_to_start(a, &node)
     {
         info!(%status, "this turn already ended on the node; making sure the Lease is free");
-        release_stale(agent).await;
+        release_stale_in(agent, a.slot).await;
         return Attempt::End(TurnEnd::Finished);
     }
 
+    // The Lease of this turn's wave slot (the upgrade Lease itself with batch-size 1).
+    let lease = agent.slot_lease(a.slot);
     let retaken = match lapsed {
         None => None,
-        Some(transitions) => match agent.lease.retake(transitions).await {
+        Some(transitions) => match lease.retake(transitions).await {
             Ok(held) => {
                 info!("nobody took the Lease while our hold had lapsed; took it again");
                 agent.metrics.lease_held();
@@ -144,14 +146,14 @@ async fn attempt_turn(
                 biased;
                 _ = shutdown.cancelled() => return Attempt::End(TurnEnd::Shutdown),
                 _ = revoked.wait_for(|s| s.revoked) => return Attempt::End(TurnEnd::Revoked),
-                held = agent.lease.acquire() => match held {
+                held = lease.acquire() => match held {
                     Ok(h) => {
                         agent.metrics.lease_taken(h.taken_over_from());
                         h
                     }
                     Err(e) => return Attempt::Retry(format!(
                         "taking the upgrade Lease {}: {e} (the agent needs get/watch/update on leases in its namespace)",
-                        agent.lease.name()
+                        lease.name()
                     )),
                 },
             }
@@ -285,9 +287,15 @@ fn log_release(r: kube::Result<()>) {
     }
 }
 
-/// A Lease still held by this node from an earlier process whose turn is over.
+/// A Lease still held by this node from an earlier process whose turn is over (slot 0: a
+/// stale hold of another wave slot's Lease, not renewed, expires by itself).
 pub async fn release_stale(agent: &Agent) {
-    match agent.lease.release_if_held().await {
+    release_stale_in(agent, 0).await
+}
+
+/// A hold of wave slot `slot`'s Lease left by an earlier process whose turn is over.
+pub async fn release_stale_in(agent: &Agent, slot: u32) {
+    match agent.slot_lease(slot).release_if_held().await {
         Ok(true) => info!("released an upgrade Lease left held by an earlier agent process"),
         Ok(false) => {}
         Err(e) => warn!(error = %e, "could not check the upgrade Lease"),

@@ -15,8 +15,11 @@ pub struct Assignment {
     pub release: ReleaseState,
     pub target_version: String,
     pub granted_at_ms: i64,
-    /// The coordinator asks this run's turns to stop (`action=cancel`): an upgrade turn stops
-    /// at its next safe point and ends `rolling-back` with the reason `Cancelled`.
+    /// The wave slot: which upgrade Lease this turn holds (0 with batch-size 1).
+    pub slot: u32,
+    /// The coordinator asks this run's turns to stop (`action=cancel`, or another node of the
+    /// wave failed and the run is rolling back): an upgrade turn stops at its next safe point
+    /// and ends `rolling-back` with the reason `Cancelled`.
     pub cancel_requested: bool,
 }
 
@@ -57,7 +60,7 @@ pub fn read_configmap(cm: &ConfigMap, node: &str) -> Reading {
         Ok(record) => {
             let mut reading = read_record(&record, node);
             if let Reading::Turn(a) = &mut reading {
-                a.cancel_requested = record.cancel_requested;
+                a.cancel_requested |= record.cancel_requested;
             }
             reading
         }
@@ -69,16 +72,18 @@ pub fn read_configmap(cm: &ConfigMap, node: &str) -> Reading {
 }
 
 pub fn read_record(record: &RunRecord, node: &str) -> Reading {
-    let Some(turn) = record.turn.as_ref().filter(|t| t.node == node) else {
+    let Some(turn) = record.turn_of(node) else {
         return Reading::Idle;
     };
-    let expected = match turn.kind {
-        TurnKind::Upgrade => RunPhase::Running,
-        TurnKind::Restore => RunPhase::RollingBack,
+    // Waves: an upgrade turn still in the record while the run rolls back belongs to a node
+    // whose wave-mate failed; it goes on only to stop at its next safe point.
+    let stopping = match (turn.kind, record.phase) {
+        (TurnKind::Upgrade, RunPhase::Running) | (TurnKind::Restore, RunPhase::RollingBack) => {
+            false
+        }
+        (TurnKind::Upgrade, RunPhase::RollingBack) => true,
+        _ => return Reading::Idle,
     };
-    if record.phase != expected {
-        return Reading::Idle;
-    }
     let Some(params) = record.params.clone() else {
         return Reading::Unusable(format!(
             "run {} gives this node a {} turn but carries no parameters",
@@ -93,7 +98,8 @@ pub fn read_record(record: &RunRecord, node: &str) -> Reading {
         release: record.release.clone().unwrap_or_default(),
         target_version: record.target_version.clone(),
         granted_at_ms: turn.granted_at_ms,
-        cancel_requested: false,
+        slot: turn.slot,
+        cancel_requested: stopping,
     }))
 }
 
@@ -127,6 +133,7 @@ mod tests {
             node: n.into(),
             kind: k,
             granted_at_ms: 5,
+            slot: 0,
         });
         r
     }
@@ -140,8 +147,9 @@ mod tests {
             (Running, Some(("n2", Upgrade)), None),
             (Running, None, None),
             (RollingBack, Some(("n1", Restore)), Some(Restore)),
-            // A turn in a phase that does not match its kind is not acted on.
-            (RollingBack, Some(("n1", Upgrade)), None),
+            // A turn in a phase that does not match its kind is not acted on (an upgrade turn
+            // of a rolling-back run only to stop: see the wave test below).
+            (RollingBack, Some(("n1", Upgrade)), Some(Upgrade)),
             (Running, Some(("n1", Restore)), None),
             (Succeeded, Some(("n1", Upgrade)), None),
             (Pending, Some(("n1", Upgrade)), None),
@@ -202,5 +210,29 @@ mod tests {
             read_record(&no_params, "n1"),
             Reading::Unusable(_)
         ));
+    }
+
+    #[test]
+    fn a_wave_turn_names_its_slot_and_stops_when_the_run_rolls_back() {
+        let mut r = record(RunPhase::Running, Some(("n1", TurnKind::Upgrade)));
+        r.set_turn(Turn {
+            node: "n2".into(),
+            kind: TurnKind::Upgrade,
+            granted_at_ms: 6,
+            slot: 1,
+        });
+        let Reading::Turn(a) = read_record(&r, "n2") else {
+            panic!("n2 has a turn in slot 1")
+        };
+        assert_eq!((a.slot, a.cancel_requested), (1, false));
+        assert_eq!(read_record(&r, "n3"), Reading::Idle);
+        // n1 failed: the run rolls back; n2 is told to stop at its next safe point.
+        r.phase = RunPhase::RollingBack;
+        r.end_turn(0);
+        let Reading::Turn(a) = read_record(&r, "n2") else {
+            panic!("n2 keeps its turn to stop")
+        };
+        assert!(a.cancel_requested);
+        assert_eq!(read_record(&r, "n1"), Reading::Idle);
     }
 }

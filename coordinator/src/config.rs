@@ -140,6 +140,12 @@ pub struct DefaultArgs {
     /// --prometheus-url); empty: no alert gate.
     #[arg(long, env = "KLM_PROMETHEUS_ALERT_FILTER", default_value = "")]
     pub prometheus_alert_filter: String,
+    /// Waves: nodes in progress at once (1 = one by one; validated per run, 1 to 50).
+    #[arg(long, env = "KLM_DEFAULT_BATCH_SIZE", default_value_t = 1)]
+    pub default_batch_size: u32,
+    /// Waves: with a batch size above 1, the first wave is one node.
+    #[arg(long, env = "KLM_DEFAULT_CANARY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_canary: bool,
     /// ServiceAccounts a verification pod may name besides `default` (comma-separated).
     #[arg(
         long,
@@ -189,6 +195,8 @@ impl DefaultArgs {
             } else {
                 self.prometheus_alert_filter.clone()
             },
+            batch_size: self.default_batch_size,
+            canary: self.default_canary,
         }
     }
 }

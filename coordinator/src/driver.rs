@@ -1,5 +1,5 @@
-//! The coordinator's I/O loop: observe (the trigger ConfigMap, Nodes and the upgrade Lease from
-//! reflector stores; helm, the DaemonSet and direct reads when asked) → step the pure run
+//! The coordinator's I/O loop: observe (the trigger ConfigMap, Nodes and the upgrade Leases —
+//! one per wave slot — from reflector stores; helm, the DaemonSet and direct reads when asked) → step the pure run
 //! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_kube::events::{Events, configmap_ref, node_ref};
 use klm_kube::nodes;
 use klm_kube::time::now_ms;
-use klm_protocol::lease::LeaseView;
+use klm_protocol::lease::{LeaseView, slot_lease_name};
 use klm_protocol::lifecycle::Wake;
+use klm_protocol::params::MAX_BATCH_SIZE;
 use klm_protocol::run_machine::release::{ReleaseObservation, ReleaseRead, ReleaseStatus};
 use klm_protocol::run_machine::{self, Effect, Env, Input, Machine, TriggerView};
 use kube::api::Api;
@@ -47,7 +48,8 @@ pub struct Settings {
 #[derive(Default)]
 struct Fed {
     trigger: Option<Option<String>>,
-    lease: Option<Option<LeaseView>>,
+    /// Per wave slot (0: the upgrade Lease).
+    leases: BTreeMap<u32, Option<LeaseView>>,
     nodes: Option<BTreeMap<String, String>>,
 }
 
@@ -60,12 +62,15 @@ pub struct Coordinator {
     lease_api: Api<Lease>,
     nodes: Store<Node>,
     trigger: Store<ConfigMap>,
-    leases: Store<Lease>,
+    /// One by-name watch per wave slot's Lease (slot 0: the upgrade Lease), started as a run
+    /// needs the slot: the chart's RBAC names each Lease, and a name cannot be watched by prefix.
+    leases: BTreeMap<u32, Store<Lease>>,
+    notify: Arc<Notify>,
     machine: Machine,
     requests: klm_kube::client::RequestCounter,
     fed: Fed,
-    /// The turn last seen in the run record, to count grants (`klm_lease_events_total`).
-    seen_turn: Option<klm_protocol::Turn>,
+    /// The turns last seen in the run record, to count grants (`klm_lease_events_total`).
+    seen_turns: Vec<klm_protocol::Turn>,
     /// The blocking-pod gate's pod watch (only while a run with a selector is active).
     pod_gate: PodGate,
     /// The Prometheus alert gate's poller (only while a run with the alert gate is active).
@@ -96,13 +101,13 @@ impl Coordinator {
             by_name(&s.trigger_configmap),
             notify.clone(),
         );
-        let (leases, _) =
+        let (upgrade_lease, _) =
             klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
         let pod_gate = PodGate::new(client.clone(), notify.clone());
-        let alert_gate = AlertGate::new(&s.prometheus_url, s.prometheus_poll_interval, notify);
+        let alert_gate = AlertGate::new(&s.prometheus_url, s.prometheus_poll_interval, notify.clone());
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
-        leases.wait_until_ready().await?;
+        upgrade_lease.wait_until_ready().await?;
         if trigger
             .get(&ObjectRef::new(&s.trigger_configmap).within(&ns))
             .is_none()
@@ -127,10 +132,11 @@ impl Coordinator {
             lease_api,
             nodes,
             trigger,
-            leases,
+            leases: BTreeMap::from([(0, upgrade_lease)]),
+            notify,
             requests,
             fed: Fed::default(),
-            seen_turn: None,
+            seen_turns: Vec::new(),
             pod_gate,
             alert_gate,
         })
@@ -188,13 +194,20 @@ impl Coordinator {
             }
         }
         self.fed.nodes = Some(versions);
-        let lease = self
-            .leases
-            .get(&ObjectRef::new(&self.s.lease_name).within(&self.s.namespace))
-            .map(|l| klm_kube::lease::view_of(&l));
-        if self.fed.lease.as_ref() != Some(&lease) {
-            self.fed.lease = Some(lease.clone());
-            inputs.push_back(Input::Lease(lease));
+        self.watch_slot_leases();
+        for (slot, store) in &self.leases {
+            let name = slot_lease_name(&self.s.lease_name, *slot);
+            let lease = store
+                .get(&ObjectRef::new(&name).within(&self.s.namespace))
+                .map(|l| klm_kube::lease::view_of(&l));
+            // The upgrade Lease is always reported (missing: the machine recreates it); a slot
+            // Lease once it was seen (then its deletion too), as its watch may not have
+            // listed yet.
+            let seen = *slot == 0 || lease.is_some() || self.fed.leases.contains_key(slot);
+            if seen && self.fed.leases.get(slot) != Some(&lease) {
+                self.fed.leases.insert(*slot, lease.clone());
+                inputs.push_back(lease_input(*slot, lease));
+            }
         }
         let cm = self
             .trigger
@@ -254,11 +267,42 @@ impl Coordinator {
 
     /// A turn in the record that was not there after the previous step was just granted.
     fn count_grant(&mut self) {
-        let turn = self.machine.run().and_then(|r| r.turn.clone());
-        if turn.is_some() && turn != self.seen_turn {
+        let turns = self.machine.run().map(|r| r.turns()).unwrap_or_default();
+        for _ in turns.iter().filter(|t| !self.seen_turns.contains(t)) {
             self.s.metrics.lease_event(LeaseEvent::Granted);
         }
-        self.seen_turn = turn;
+        self.seen_turns = turns;
+    }
+
+    /// Starts the watch of every wave slot's Lease the current run may use (once per slot).
+    fn watch_slot_leases(&mut self) {
+        let slots = self.machine.run().map_or(1, |r| {
+            let used = r.turns().iter().map(|t| t.slot + 1).max().unwrap_or(0);
+            (r.wave_size() as u32).max(used)
+        });
+        for slot in 1..slots.min(MAX_BATCH_SIZE) {
+            if self.leases.contains_key(&slot) {
+                continue;
+            }
+            let name = slot_lease_name(&self.s.lease_name, slot);
+            let (store, _) = klm_kube::watch::reflect(
+                self.lease_api.clone(),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+                self.notify.clone(),
+            );
+            tracing::info!(lease = %name, slot, "watching a wave slot's upgrade Lease");
+            self.leases.insert(slot, store);
+        }
+    }
+
+    /// The name of a wave slot's upgrade Lease.
+    fn slot_lease(&self, slot: u32) -> klm_kube::lease::UpgradeLease {
+        klm_kube::lease::UpgradeLease::new(
+            self.client.clone(),
+            &self.s.namespace,
+            &slot_lease_name(&self.s.lease_name, slot),
+            "coordinator",
+        )
     }
 
     fn check_leader(&self) -> anyhow::Result<()> {
@@ -370,9 +414,20 @@ impl Coordinator {
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::ReadNode(name) => {
-                // The Lease too: a loss is declared only on what both say right now.
-                let lease = self.lease_api.get_opt(&self.s.lease_name).await?;
-                answers.push(Input::Lease(lease.map(|l| klm_kube::lease::view_of(&l))));
+                // The node's slot Lease too: a loss is declared only on what both say right now.
+                let slot = self
+                    .machine
+                    .run()
+                    .and_then(|r| r.turn_of(&name).map(|t| t.slot))
+                    .unwrap_or(0);
+                let lease = self
+                    .lease_api
+                    .get_opt(&slot_lease_name(&self.s.lease_name, slot))
+                    .await?;
+                answers.push(lease_input(
+                    slot,
+                    lease.map(|l| klm_kube::lease::view_of(&l)),
+                ));
                 let node = self.node_api.get_opt(&name).await?;
                 answers.push(Input::Node {
                     name,
@@ -396,25 +451,20 @@ impl Coordinator {
                 }
             }
             Effect::EnsureLease => {
-                klm_kube::lease::UpgradeLease::new(
-                    self.client.clone(),
-                    &self.s.namespace,
-                    &self.s.lease_name,
-                    "coordinator",
-                )
-                .ensure_exists(self.s.lease_duration_seconds)
-                .await?;
+                self.slot_lease(0)
+                    .ensure_exists(self.s.lease_duration_seconds)
+                    .await?;
             }
-            Effect::RevokeLease { node } => {
+            Effect::EnsureSlotLease(slot) => {
                 self.check_leader()?;
-                let revoked = klm_kube::lease::UpgradeLease::new(
-                    self.client.clone(),
-                    &self.s.namespace,
-                    &self.s.lease_name,
-                    "coordinator",
-                )
-                .revoke_from_node(&node)
-                .await?;
+                self.slot_lease(slot)
+                    .ensure_exists(self.s.lease_duration_seconds)
+                    .await?;
+                tracing::info!(slot, "wave slot Lease ensured");
+            }
+            Effect::RevokeLease { node, slot } => {
+                self.check_leader()?;
+                let revoked = self.slot_lease(slot).revoke_from_node(&node).await?;
                 if revoked {
                     self.s.metrics.lease_event(LeaseEvent::Revoked);
                 }
@@ -463,4 +513,12 @@ fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
                 .is_some_and(|p| !p.alert_filter.is_empty())
         })
         .map(|r| r.id.as_str())
+}
+
+/// What the machine is told of wave slot `slot`'s Lease.
+fn lease_input(slot: u32, lease: Option<LeaseView>) -> Input {
+    match slot {
+        0 => Input::Lease(lease),
+        slot => Input::SlotLease { slot, lease },
+    }
 }

@@ -168,8 +168,23 @@ pub fn render(
             " (running)"
         }
     ));
-    if let Some(t) = &run.turn {
-        s.push_str(&format!("current:  {} ({})\n", t.node, t.kind.as_str()));
+    let turns = run.turns();
+    match turns.as_slice() {
+        [] => {}
+        [t] if run.wave_size() == 1 => {
+            s.push_str(&format!("current:  {} ({})\n", t.node, t.kind.as_str()));
+        }
+        // Waves: every node in progress, and how many the run allows at once.
+        turns => s.push_str(&format!(
+            "current:  {} (wave {} of at most {})\n",
+            turns
+                .iter()
+                .map(|t| format!("{} ({})", t.node, t.kind.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            turns.len(),
+            run.wave_size()
+        )),
     }
     if let Some(h) = run.hold.as_ref().filter(|_| run.finished_at_ms.is_none()) {
         s.push_str(&format!("held:     {}\n", hold_line(h)));
@@ -367,6 +382,31 @@ mod tests {
         );
         r.hold = None;
         assert!(!render(&r, &[], 1_000).contains("held:"));
+    }
+
+    #[test]
+    fn waves_show_every_node_in_progress() {
+        use klm_protocol::{Turn, TurnKind};
+        let mut r = RunRecord::new("3-28-0-x".into(), "t".into(), "3.28.0".into(), 0);
+        r.phase = RunPhase::Running;
+        r.plan = vec!["n1".into(), "n2".into(), "n3".into()];
+        r.params = Some(klm_protocol::params::RunParams {
+            batch_size: 3,
+            ..Default::default()
+        });
+        for (slot, node) in ["n1", "n2"].into_iter().enumerate() {
+            r.set_turn(Turn {
+                node: node.into(),
+                kind: TurnKind::Upgrade,
+                granted_at_ms: 0,
+                slot: slot as u32,
+            });
+        }
+        let out = render(&r, &[], 10);
+        assert!(
+            out.contains("current:  n1 (upgrade), n2 (upgrade) (wave 2 of at most 3)"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -103,6 +103,12 @@ struct UpgradeArgs {
     /// Pods that hold their node's turn while one runs there, e.g. app=backup ("" : none).
     #[arg(long)]
     blocking_pod_selector: Option<String>,
+    /// Waves: at most this many nodes in progress at once (1 to 50; 1 = one by one).
+    #[arg(long, value_name = "N")]
+    batch_size: Option<u32>,
+    /// Waves: with --batch-size above 1, a first wave of one node (`--canary=false` turns it off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    canary: Option<bool>,
 }
 
 /// How long `upgrade` waits for the coordinator to see `target-version` removed before setting
@@ -236,6 +242,8 @@ async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
         release_namespace: args.release_namespace,
         maintenance_window: args.maintenance_window,
         blocking_pod_selector: args.blocking_pod_selector,
+        batch_size: args.batch_size,
+        canary: args.canary,
     };
     // Bad input is reported before anything is read or written.
     request::upgrade_changes(&req)?;
@@ -369,5 +377,19 @@ mod cli_tests {
             panic!("not upgrade")
         };
         assert_eq!(u.drain, Some(false));
+        assert_eq!((u.batch_size, u.canary), (None, None));
+        let cli = Cli::try_parse_from([
+            "kubectl-kata_lifecycle",
+            "upgrade",
+            "3.28.0",
+            "--batch-size",
+            "3",
+            "--canary=false",
+        ])
+        .unwrap();
+        let Command::Upgrade(u) = cli.command else {
+            panic!("not upgrade")
+        };
+        assert_eq!((u.batch_size, u.canary), (Some(3), Some(false)));
     }
 }

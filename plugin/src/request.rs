@@ -6,7 +6,7 @@ use klm_protocol::RunRecord;
 use klm_protocol::duration::parse_timeout;
 use klm_protocol::keys::trigger;
 use klm_protocol::maintenance_window::MaintenanceWindow;
-use klm_protocol::params::{ParamError, validate_version};
+use klm_protocol::params::{MAX_BATCH_SIZE, ParamError, validate_version};
 use klm_protocol::run::trigger_fingerprint;
 use klm_protocol::selector::{LabelSelector, valid_key, valid_value};
 use klm_protocol::verification::PodTemplate;
@@ -36,6 +36,10 @@ pub struct UpgradeRequest {
     pub maintenance_window: Option<String>,
     /// Pods that hold their node's turn while one runs there (empty: none).
     pub blocking_pod_selector: Option<String>,
+    /// Waves: nodes in progress at once.
+    pub batch_size: Option<u32>,
+    /// Waves: a one-node first wave.
+    pub canary: Option<bool>,
 }
 
 fn invalid(key: &'static str, reason: impl ToString) -> ParamError {
@@ -100,6 +104,20 @@ pub fn upgrade_changes(req: &UpgradeRequest) -> Result<Changes, ParamError> {
     if let Some(s) = &req.blocking_pod_selector {
         LabelSelector::parse(s).map_err(|e| invalid(trigger::BLOCKING_POD_SELECTOR, e))?;
         c.insert(trigger::BLOCKING_POD_SELECTOR, Some(s.clone()));
+    }
+    if let Some(n) = req.batch_size {
+        if !(1..=MAX_BATCH_SIZE).contains(&n) {
+            return Err(invalid(
+                trigger::BATCH_SIZE,
+                format!(
+                    "{n} is out of range: at least 1 and at most {MAX_BATCH_SIZE} nodes in progress at once"
+                ),
+            ));
+        }
+        c.insert(trigger::BATCH_SIZE, Some(n.to_string()));
+    }
+    if let Some(canary) = req.canary {
+        c.insert(trigger::CANARY, Some(canary.to_string()));
     }
     Ok(c)
 }
@@ -236,6 +254,32 @@ mod tests {
             merge_patch(&c)["metadata"]["annotations"][trigger::DRAIN_ENABLED],
             "true"
         );
+    }
+
+    #[test]
+    fn batch_size_and_canary_are_written_and_bounded() {
+        let c = upgrade_changes(&UpgradeRequest {
+            batch_size: Some(5),
+            canary: Some(false),
+            ..req("3.28.0")
+        })
+        .unwrap();
+        assert_eq!(c[trigger::BATCH_SIZE].as_deref(), Some("5"));
+        assert_eq!(c[trigger::CANARY].as_deref(), Some("false"));
+        assert!(
+            !upgrade_changes(&req("3.28.0"))
+                .unwrap()
+                .contains_key(trigger::BATCH_SIZE)
+        );
+        for bad in [0, 51] {
+            let err = upgrade_changes(&UpgradeRequest {
+                batch_size: Some(bad),
+                ..req("3.28.0")
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(trigger::BATCH_SIZE), "{bad}: {err}");
+        }
     }
 
     #[test]

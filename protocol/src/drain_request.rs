@@ -187,7 +187,7 @@ impl fmt::Display for Rejection {
 /// The turn the run grants `node` now, if any. One place, so concurrent turns (waves) change
 /// only this.
 pub fn current_turn(run: &RunRecord, node: &str) -> Option<TurnKind> {
-    run.turn.as_ref().filter(|t| t.node == node).map(|t| t.kind)
+    run.turn_of(node).map(|t| t.kind)
 }
 
 /// Whether the drainer may evict the pods of `node` for the request `value`: the active run
@@ -356,6 +356,7 @@ mod tests {
             node: "n1".into(),
             kind: TurnKind::Upgrade,
             granted_at_ms: 0,
+            slot: 0,
         });
         r.params = Some(RunParams {
             drain_enabled: drain,

@@ -26,6 +26,10 @@ pub mod trigger {
     /// Label selector of pods that hold a node's turn while one runs (or is pending) on that
     /// node (kured's `--blocking-pod-selector`).
     pub const BLOCKING_POD_SELECTOR: &str = "lifecycle.katacontainers.io/blocking-pod-selector";
+    /// Waves: at most this many nodes in progress at once (1, the default, is one by one).
+    pub const BATCH_SIZE: &str = "lifecycle.katacontainers.io/batch-size";
+    /// Waves: with `batch-size` > 1, the first wave is one node (default `true`).
+    pub const CANARY: &str = "lifecycle.katacontainers.io/canary";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -39,7 +43,7 @@ pub mod trigger {
     pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 14] = [
+    pub const RUN_DEFINING: [&str; 16] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -54,6 +58,8 @@ pub mod trigger {
         HELM_SET_VALUES,
         MAINTENANCE_WINDOW,
         BLOCKING_POD_SELECTOR,
+        BATCH_SIZE,
+        CANARY,
     ];
 }
 

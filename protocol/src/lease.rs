@@ -19,6 +19,17 @@ pub fn agent_identity(node: &str, instance: &str) -> String {
     format!("{node}/{instance}")
 }
 
+/// The upgrade Lease of wave slot `slot`: `<base>` for slot 0 (so batch-size 1 uses the one
+/// Lease it always did), `<base>-<slot>` for the others. One Lease per slot keeps "at most
+/// batch-size nodes in progress" a property of Lease holds, as with one Lease for one node.
+pub fn slot_lease_name(base: &str, slot: u32) -> String {
+    if slot == 0 {
+        base.to_string()
+    } else {
+        format!("{base}-{slot}")
+    }
+}
+
 /// Bounds on `leaseDurationSeconds` as read: a hand-edited Lease with 0 or 10 000 s would
 /// otherwise make a hold expire at once, or never.
 pub const MIN_DURATION_SECONDS: i32 = 5;
@@ -189,6 +200,24 @@ impl Fence {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slot_leases_are_named_after_the_upgrade_lease() {
+        use super::slot_lease_name;
+        let base = "kata-lifecycle-manager-upgrade";
+        assert_eq!(
+            slot_lease_name(base, 0),
+            base,
+            "batch-size 1 keeps the one Lease"
+        );
+        assert_eq!(slot_lease_name(base, 3), "kata-lifecycle-manager-upgrade-3");
+        // The chart's RBAC names exactly these (templates/agent-rbac.yaml).
+        let names: std::collections::BTreeSet<String> = (0..crate::params::MAX_BATCH_SIZE)
+            .map(|s| slot_lease_name(base, s))
+            .collect();
+        assert_eq!(names.len(), 50);
+        assert!(names.contains("kata-lifecycle-manager-upgrade-49"));
+    }
+
     use super::*;
 
     fn view(holder: Option<&str>, renew: Option<i64>) -> LeaseView {

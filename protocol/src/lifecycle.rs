@@ -2,9 +2,15 @@
 //! Lease say, and the time, it advances the record (grant the next turn, record a node's
 //! outcome, fail over to rollback, finish) and returns the effects for the driver to perform.
 //!
-//! Invariants enforced here (and property-tested below): at most one turn at a time; upgrade
-//! turns follow the plan order; no upgrade turn after a failure; only nodes this run touched
-//! are restored.
+//! Waves: with `batch-size` N, up to N turns run at once, one per slot, each under its slot's
+//! upgrade Lease (`crate::lease::slot_lease_name`); with a canary, the first wave is one node.
+//! Batch-size 1 is one slot: one node at a time, exactly as before waves.
+//!
+//! Invariants enforced here (and property-tested in `run_machine/model.rs`): at most
+//! `batch-size` turns at a time (one while the canary runs); upgrade turns are granted in plan
+//! order; no upgrade turn is granted after a failure or cancel, and the nodes of the wave still
+//! in flight end their current step (or stop at a safe point) before the release is rolled
+//! back; only nodes this run touched are restored, up to `batch-size` at a time.
 use crate::lease::{LeaseView, holder_node};
 use crate::run::{Evidence, RunFailure, RunKind, RunRecord, Turn, TurnKind};
 use crate::status::{NodeStatus, RunPhase};
@@ -156,8 +162,8 @@ fn event(node: Option<&str>, warning: bool, reason: &'static str, message: Strin
     }
 }
 
-/// Advances a run in phase Running or RollingBack (the turns); `run_machine` drives the other
-/// phases and calls this.
+/// Advances a run in phase Running or RollingBack (the turns) with the one upgrade Lease of
+/// batch-size 1; `run_machine` drives the other phases and calls this (or [`reduce_waves`]).
 pub fn reduce(
     run: &mut RunRecord,
     observe: &dyn Fn(&str) -> ObservedNode,
@@ -165,171 +171,309 @@ pub fn reduce(
     now_ms: i64,
     timing: Timing,
 ) -> Vec<Effect> {
+    reduce_waves(run, observe, std::slice::from_ref(lease), now_ms, timing)
+}
+
+/// Advances a run in phase Running or RollingBack: every turn in flight is checked against its
+/// node and its slot's Lease (`leases[slot]`; a slot without a track is one nobody was seen to
+/// hold), then free slots are filled (upgrade turns in plan order, or restore turns).
+pub fn reduce_waves(
+    run: &mut RunRecord,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    leases: &[LeaseTrack],
+    now_ms: i64,
+    timing: Timing,
+) -> Vec<Effect> {
+    let unseen = LeaseTrack::default();
+    let lease_of = |slot: u32| leases.get(slot as usize).unwrap_or(&unseen);
     let mut effects = Vec::new();
-    // Each iteration either returns or makes progress (a turn ends or the queue shrinks),
-    // so the loop is bounded by the number of nodes.
-    for _ in 0..=(run.plan.len() * 2 + 2) {
-        let turn = match &run.turn {
-            Some(t) => t.clone(),
-            None => match run.phase {
-                RunPhase::Running if run.cancel_requested => {
-                    start_cancel(run, None, &mut effects);
-                    continue;
-                }
-                // Paused: no new turn until `action=resume` (no wake needed: the resume is an
-                // observation of its own).
-                RunPhase::Running if run.paused => return effects,
-                // Held by the grant gate (`run_machine` decides it before calling us and
-                // clears it when the gate opens, which is an observation or a timer wake).
-                RunPhase::Running if run.hold.is_some() => return effects,
-                RunPhase::Running => match next_upgrade(run, observe, now_ms, &mut effects) {
-                    Some(t) => t,
-                    None => {
-                        finish_success(run, now_ms, &mut effects);
-                        return effects;
-                    }
-                },
-                RunPhase::RollingBack => {
-                    if !run.release.as_ref().is_some_and(|r| r.rolled_back) {
-                        return effects; // the driver runs helm rollback first
-                    }
-                    match next_restore(run, observe, now_ms, &mut effects) {
-                        Some(t) => t,
-                        None => {
-                            finish_rollback(run, now_ms, &mut effects);
-                            return effects;
-                        }
-                    }
-                }
-                _ => return effects,
-            },
-        };
-        let obs = observe(&turn.node);
-        let ours = obs.run_id.as_deref() == Some(run.id.as_str()) && obs.turn == Some(turn.kind);
-        if run.cancel_requested
-            && turn.kind == TurnKind::Upgrade
-            && !ours
-            && !lease.held_by(&turn.node)
-        {
-            // Not started, as far as we can see: take the turn back rather than let the node
-            // begin, but only on a direct read made after the cancel (the watch may not show
-            // yet that the agent started).
-            let since = run.cancel_requested_at_ms.unwrap_or(i64::MIN);
-            if obs.read_at_ms.is_some_and(|at| at >= since) {
-                let report = run.nodes.entry(turn.node.clone()).or_default();
-                report.started_at_ms = None;
-                run.turn = None;
-                continue;
-            }
-            effects.push(Effect::ReadNode(turn.node.clone()));
-            return effects;
-        }
-        let report = run.nodes.entry(turn.node.clone()).or_default();
-        if ours && obs.status.is_some() {
-            report.status = obs.status;
-            if obs.evidence.as_ref().is_some_and(|e| e.run_id == run.id) {
-                report.evidence = obs.evidence.clone();
+    // Each pass either returns or makes progress (a turn ends, is granted or taken back, the
+    // phase moves), so the loop is bounded by the number of nodes.
+    for _ in 0..=(run.plan.len() * 4 + 8) {
+        // What the turns still in flight ask for; only the last pass's count (earlier passes
+        // saw a state that has since moved).
+        let mut in_flight = Vec::new();
+        let mut progressed = false;
+        for turn in run.turns() {
+            match check_turn(
+                run,
+                &turn,
+                observe,
+                lease_of(turn.slot),
+                now_ms,
+                timing,
+                &mut effects,
+            ) {
+                Check::Ended => progressed = true,
+                Check::InFlight(fx) => in_flight.extend(fx),
             }
         }
-        if !obs.exists {
-            let reason = format!("node {} was deleted during its turn", turn.node);
-            node_lost(run, &turn, reason, now_ms, &mut effects);
+        if progressed || fill_slots(run, observe, now_ms, &mut effects) {
             continue;
         }
-        match (turn.kind, ours, obs.status) {
-            (TurnKind::Upgrade, true, Some(NodeStatus::Completed)) => {
-                report.finished_at_ms = Some(now_ms);
-                run.turn = None;
-                effects.push(event(
-                    Some(&turn.node),
-                    false,
-                    "NodeUpgraded",
-                    format!(
-                        "node {} upgraded to {} and verified",
-                        turn.node, run.target_version
-                    ),
-                ));
-                continue;
-            }
-            (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed))
-                if run.cancel_requested
-                    && obs.evidence.as_ref().is_some_and(|e| {
-                        e.run_id == run.id
-                            && e.failure.as_ref().is_some_and(|f| f.reason == CANCELLED)
-                    }) =>
-            {
-                // The agent stopped its step because of the cancel: not a failure.
-                report.finished_at_ms = Some(now_ms);
-                let node = turn.node.clone();
-                start_cancel(run, Some(&node), &mut effects);
-                continue;
-            }
-            (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed)) => {
-                let evidence = obs.evidence.filter(|e| e.run_id == run.id);
-                let reason = evidence
-                    .as_ref()
-                    .and_then(|e| e.failure.as_ref())
-                    .map(|f| {
-                        format!(
-                            "{} at {}: {}",
-                            f.reason,
-                            evidence.as_ref().map(|e| e.step.as_str()).unwrap_or("?"),
-                            f.message
-                        )
-                    })
-                    .unwrap_or_else(|| "the agent reported a failure".into());
-                start_rollback(run, &turn.node, reason, evidence, now_ms, &mut effects);
-                continue;
-            }
-            (TurnKind::Restore, true, Some(s @ (NodeStatus::RolledBack | NodeStatus::Failed))) => {
-                report.finished_at_ms = Some(now_ms);
-                run.turn = None;
-                effects.push(event(
-                    Some(&turn.node),
-                    s == NodeStatus::Failed,
-                    if s == NodeStatus::Failed {
-                        "NodeRestoreFailed"
-                    } else {
-                        "NodeRolledBack"
-                    },
-                    format!(
-                        "node {} {}",
-                        turn.node,
-                        if s == NodeStatus::Failed {
-                            "could not be restored; left cordoned for inspection"
-                        } else {
-                            "restored to the recorded revision and uncordoned"
-                        }
-                    ),
-                ));
-                continue;
-            }
-            _ => {}
-        }
-        // The turn is in flight: is its agent alive?
-        let started = ours && obs.status.is_some_and(NodeStatus::is_in_progress);
-        let (deadline, reason) = liveness_deadline(&turn, started, lease, timing);
-        // Loss is declared only on a direct read made after the deadline: the watch may still
-        // hold a status the agent has since moved past.
-        let confirmed = obs.read_at_ms.is_some_and(|at| at >= deadline);
-        if now_ms >= deadline && confirmed {
-            node_lost(run, &turn, reason, now_ms, &mut effects);
-            continue;
-        }
-        let released_unread = started
-            && !lease.held_by(&turn.node)
-            && obs.read_at_ms.is_none_or(|at| at < lease.holder_since_ms);
-        if now_ms >= deadline || released_unread {
-            // Deadline passed, or the agent let go of the Lease mid-turn (it writes its outcome
-            // before releasing): look at the Node itself before deciding anything.
-            effects.push(Effect::ReadNode(turn.node.clone()));
-        }
-        if now_ms < deadline {
-            effects.push(Effect::WakeAt(Wake::turn_deadline(deadline)));
-        }
+        effects.extend(in_flight);
         return effects;
     }
     effects
+}
+
+/// What checking one turn in flight came to.
+enum Check {
+    /// The turn ended (or was taken back): its slot is free and the run may have moved on.
+    Ended,
+    /// Still going; these effects watch over it (a direct read, a wake-up at its deadline).
+    InFlight(Vec<Effect>),
+}
+
+/// One turn in flight: has its node finished, failed, or been lost?
+fn check_turn(
+    run: &mut RunRecord,
+    turn: &Turn,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    lease: &LeaseTrack,
+    now_ms: i64,
+    timing: Timing,
+    effects: &mut Vec<Effect>,
+) -> Check {
+    let obs = observe(&turn.node);
+    let ours = obs.run_id.as_deref() == Some(run.id.as_str()) && obs.turn == Some(turn.kind);
+    // No upgrade starts once the run stops (a cancel, or a failure elsewhere in the wave).
+    let stopping = run.cancel_requested || run.phase == RunPhase::RollingBack;
+    if stopping && turn.kind == TurnKind::Upgrade && !ours && !lease.held_by(&turn.node) {
+        // Not started, as far as we can see: take the turn back rather than let the node
+        // begin, but only on a direct read made after the stop (the watch may not show yet
+        // that the agent started).
+        let since = run
+            .cancel_requested_at_ms
+            .into_iter()
+            .chain(run.failed_at_ms)
+            .min()
+            .unwrap_or(i64::MIN);
+        if obs.read_at_ms.is_some_and(|at| at >= since) {
+            let report = run.nodes.entry(turn.node.clone()).or_default();
+            report.started_at_ms = None;
+            run.end_turn(turn.slot);
+            return Check::Ended;
+        }
+        return Check::InFlight(vec![Effect::ReadNode(turn.node.clone())]);
+    }
+    let report = run.nodes.entry(turn.node.clone()).or_default();
+    if ours && obs.status.is_some() {
+        report.status = obs.status;
+        if obs.evidence.as_ref().is_some_and(|e| e.run_id == run.id) {
+            report.evidence = obs.evidence.clone();
+        }
+    }
+    if !obs.exists {
+        let reason = format!("node {} was deleted during its turn", turn.node);
+        node_lost(run, turn, reason, now_ms, effects);
+        return Check::Ended;
+    }
+    match (turn.kind, ours, obs.status) {
+        (TurnKind::Upgrade, true, Some(NodeStatus::Completed)) => {
+            report.finished_at_ms = Some(now_ms);
+            run.end_turn(turn.slot);
+            effects.push(event(
+                Some(&turn.node),
+                false,
+                "NodeUpgraded",
+                format!(
+                    "node {} upgraded to {} and verified",
+                    turn.node, run.target_version
+                ),
+            ));
+            if run.phase == RunPhase::RollingBack {
+                // It finished while the rest of its wave stopped: it is restored too.
+                queue_for_restore(run, &turn.node);
+            }
+            return Check::Ended;
+        }
+        (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed))
+            if stopping
+                && obs.evidence.as_ref().is_some_and(|e| {
+                    e.run_id == run.id && e.failure.as_ref().is_some_and(|f| f.reason == CANCELLED)
+                }) =>
+        {
+            // The agent stopped its step because the run stopped: not a failure.
+            report.finished_at_ms = Some(now_ms);
+            if run.phase == RunPhase::Running {
+                start_cancel(run, Some(turn), effects);
+            } else {
+                run.end_turn(turn.slot);
+                queue_for_restore(run, &turn.node);
+                effects.push(event(
+                    Some(&turn.node),
+                    true,
+                    "NodeStopped",
+                    format!(
+                        "node {} stopped its upgrade at a safe point because the run is rolling back",
+                        turn.node
+                    ),
+                ));
+            }
+            return Check::Ended;
+        }
+        (TurnKind::Upgrade, true, Some(NodeStatus::RollingBack | NodeStatus::Failed)) => {
+            let evidence = obs.evidence.filter(|e| e.run_id == run.id);
+            let reason = evidence
+                .as_ref()
+                .and_then(|e| e.failure.as_ref())
+                .map(|f| {
+                    format!(
+                        "{} at {}: {}",
+                        f.reason,
+                        evidence.as_ref().map(|e| e.step.as_str()).unwrap_or("?"),
+                        f.message
+                    )
+                })
+                .unwrap_or_else(|| "the agent reported a failure".into());
+            start_rollback(run, turn, reason, evidence, now_ms, effects);
+            return Check::Ended;
+        }
+        (TurnKind::Restore, true, Some(s @ (NodeStatus::RolledBack | NodeStatus::Failed))) => {
+            report.finished_at_ms = Some(now_ms);
+            run.end_turn(turn.slot);
+            effects.push(event(
+                Some(&turn.node),
+                s == NodeStatus::Failed,
+                if s == NodeStatus::Failed {
+                    "NodeRestoreFailed"
+                } else {
+                    "NodeRolledBack"
+                },
+                format!(
+                    "node {} {}",
+                    turn.node,
+                    if s == NodeStatus::Failed {
+                        "could not be restored; left cordoned for inspection"
+                    } else {
+                        "restored to the recorded revision and uncordoned"
+                    }
+                ),
+            ));
+            return Check::Ended;
+        }
+        _ => {}
+    }
+    // The turn is in flight: is its agent alive?
+    let started = ours && obs.status.is_some_and(NodeStatus::is_in_progress);
+    let (deadline, reason) = liveness_deadline(turn, started, lease, timing);
+    // Loss is declared only on a direct read made after the deadline: the watch may still
+    // hold a status the agent has since moved past.
+    let confirmed = obs.read_at_ms.is_some_and(|at| at >= deadline);
+    if now_ms >= deadline && confirmed {
+        node_lost(run, turn, reason, now_ms, effects);
+        return Check::Ended;
+    }
+    let mut watch = Vec::new();
+    let released_unread = started
+        && !lease.held_by(&turn.node)
+        && obs.read_at_ms.is_none_or(|at| at < lease.holder_since_ms);
+    if now_ms >= deadline || released_unread {
+        // Deadline passed, or the agent let go of the Lease mid-turn (it writes its outcome
+        // before releasing): look at the Node itself before deciding anything.
+        watch.push(Effect::ReadNode(turn.node.clone()));
+    }
+    if now_ms < deadline {
+        watch.push(Effect::WakeAt(Wake::turn_deadline(deadline)));
+    }
+    Check::InFlight(watch)
+}
+
+/// Fills free slots once no turn changed: grants upgrade turns (or restore turns), starts the
+/// cancel, or finishes the run. Returns whether anything changed.
+fn fill_slots(
+    run: &mut RunRecord,
+    observe: &dyn Fn(&str) -> ObservedNode,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) -> bool {
+    match run.phase {
+        RunPhase::Running if run.cancel_requested => {
+            // Turns in flight are taken back or stop first (see `check_turn`).
+            if !run.turns().is_empty() {
+                return false;
+            }
+            start_cancel(run, None, effects);
+            true
+        }
+        // Paused: no new turn until `action=resume` (no wake needed: the resume is an
+        // observation of its own).
+        RunPhase::Running if run.paused => false,
+        // Held by the grant gate (`run_machine` decides it before calling us and clears it
+        // when the gate opens, which is an observation or a timer wake); turns in flight go on.
+        RunPhase::Running if run.hold.is_some() => false,
+        RunPhase::Running => {
+            let mut granted = false;
+            while let Some(slot) = upgrade_slot(run) {
+                if next_upgrade(run, slot, observe, now_ms, effects).is_none() {
+                    break;
+                }
+                granted = true;
+            }
+            if granted {
+                return true;
+            }
+            if run.turns().is_empty() && next_upgrade_node(run).is_none() {
+                finish_success(run, now_ms, effects);
+                return true;
+            }
+            false
+        }
+        RunPhase::RollingBack => {
+            // Upgrades still in flight end their step first; then the driver runs the helm
+            // rollback; only then are nodes restored.
+            if run.turns().iter().any(|t| t.kind == TurnKind::Upgrade)
+                || !run.release.as_ref().is_some_and(|r| r.rolled_back)
+            {
+                return false;
+            }
+            let mut granted = false;
+            while let Some(slot) = run.free_slot(run.wave_size()) {
+                if next_restore(run, slot, observe, now_ms, effects).is_none() {
+                    break;
+                }
+                granted = true;
+            }
+            if granted {
+                return true;
+            }
+            if run.turns().is_empty() {
+                finish_rollback(run, now_ms, effects);
+                return true;
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// The slot the next upgrade turn may take, if the wave has room: at most `batch-size` nodes
+/// in progress, and only one until a first node completed when the run has a canary. The one
+/// place an upgrade grant is allowed; a gate that holds grants belongs before it.
+fn upgrade_slot(run: &RunRecord) -> Option<u32> {
+    let size = run.wave_size();
+    let canary = size > 1 && run.params.as_ref().is_some_and(|p| p.canary) && run.completed() == 0;
+    let room = if canary { 1 } else { size };
+    if run.turns().len() >= room {
+        return None;
+    }
+    run.free_slot(size)
+}
+
+/// Puts a node whose upgrade turn ended after the run started rolling back into the restore
+/// queue: after the nodes that failed or stopped, before the nodes completed earlier (the most
+/// recent upgrade is undone first).
+fn queue_for_restore(run: &mut RunRecord, node: &str) {
+    if run.restore_queue.iter().any(|n| n == node) {
+        return;
+    }
+    let pos = run
+        .restore_queue
+        .iter()
+        .position(|n| run.nodes.get(n).and_then(|r| r.status) == Some(NodeStatus::Completed))
+        .unwrap_or(run.restore_queue.len());
+    run.restore_queue.insert(pos, node.to_string());
 }
 
 /// When the node in turn counts as lost if nothing changes, and what the loss would say.
@@ -368,18 +512,31 @@ fn liveness_deadline(
     (deadline, reason)
 }
 
+/// The first planned node not yet done, skipped or in progress.
+fn next_upgrade_node(run: &RunRecord) -> Option<String> {
+    run.plan
+        .iter()
+        .find(|n| {
+            run.turn_of(n).is_none()
+                && run
+                    .nodes
+                    .get(*n)
+                    .is_none_or(|r| r.status.is_none() && r.note.is_none())
+        })
+        .cloned()
+}
+
+/// Grants the next planned node an upgrade turn in `slot` (nodes deleted before their turn
+/// are skipped); `None` when no node is left.
 fn next_upgrade(
     run: &mut RunRecord,
+    slot: u32,
     observe: &dyn Fn(&str) -> ObservedNode,
     now_ms: i64,
     effects: &mut Vec<Effect>,
 ) -> Option<Turn> {
-    let plan = run.plan.clone();
-    for node in plan {
+    while let Some(node) = next_upgrade_node(run) {
         let report = run.nodes.entry(node.clone()).or_default();
-        if report.status.is_some() || report.note.is_some() {
-            continue; // done (or skipped)
-        }
         if !observe(&node).exists {
             report.note = Some("node was deleted before its turn; skipped".into());
             effects.push(event(
@@ -395,8 +552,10 @@ fn next_upgrade(
             node: node.clone(),
             kind: TurnKind::Upgrade,
             granted_at_ms: now_ms,
+            slot,
         };
-        run.turn = Some(turn.clone());
+        let ordinal = run.completed() + run.turns().len() + 1;
+        run.set_turn(turn.clone());
         effects.push(event(
             Some(&node),
             false,
@@ -404,7 +563,7 @@ fn next_upgrade(
             format!(
                 "node {node}: upgrade to {} started ({} of {})",
                 run.target_version,
-                run.completed() + 1,
+                ordinal,
                 run.plan.len()
             ),
         ));
@@ -415,6 +574,7 @@ fn next_upgrade(
 
 fn next_restore(
     run: &mut RunRecord,
+    slot: u32,
     observe: &dyn Fn(&str) -> ObservedNode,
     now_ms: i64,
     effects: &mut Vec<Effect>,
@@ -430,8 +590,9 @@ fn next_restore(
             node: node.clone(),
             kind: TurnKind::Restore,
             granted_at_ms: now_ms,
+            slot,
         };
-        run.turn = Some(turn.clone());
+        run.set_turn(turn.clone());
         effects.push(event(
             Some(&node),
             true,
@@ -462,15 +623,14 @@ fn node_lost(
                 reason: reason.clone(),
             });
             // A lost node cannot restore itself; restore the others.
-            let node = turn.node.clone();
-            start_rollback(run, &node, reason, None, now_ms, effects);
+            start_rollback(run, turn, reason, None, now_ms, effects);
         }
         TurnKind::Restore => {
             let report = run.nodes.entry(turn.node.clone()).or_default();
             report.status = Some(NodeStatus::Failed);
             report.finished_at_ms = Some(now_ms);
             report.note = Some(reason.clone());
-            run.turn = None;
+            run.end_turn(turn.slot);
             effects.push(Effect::MarkNodeFailed {
                 node: turn.node.clone(),
                 kind: turn.kind,
@@ -481,32 +641,52 @@ fn node_lost(
     }
 }
 
-/// First failure: stop granting upgrade turns, roll the release back, restore touched nodes.
+/// A node's upgrade turn failed. The first failure stops granting upgrade turns, rolls the
+/// release back (once the rest of the wave ended its step) and restores the nodes this run
+/// touched; a later failure in the same wave only joins the restore queue.
 fn start_rollback(
     run: &mut RunRecord,
-    failed: &str,
+    turn: &Turn,
     reason: String,
     evidence: Option<Evidence>,
     now_ms: i64,
     effects: &mut Vec<Effect>,
 ) {
+    let failed = turn.node.as_str();
+    run.end_turn(turn.slot);
     let report = run.nodes.entry(failed.to_string()).or_default();
     report.finished_at_ms.get_or_insert(now_ms);
     if report.status.is_none() {
         report.status = Some(NodeStatus::Failed);
     }
-    run.failure = Some(RunFailure {
-        node: Some(failed.to_string()),
-        reason: reason.clone(),
-        evidence,
-    });
-    run.turn = None;
-    run.phase = RunPhase::RollingBack;
-    // The failed node first (if its agent is there to restore it), then the nodes this run
-    // completed, most recent first. Nodes never reached are not touched.
-    let mut queue = Vec::new();
     // A node marked `failed` (lost or deleted) has no agent to restore it.
-    if run.nodes[failed].status != Some(NodeStatus::Failed) {
+    let restorable = report.status != Some(NodeStatus::Failed);
+    effects.push(event(
+        Some(failed),
+        true,
+        "NodeFailed",
+        format!("node {failed} failed: {reason}"),
+    ));
+    if run.failure.is_none() {
+        run.failure = Some(RunFailure {
+            node: Some(failed.to_string()),
+            reason: reason.clone(),
+            evidence,
+        });
+    }
+    if run.phase == RunPhase::RollingBack {
+        if restorable {
+            queue_for_restore(run, failed);
+        }
+        return;
+    }
+    run.phase = RunPhase::RollingBack;
+    run.failed_at_ms = Some(now_ms);
+    // The failed node first (if its agent is there to restore it), then the nodes this run
+    // completed, most recent first. Nodes never reached are not touched; nodes still in
+    // flight join the queue when their step ends.
+    let mut queue = Vec::new();
+    if restorable {
         queue.push(failed.to_string());
     }
     for node in run.plan.iter().rev() {
@@ -518,24 +698,22 @@ fn start_rollback(
     }
     run.restore_queue = queue;
     run.message = format!("node {failed} failed: {reason}; rolling back");
-    effects.push(event(
-        Some(failed),
-        true,
-        "NodeFailed",
-        format!("node {failed} failed: {reason}"),
-    ));
     effects.push(Effect::HelmRollback);
 }
 
 /// The `reason` an agent's evidence carries when it stopped its step because the run was
-/// cancelled (contract with the agent).
+/// cancelled, or because another node of its wave failed (contract with the agent).
 pub const CANCELLED: &str = "Cancelled";
 
 /// `action=cancel` with no node mid-procedure (or `stopped`, whose agent halted its step for the
-/// cancel): roll back what this run did, the stopped node first.
-fn start_cancel(run: &mut RunRecord, stopped: Option<&str>, effects: &mut Vec<Effect>) {
+/// cancel): roll back what this run did, the stopped node first. Other nodes of the wave still
+/// in flight join the restore queue when their step ends.
+fn start_cancel(run: &mut RunRecord, stopped: Option<&Turn>, effects: &mut Vec<Effect>) {
     run.phase = RunPhase::RollingBack;
-    run.turn = None;
+    let stopped = stopped.map(|t| {
+        run.end_turn(t.slot);
+        t.node.as_str()
+    });
     let mut queue: Vec<String> = stopped.map(str::to_string).into_iter().collect();
     queue.extend(
         run.plan

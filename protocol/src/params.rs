@@ -38,6 +38,26 @@ pub struct Defaults {
     /// `defaults.prometheus.alertFilter`, set only with `defaults.prometheus.url`); empty: no
     /// alert gate.
     pub alert_filter: String,
+    /// Nodes in progress at once (chart value `defaults.batchSize`; 1 = one by one).
+    pub batch_size: u32,
+    /// With `batch_size` > 1, a first wave of one node (chart value `defaults.canary`).
+    pub canary: bool,
+}
+
+/// The largest `batch-size`: one upgrade Lease per slot, and the chart's RBAC names each
+/// slot's Lease (`templates/agent-rbac.yaml`), so the bound is part of the chart's contract.
+pub const MAX_BATCH_SIZE: u32 = 50;
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -75,6 +95,14 @@ pub struct RunParams {
     /// empty: no alert gate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub alert_filter: String,
+    /// Waves: at most this many nodes in progress at once (records written before waves
+    /// existed read as 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch_size: u32,
+    /// Waves: the first wave is one node, so a bad target version fails on one node before
+    /// `batch_size` nodes are cordoned at once. Meaningless when `batch_size` is 1.
+    #[serde(default = "yes")]
+    pub canary: bool,
 }
 
 impl RunParams {
@@ -83,6 +111,10 @@ impl RunParams {
     }
     pub fn verification_timeout(&self) -> Duration {
         Duration::from_secs(self.verification_timeout_seconds)
+    }
+    /// Nodes in progress at once, never 0 (a hand-edited record with 0 still makes progress).
+    pub fn wave_size(&self) -> usize {
+        self.batch_size.clamp(1, MAX_BATCH_SIZE) as usize
     }
     pub fn selector(&self) -> LabelSelector {
         // Validated when the params were resolved.
@@ -268,6 +300,23 @@ pub fn resolve(
         alert_regex(&alert_filter).map_err(|e| invalid(ALERT_FILTER_VALUE, e.to_string()))?;
     }
 
+    let batch_size = match get(trigger::BATCH_SIZE) {
+        Some(v) => parse_batch_size(&v)?,
+        None => defaults.batch_size,
+    };
+    if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+        return Err(invalid(
+            trigger::BATCH_SIZE,
+            format!(
+                "the chart default defaults.batchSize={batch_size} is not between 1 and {MAX_BATCH_SIZE}"
+            ),
+        ));
+    }
+    let canary = match get(trigger::CANARY) {
+        Some(v) => parse_bool(trigger::CANARY, &v)?,
+        None => defaults.canary,
+    };
+
     Ok(RunParams {
         target_version: target,
         helm_release,
@@ -285,6 +334,8 @@ pub fn resolve(
         maintenance_window: maintenance_window.trim().to_string(),
         blocking_pod_selector: blocking_pod_selector.trim().to_string(),
         alert_filter,
+        batch_size,
+        canary,
     })
 }
 
@@ -294,6 +345,25 @@ pub const ALERT_FILTER_VALUE: &str = "defaults.prometheus.alertFilter";
 
 fn alert_regex(filter: &str) -> Result<regex::Regex, regex::Error> {
     regex::Regex::new(&format!("^(?:{filter})$"))
+}
+
+/// `batch-size`: a whole number of nodes, 1 to [`MAX_BATCH_SIZE`].
+fn parse_batch_size(v: &str) -> Result<u32, ParamError> {
+    let n: u32 = v.parse().map_err(|_| {
+        invalid(
+            trigger::BATCH_SIZE,
+            format!("{v:?} is not a whole number of nodes (1 to {MAX_BATCH_SIZE})"),
+        )
+    })?;
+    if !(1..=MAX_BATCH_SIZE).contains(&n) {
+        return Err(invalid(
+            trigger::BATCH_SIZE,
+            format!(
+                "{n} is out of range: at least 1 and at most {MAX_BATCH_SIZE} nodes in progress at once"
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 fn decode_pod(b64: &str) -> Result<String, ParamError> {
@@ -333,6 +403,11 @@ pub fn describe(p: &RunParams) -> String {
     } else {
         format!("; helm --set {}", p.helm_set_values.join(" --set "))
     };
+    let waves = match (p.wave_size(), p.canary) {
+        (1, _) => String::new(),
+        (n, true) => format!("; waves of {n} nodes after a one-node canary"),
+        (n, false) => format!("; waves of {n} nodes"),
+    };
     let mut extra = extra;
     if !p.maintenance_window.is_empty() {
         extra.push_str(&format!("; maintenance window {}", p.maintenance_window));
@@ -344,7 +419,7 @@ pub fn describe(p: &RunParams) -> String {
         ));
     }
     format!(
-        "release {}/{} -> {}; nodes by {}; drain {} ({}); verification in {} (timeout {}){extra}",
+        "release {}/{} -> {}; nodes by {}; drain {} ({}); verification in {} (timeout {}){waves}{extra}",
         p.helm_namespace,
         p.helm_release,
         p.target_version,
@@ -376,6 +451,8 @@ pub(crate) mod tests {
             verification_timeout: Duration::from_secs(300),
             verification_service_accounts: Vec::new(),
             helm_set_values: String::new(),
+            batch_size: 1,
+            canary: true,
             maintenance_window: String::new(),
             blocking_pod_selector: String::new(),
             alert_filter: String::new(),
@@ -650,5 +727,60 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--set-file defaults.verificationPod"), "{err}");
+    }
+
+    #[test]
+    fn batch_size_defaults_to_one_by_one_and_is_bounded() {
+        let target = [(trigger::TARGET_VERSION, "3.28.0")];
+        let p = resolve(&ann(&target), &defaults()).unwrap();
+        assert_eq!((p.batch_size, p.wave_size()), (1, 1));
+        let p = resolve(
+            &ann(&[
+                target[0],
+                (trigger::BATCH_SIZE, " 4 "),
+                (trigger::CANARY, "false"),
+            ]),
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!((p.batch_size, p.canary), (4, false));
+        assert!(
+            describe(&p).contains("waves of 4 nodes"),
+            "{}",
+            describe(&p)
+        );
+        for bad in ["0", "-1", "two", "1.5", "51", ""] {
+            let err = resolve(&ann(&[target[0], (trigger::BATCH_SIZE, bad)]), &defaults())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(trigger::BATCH_SIZE), "{bad:?}: {err}");
+        }
+        let err = resolve(&ann(&[target[0], (trigger::CANARY, "maybe")]), &defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(trigger::CANARY), "{err}");
+        let bad_default = Defaults {
+            batch_size: 0,
+            ..defaults()
+        };
+        let err = resolve(&ann(&target), &bad_default)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defaults.batchSize=0"), "{err}");
+    }
+
+    #[test]
+    fn records_from_before_waves_read_as_one_by_one() {
+        let mut json = serde_json::to_value(
+            resolve(&ann(&[(trigger::TARGET_VERSION, "3.28.0")]), &defaults()).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            json.get("batchSize").is_none(),
+            "batch-size 1 is not written: {json}"
+        );
+        json.as_object_mut().unwrap().remove("canary");
+        let p: RunParams = serde_json::from_value(json).unwrap();
+        assert_eq!((p.batch_size, p.canary), (1, true));
     }
 }

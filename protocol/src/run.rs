@@ -41,7 +41,7 @@ pub enum RunKind {
     ManualRollback,
 }
 
-/// The node whose turn it is. Only this node's agent may take the upgrade Lease.
+/// A node whose turn it is. Only this node's agent may take its slot's upgrade Lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Turn {
@@ -49,6 +49,14 @@ pub struct Turn {
     pub kind: TurnKind,
     /// Unix milliseconds when the coordinator granted the turn.
     pub granted_at_ms: i64,
+    /// The wave slot: the agent holds the slot's Lease
+    /// ([`crate::lease::slot_lease_name`]); 0 (the only slot with batch-size 1) is not written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slot: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What we know about the kata-deploy release and its DaemonSet revisions.
@@ -156,8 +164,18 @@ pub struct RunRecord {
     pub plan: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseState>,
+    /// The turn in slot 0: the only one with batch-size 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<Turn>,
+    /// Waves (batch-size > 1): the turns in slots 1 and up. Slot 0 stays in `turn`, so a
+    /// batch-size 1 record is what it always was (an agent of the previous release, during an
+    /// upgrade of this tool, still reads it). Use [`RunRecord::turns`] to see them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wave_turns: Vec<Turn>,
+    /// When the first node failed (coordinator clock): from then on no upgrade turn starts; one
+    /// granted but not started is taken back only on a direct read of its node made after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at_ms: Option<i64>,
     /// Nodes still to restore, in order, while rolling back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore_queue: Vec<String>,
@@ -207,6 +225,8 @@ impl RunRecord {
             plan: Vec::new(),
             release: None,
             turn: None,
+            wave_turns: Vec::new(),
+            failed_at_ms: None,
             restore_queue: Vec::new(),
             nodes: BTreeMap::new(),
             message: String::new(),
@@ -240,10 +260,63 @@ impl RunRecord {
     pub fn finish(&mut self, phase: RunPhase, message: impl Into<String>, now_ms: i64) {
         self.phase = phase;
         self.message = message.into();
-        self.turn = None;
         // A finished run is held by nothing.
         self.hold = None;
+        self.clear_turns();
         self.finished_at_ms = Some(now_ms);
+    }
+
+    /// Every turn in progress, by slot.
+    pub fn turns(&self) -> Vec<Turn> {
+        self.turn.iter().chain(&self.wave_turns).cloned().collect()
+    }
+
+    /// The turn this node has, if any.
+    pub fn turn_of(&self, node: &str) -> Option<&Turn> {
+        self.turn
+            .iter()
+            .chain(&self.wave_turns)
+            .find(|t| t.node == node)
+    }
+
+    /// Records a granted turn in its slot.
+    pub fn set_turn(&mut self, turn: Turn) {
+        self.end_turn(turn.slot);
+        if turn.slot == 0 {
+            self.turn = Some(turn);
+        } else {
+            self.wave_turns.push(turn);
+            self.wave_turns.sort_by_key(|t| t.slot);
+        }
+    }
+
+    /// Frees a slot (its turn ended or was taken back).
+    pub fn end_turn(&mut self, slot: u32) {
+        if slot == 0 {
+            self.turn = None;
+        } else {
+            self.wave_turns.retain(|t| t.slot != slot);
+        }
+    }
+
+    pub fn clear_turns(&mut self) {
+        self.turn = None;
+        self.wave_turns.clear();
+    }
+
+    /// The lowest slot below `slots` without a turn.
+    pub fn free_slot(&self, slots: usize) -> Option<u32> {
+        (0..slots as u32).find(|s| {
+            self.turn
+                .iter()
+                .chain(&self.wave_turns)
+                .all(|t| t.slot != *s)
+        })
+    }
+
+    /// Nodes in progress at once at most, as the run's parameters say (1 without them).
+    pub fn wave_size(&self) -> usize {
+        self.params.as_ref().map_or(1, RunParams::wave_size)
     }
 
     pub fn to_json(&self) -> String {
@@ -351,6 +424,41 @@ mod tests {
         )]
         .into();
         assert_eq!(trigger_fingerprint(&a), "sha256:66f9f03b10967579");
+    }
+
+    #[test]
+    fn turns_live_in_slots_and_batch_size_one_records_are_unchanged() {
+        let turn = |node: &str, slot| Turn {
+            node: node.into(),
+            kind: TurnKind::Upgrade,
+            granted_at_ms: 1,
+            slot,
+        };
+        let mut r = RunRecord::new("id".into(), "t".into(), "3.28.0".into(), 5);
+        r.set_turn(turn("a", 0));
+        let json = r.to_json();
+        assert!(
+            !json.contains("slot") && !json.contains("waveTurns"),
+            "{json}"
+        );
+        assert_eq!(r.free_slot(1), None);
+        assert_eq!(r.free_slot(3), Some(1));
+        r.set_turn(turn("c", 2));
+        r.set_turn(turn("b", 1));
+        assert_eq!(
+            r.turns()
+                .iter()
+                .map(|t| t.node.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!(r.turn_of("c").map(|t| t.slot), Some(2));
+        assert_eq!(RunRecord::from_json(&r.to_json()).unwrap(), r);
+        r.end_turn(0);
+        assert_eq!(r.free_slot(3), Some(0));
+        assert_eq!(r.turn_of("a"), None);
+        r.finish(RunPhase::Succeeded, "done", 9);
+        assert!(r.turns().is_empty());
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct Machine {
     nodes: Option<BTreeMap<String, NodeSnapshot>>,
     lease: Option<LeaseTrack>,
     lease_missing: bool,
+    /// The Leases of wave slots 1 and up, as observed (waves; slot 0 is `lease`).
+    slot_leases: BTreeMap<u32, LeaseTrack>,
+    /// Slot Leases asked to be created and not yet seen (asked once each).
+    slot_leases_asked: std::collections::BTreeSet<u32>,
     awaiting: Option<Awaiting>,
     reading_node: Option<String>,
     release: Option<ReleaseRead>,
@@ -61,6 +65,8 @@ impl Machine {
             nodes: None,
             lease: None,
             lease_missing: false,
+            slot_leases: BTreeMap::new(),
+            slot_leases_asked: Default::default(),
             awaiting: None,
             reading_node: None,
             release: None,
@@ -104,6 +110,8 @@ impl Machine {
             Input::NodesListed(all) => self.nodes = Some(all.into_iter().collect()),
             Input::Node { name, node, direct } => self.on_node(name, node, direct),
             Input::Lease(view) => self.on_lease(view),
+            Input::SlotLease { slot: 0, lease } => self.on_lease(lease),
+            Input::SlotLease { slot, lease } => self.on_slot_lease(slot, lease),
             Input::Release(r) => self.answer(Awaiting::Release, |m| m.release = Some(r)),
             Input::HelmFinished(r) => self.answer(Awaiting::Helm, |m| m.helm = Some(r)),
             Input::DaemonSet(r) => self.answer(Awaiting::DaemonSet, |m| m.daemonset = Some(r)),
@@ -215,6 +223,63 @@ impl Machine {
                     Some(t) => t.observe(&free, now),
                     None => self.lease = Some(LeaseTrack::new(&free, now)),
                 }
+            }
+        }
+    }
+
+    /// A wave slot's Lease (slot 1 and up) changed. A missing one is held by nobody; it is
+    /// created when a turn is granted in its slot (see `phases::turns`).
+    fn on_slot_lease(&mut self, slot: u32, view: Option<LeaseView>) {
+        let now = self.now();
+        match view {
+            Some(v) => {
+                self.slot_leases_asked.remove(&slot);
+                match self.slot_leases.get_mut(&slot) {
+                    Some(t) => t.observe(&v, now),
+                    None => {
+                        self.slot_leases.insert(slot, LeaseTrack::new(&v, now));
+                    }
+                }
+            }
+            None => {
+                if let Some(t) = self.slot_leases.remove(&slot) {
+                    // Deleted: held by nobody from now on; recreated when its slot is used.
+                    let free = LeaseView {
+                        duration_seconds: (t.duration_ms / 1000) as i32,
+                        ..Default::default()
+                    };
+                    let mut t = t;
+                    t.observe(&free, now);
+                    self.slot_leases.insert(slot, t);
+                    self.slot_leases_asked.remove(&slot);
+                }
+            }
+        }
+    }
+
+    /// The Lease tracks of slots `0..slots`, indexed by slot (a slot never seen is untracked:
+    /// held by nobody since the start).
+    pub(super) fn lease_tracks(&self, slots: usize) -> Vec<LeaseTrack> {
+        (0..slots as u32)
+            .map(|s| match s {
+                0 => self.lease.clone().unwrap_or_default(),
+                s => self.slot_leases.get(&s).cloned().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Asks for the Lease of every slot a turn uses that was never seen (each once).
+    pub(super) fn ensure_slot_leases(&mut self) {
+        let Some(run) = self.state.run.as_ref() else {
+            return;
+        };
+        for slot in run.turns().iter().map(|t| t.slot).filter(|s| *s > 0) {
+            let seen = self
+                .slot_leases
+                .get(&slot)
+                .is_some_and(|t| t.duration_ms > 0);
+            if !seen && self.slot_leases_asked.insert(slot) {
+                self.fx.push(Effect::EnsureSlotLease(slot));
             }
         }
     }

@@ -100,10 +100,11 @@ impl Persisted {
             d.insert(keys::PROGRESS.into(), run.progress());
             d.insert(
                 keys::CURRENT_NODE.into(),
-                run.turn
-                    .as_ref()
-                    .map(|t| t.node.clone())
-                    .unwrap_or_default(),
+                run.turns()
+                    .iter()
+                    .map(|t| t.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
             );
             d.insert(keys::MESSAGE.into(), run.message.clone());
         }
@@ -143,6 +144,9 @@ pub enum Input {
     },
     /// The upgrade Lease changed (`None`: it does not exist).
     Lease(Option<LeaseView>),
+    /// The upgrade Lease of a wave slot changed (`None`: it does not exist); slot 0 is the
+    /// upgrade Lease itself (see [`crate::lease::slot_lease_name`]).
+    SlotLease { slot: u32, lease: Option<LeaseView> },
     /// Answer to [`Effect::ReadRelease`].
     Release(ReleaseRead),
     /// Answer to [`Effect::HelmUpgrade`] / [`Effect::HelmRollback`]: the error text on failure.
@@ -225,10 +229,13 @@ pub enum Effect {
     },
     /// The upgrade Lease is missing: create it (free).
     EnsureLease,
-    /// A node was declared lost: clear the upgrade Lease if a process of that node still holds
-    /// it, so that its agent, if it was only paused, fails its fence on waking (its fresh read no
-    /// longer shows its hold) instead of acting on a turn the run has given up.
-    RevokeLease { node: String },
+    /// Waves: a turn was granted in this slot (1 and up) and its Lease was never seen: create
+    /// it (free) if it does not exist.
+    EnsureSlotLease(u32),
+    /// A node was declared lost: clear its slot's upgrade Lease if a process of that node still
+    /// holds it, so that its agent, if it was only paused, fails its fence on waking (its fresh
+    /// read no longer shows its hold) instead of acting on a turn the run has given up.
+    RevokeLease { node: String, slot: u32 },
     /// Step again (with [`Input::Tick`]) at this time even if nothing changes.
     WakeAt(Wake),
 }

@@ -1,7 +1,8 @@
 //! Model test: the whole run machine against a simulated cluster (agents, helm, watches) under
 //! random interleavings: observations delivered late, twice or stale, helm answers delayed,
 //! helm killed mid-operation, and the coordinator restarted from its persisted record at any
-//! point. Invariants are checked after every effect batch and at the end.
+//! point. Runs with batch-size 1 to 4 (waves, with or without a canary), each wave slot with its
+//! own Lease. Invariants are checked after every effect batch and at the end.
 use super::release::{
     DaemonSetObservation, KATA_DEPLOY_CHART, ReleaseObservation, ReleaseRead, ReleaseStatus,
 };
@@ -66,8 +67,13 @@ struct Sim {
     stage: BTreeMap<(String, crate::TurnKind), Stage>,
     truth: BTreeMap<String, ObservedNode>,
     node_history: BTreeMap<String, Vec<ObservedNode>>,
-    lease: LeaseView,
-    lease_history: Vec<LeaseView>,
+    /// The upgrade Lease of each wave slot (slot 0 is the upgrade Lease).
+    leases: Vec<LeaseView>,
+    /// Whether each slot's Lease exists (slot 0 does; the coordinator creates the others).
+    lease_exists: Vec<bool>,
+    lease_history: Vec<(u32, LeaseView)>,
+    batch: usize,
+    canary: bool,
     release: Release,
     upgrade_fault: UpgradeFault,
     rollback_fault: RollbackFault,
@@ -77,6 +83,10 @@ struct Sim {
     upgrades: BTreeMap<String, u32>,
     upgrade_turns: Vec<String>,
     restore_turns: Vec<String>,
+    /// Every (node, kind) turn seen in a persisted record.
+    granted: std::collections::BTreeSet<(String, crate::TurnKind)>,
+    /// The most nodes seen mid-procedure at once.
+    max_in_progress: usize,
     rolling_back_seen: bool,
     completed_observed: Vec<String>,
     restarts: u32,
@@ -87,7 +97,13 @@ fn cfg() -> Config {
 }
 
 impl Sim {
-    fn new(agents: &[Agent], upgrade_fault: UpgradeFault, rollback_fault: RollbackFault) -> Self {
+    fn with_waves(
+        agents: &[Agent],
+        upgrade_fault: UpgradeFault,
+        rollback_fault: RollbackFault,
+        batch: usize,
+        canary: bool,
+    ) -> Self {
         let names: Vec<String> = (1..=agents.len()).map(|i| format!("n{i}")).collect();
         let truth = names
             .iter()
@@ -117,8 +133,11 @@ impl Sim {
             stage: BTreeMap::new(),
             truth,
             node_history: BTreeMap::new(),
-            lease: lease.clone(),
-            lease_history: vec![lease],
+            leases: vec![lease.clone(); batch],
+            lease_exists: (0..batch).map(|s| s == 0).collect(),
+            lease_history: vec![(0, lease)],
+            batch,
+            canary,
             release: Release {
                 revision: 3,
                 version: "3.27.0".into(),
@@ -131,6 +150,8 @@ impl Sim {
             upgrades: BTreeMap::new(),
             upgrade_turns: Vec::new(),
             restore_turns: Vec::new(),
+            granted: Default::default(),
+            max_in_progress: 0,
             rolling_back_seen: false,
             completed_observed: Vec::new(),
             restarts: 0,
@@ -175,8 +196,25 @@ impl Sim {
             .map(|n| (n.clone(), self.snapshot(n)))
             .collect();
         self.feed(Input::NodesListed(listed));
-        self.feed(Input::Lease(Some(self.lease.clone())));
+        self.feed(Input::Lease(Some(self.leases[0].clone())));
+        for slot in 1..self.batch {
+            if self.lease_exists[slot] {
+                self.feed(self.slot_lease_input(slot));
+            }
+        }
         self.feed(Input::Trigger(Some(self.view())));
+    }
+
+    /// What the driver's Lease watch delivers for one slot now.
+    fn slot_lease_input(&self, slot: usize) -> Input {
+        let lease = self.lease_exists[slot].then(|| self.leases[slot].clone());
+        match slot {
+            0 => Input::Lease(lease),
+            s => Input::SlotLease {
+                slot: s as u32,
+                lease,
+            },
+        }
     }
 
     fn restart(&mut self) {
@@ -219,15 +257,27 @@ impl Sim {
                     self.rv += 1;
                 }
                 Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
-                Effect::RevokeLease { node } => {
-                    if self
-                        .lease
+                Effect::EnsureSlotLease(slot) => {
+                    let slot = slot as usize;
+                    assert!(
+                        slot < self.batch,
+                        "slot {slot} beyond batch-size {}",
+                        self.batch
+                    );
+                    self.lease_exists[slot] = true;
+                    let input = self.slot_lease_input(slot);
+                    self.inbox.push_back(input);
+                }
+                Effect::RevokeLease { node, slot } => {
+                    let slot = slot as usize;
+                    if self.leases[slot]
                         .holder
                         .as_deref()
                         .is_some_and(|h| crate::lease::holder_node(h) == node)
                     {
-                        self.lease.holder = None;
-                        self.lease_history.push(self.lease.clone());
+                        self.leases[slot].holder = None;
+                        self.lease_history
+                            .push((slot as u32, self.leases[slot].clone()));
                     }
                 }
                 Effect::ReadRelease { .. } => {
@@ -271,6 +321,19 @@ impl Sim {
                 }
                 Effect::HelmRollback { revision, .. } => {
                     assert_eq!(revision, 3, "always back to the recorded revision");
+                    // Waves: the release moves only once no node is mid-upgrade.
+                    let id = self.record().map(|r| r.id).unwrap_or_default();
+                    for (n, o) in &self.truth {
+                        assert!(
+                            !(o.run_id.as_deref() == Some(id.as_str())
+                                && o.turn == Some(crate::TurnKind::Upgrade)
+                                && o.status.is_some_and(
+                                    |st| st.is_in_progress() && st != NodeStatus::RollingBack
+                                )),
+                            "helm rollback while {n} is mid-upgrade ({:?})",
+                            o.status
+                        );
+                    }
                     let fail = match self.rollback_fault {
                         RollbackFault::None => false,
                         RollbackFault::FailsOnce => self.rollback_failures == 0,
@@ -293,8 +356,13 @@ impl Sim {
                     }
                 }
                 Effect::ReadNode(n) => {
-                    // The driver reads the Lease and the Node directly and feeds both at once.
-                    follow_up.push(Input::Lease(Some(self.lease.clone())));
+                    // The driver reads the node's slot Lease and the Node directly and feeds
+                    // both at once.
+                    let slot = self
+                        .record()
+                        .and_then(|r| r.turn_of(&n).map(|t| t.slot as usize))
+                        .unwrap_or(0);
+                    follow_up.push(self.slot_lease_input(slot));
                     follow_up.push(Input::Node {
                         node: Some(self.snapshot(&n)),
                         name: n,
@@ -355,38 +423,89 @@ impl Sim {
         if r.phase == RunPhase::RollingBack {
             self.rolling_back_seen = true;
         }
-        if let Some(t) = &r.turn {
+        let mut new_turns: Vec<crate::Turn> = r
+            .turns()
+            .into_iter()
+            .filter(|t| !self.granted.contains(&(t.node.clone(), t.kind)))
+            .collect();
+        // Turns granted together count in plan order.
+        new_turns.sort_by_key(|t| r.plan.iter().position(|n| *n == t.node));
+        for t in &new_turns {
+            self.granted.insert((t.node.clone(), t.kind));
             let list = match t.kind {
                 crate::TurnKind::Upgrade => &mut self.upgrade_turns,
                 crate::TurnKind::Restore => &mut self.restore_turns,
             };
-            if list.last() != Some(&t.node) {
-                list.push(t.node.clone());
-            }
+            list.push(t.node.clone());
             assert!(
-                !(self.rolling_back_seen && t.kind == crate::TurnKind::Upgrade),
+                !((self.rolling_back_seen || r.phase == RunPhase::RollingBack)
+                    && t.kind == crate::TurnKind::Upgrade),
                 "upgrade turn after a failure: {:?} {t:?} {} restarts={}",
                 r.phase,
                 r.message,
                 self.restarts
             );
-            // At most one node in progress: only the node in turn may be mid-procedure.
-            for (n, o) in &self.truth {
-                if n != &t.node && o.run_id.as_deref() == Some(r.id.as_str()) {
-                    assert!(
-                        !o.status.is_some_and(NodeStatus::is_in_progress),
-                        "{n} still in progress ({:?}) while {} has the turn ({:?}, {:?}, cancel {}, {}); restarts {}",
-                        o.status,
-                        t.node,
-                        t.kind,
-                        r.phase,
-                        r.cancel_requested,
-                        r.message,
-                        self.restarts
-                    );
-                }
-            }
         }
+        if r.phase == RunPhase::RollingBack {
+            self.rolling_back_seen = true;
+        }
+        let turns = r.turns();
+        assert!(
+            turns.len() <= self.batch,
+            "{} turns with batch-size {}: {turns:?}",
+            turns.len(),
+            self.batch
+        );
+        let slots: std::collections::BTreeSet<u32> = turns.iter().map(|t| t.slot).collect();
+        assert_eq!(
+            slots.len(),
+            turns.len(),
+            "two turns share a slot: {turns:?}"
+        );
+        assert!(
+            slots.iter().all(|s| (*s as usize) < self.batch),
+            "slot beyond batch-size: {turns:?}"
+        );
+        if self.batch > 1 && self.canary && r.completed() == 0 {
+            let upgrades = turns
+                .iter()
+                .filter(|t| t.kind == crate::TurnKind::Upgrade)
+                .count();
+            assert!(
+                upgrades <= 1,
+                "canary: {upgrades} upgrade turns before a node completed"
+            );
+        }
+        // At most batch-size nodes in progress: every node mid-procedure has a turn. (A node
+        // `rolling-back` after its upgrade turn ended waits for its restore turn, idle.)
+        let mut in_progress = 0;
+        for (n, o) in &self.truth {
+            let mid = o.run_id.as_deref() == Some(r.id.as_str())
+                && o.status.is_some_and(|st| {
+                    st.is_in_progress()
+                        && !(st == NodeStatus::RollingBack
+                            && o.turn == Some(crate::TurnKind::Upgrade))
+                });
+            if !mid {
+                continue;
+            }
+            in_progress += 1;
+            assert!(
+                turns.iter().any(|t| &t.node == n && Some(t.kind) == o.turn),
+                "{n} still in progress ({:?}) without a turn (turns {turns:?}, {:?}, cancel {}, {}); restarts {}",
+                o.status,
+                r.phase,
+                r.cancel_requested,
+                r.message,
+                self.restarts
+            );
+        }
+        assert!(
+            in_progress <= self.batch,
+            "{in_progress} nodes in progress, batch-size {}",
+            self.batch
+        );
+        self.max_in_progress = self.max_in_progress.max(in_progress);
     }
 
     fn write_node(&mut self, n: &str, f: impl FnOnce(&mut ObservedNode)) {
@@ -397,35 +516,52 @@ impl Sim {
         self.node_history.entry(n.to_string()).or_default().push(o);
     }
 
-    fn set_lease(&mut self, holder: Option<&str>) {
-        self.lease.holder = holder.map(|h| format!("{h}/uid"));
-        self.lease.renew_ms = Some(self.now);
-        self.lease_history.push(self.lease.clone());
+    fn set_lease(&mut self, slot: usize, holder: Option<&str>) {
+        self.leases[slot].holder = holder.map(|h| format!("{h}/uid"));
+        self.leases[slot].renew_ms = Some(self.now);
+        self.lease_history
+            .push((slot as u32, self.leases[slot].clone()));
     }
 
-    fn lease_free_for(&self, n: &str) -> bool {
-        match self.lease.holder.as_deref().map(crate::lease::holder_node) {
+    fn lease_free_for(&self, slot: usize, n: &str) -> bool {
+        let lease = &self.leases[slot];
+        if !self.lease_exists[slot] {
+            return false; // the agent waits for the coordinator to create it
+        }
+        match lease.holder.as_deref().map(crate::lease::holder_node) {
             None => true,
             Some(h) if h == n => true,
-            Some(_) => {
-                self.now >= self.lease.renew_ms.unwrap_or(0) + i64::from(LEASE_SECONDS) * 1000
-            }
+            Some(_) => self.now >= lease.renew_ms.unwrap_or(0) + i64::from(LEASE_SECONDS) * 1000,
         }
     }
 
-    /// The agent whose turn the persisted record names does its next stage.
+    /// Every agent the persisted record gives a turn does its next stage.
     fn agent_acts(&mut self) {
         let Some(r) = self.record() else { return };
-        let Some(t) = r.turn.clone() else { return };
+        for t in r.turns() {
+            self.agent_turn(&r, t);
+        }
+    }
+
+    fn agent_turn(&mut self, r: &RunRecord, t: crate::Turn) {
         if !matches!(r.phase, RunPhase::Running | RunPhase::RollingBack) {
             return;
         }
+        let slot = t.slot as usize;
+        if slot >= self.batch {
+            return;
+        }
+        // The run stops (a cancel, or a failure elsewhere in the wave): an upgrade turn not
+        // started does not start; one in progress ends at its next safe point, or (half of
+        // the nodes) had passed its last one and completes.
+        let stopping = r.cancel_requested || r.phase == RunPhase::RollingBack;
+        let completes_anyway = self.names.iter().position(|n| *n == t.node).unwrap_or(0) % 2 == 0;
         let agent = self.agents[&t.node];
         let key = (t.node.clone(), t.kind);
         let stage = *self.stage.get(&key).unwrap_or(&Stage::Idle);
         let dead =
             matches!(agent, Agent::Absent) || (agent == Agent::DiesMidTurn && stage != Stage::Idle);
-        if dead || !self.lease_free_for(&t.node) {
+        if dead || !self.lease_free_for(slot, &t.node) {
             return;
         }
         let id = r.id.clone();
@@ -449,8 +585,9 @@ impl Sim {
         };
         match (t.kind, stage) {
             (_, Stage::Done) => {}
+            (crate::TurnKind::Upgrade, Stage::Idle) if stopping => {}
             (_, Stage::Idle) => {
-                self.set_lease(Some(&t.node));
+                self.set_lease(slot, Some(&t.node));
                 let st = match t.kind {
                     crate::TurnKind::Upgrade => NodeStatus::Verifying,
                     crate::TurnKind::Restore => NodeStatus::RollingBack,
@@ -460,8 +597,11 @@ impl Sim {
             }
             (crate::TurnKind::Upgrade, Stage::Working(since)) => {
                 let (st, fail) = match agent {
+                    _ if stopping && !completes_anyway => {
+                        (NodeStatus::RollingBack, Some(crate::lifecycle::CANCELLED))
+                    }
                     Agent::SlowSucceeds if self.now < since + 2 * 60_000 => {
-                        self.set_lease(Some(&t.node));
+                        self.set_lease(slot, Some(&t.node));
                         return;
                     }
                     Agent::FailsVerification => (NodeStatus::RollingBack, Some("NonZeroExit")),
@@ -469,12 +609,12 @@ impl Sim {
                 };
                 // The outcome first, then the Lease goes (the order of issue 9.1).
                 set(self, st, fail);
-                self.set_lease(None);
+                self.set_lease(slot, None);
                 self.stage.insert(key, Stage::Done);
             }
             (crate::TurnKind::Restore, Stage::Working(_)) => {
                 set(self, NodeStatus::RolledBack, None);
-                self.set_lease(None);
+                self.set_lease(slot, None);
                 self.stage.insert(key, Stage::Done);
             }
         }
@@ -483,7 +623,10 @@ impl Sim {
     fn advance_time(&mut self, ms: i64) {
         self.now += ms;
         // Living agents renew the Lease they hold.
-        if let Some(h) = self.lease.holder.clone() {
+        for slot in 0..self.batch {
+            let Some(h) = self.leases[slot].holder.clone() else {
+                continue;
+            };
             let n = crate::lease::holder_node(&h).to_string();
             let stage = self
                 .stage
@@ -492,7 +635,7 @@ impl Sim {
                 .map(|(_, s)| *s);
             let alive = self.agents[&n] != Agent::DiesMidTurn && stage != Some(Stage::Done);
             if alive {
-                self.set_lease(Some(&n));
+                self.set_lease(slot, Some(&n));
             }
         }
         self.feed(Input::Tick);
@@ -516,12 +659,28 @@ impl Sim {
     }
 
     fn deliver_lease(&mut self, i: usize, stale: bool) {
-        let l = if stale {
-            self.lease_history[i % self.lease_history.len()].clone()
+        let slot = i % self.batch;
+        if !self.lease_exists[slot] {
+            return;
+        }
+        let history: Vec<&LeaseView> = self
+            .lease_history
+            .iter()
+            .filter(|(s, _)| *s as usize == slot)
+            .map(|(_, l)| l)
+            .collect();
+        let l = if stale && !history.is_empty() {
+            history[i % history.len()].clone()
         } else {
-            self.lease.clone()
+            self.leases[slot].clone()
         };
-        self.feed(Input::Lease(Some(l)));
+        self.feed(match slot {
+            0 => Input::Lease(Some(l)),
+            s => Input::SlotLease {
+                slot: s as u32,
+                lease: Some(l),
+            },
+        });
     }
 
     fn act(&mut self, op: u8, arg: usize) {
@@ -562,7 +721,9 @@ impl Sim {
             for i in 0..self.names.len() {
                 self.deliver_node(i, false);
             }
-            self.deliver_lease(0, false);
+            for slot in 0..self.batch {
+                self.deliver_lease(slot, false);
+            }
             self.agent_acts();
             self.advance_time(2_000);
         }
@@ -597,6 +758,70 @@ fn rollback_fault() -> impl Strategy<Value = RollbackFault> {
     ]
 }
 
+/// Waves are real: with batch-size 3 and healthy agents, several nodes are in progress at
+/// once, never more than three, and the canary goes alone.
+#[test]
+fn a_healthy_wave_run_has_several_nodes_in_progress_at_once() {
+    for canary in [true, false] {
+        let mut s = Sim::with_waves(
+            &[Agent::Succeeds; 7],
+            UpgradeFault::None,
+            RollbackFault::None,
+            3,
+            canary,
+        );
+        s.annotations
+            .insert(trigger::TARGET_VERSION.into(), "3.28.0".into());
+        s.annotations.insert(trigger::BATCH_SIZE.into(), "3".into());
+        s.annotations
+            .insert(trigger::CANARY.into(), canary.to_string());
+        s.rv += 1;
+        s.feed(Input::Trigger(Some(s.view())));
+        s.settle();
+        let r = s.record().expect("a run");
+        assert_eq!(r.phase, RunPhase::Succeeded, "{}", r.message);
+        assert_eq!(s.max_in_progress, 3, "canary {canary}");
+        assert_eq!(s.upgrade_turns, r.plan);
+    }
+}
+
+/// A failure in the second wave: the rest of that wave ends its step, then every node the run
+/// upgraded is restored (the failed one, the one that completed alongside it, and the first
+/// wave), up to batch-size at once.
+#[test]
+fn a_failure_in_the_second_wave_restores_both_waves() {
+    use Agent::*;
+    let mut s = Sim::with_waves(
+        &[
+            Succeeds,
+            Succeeds,
+            FailsVerification,
+            Succeeds,
+            Succeeds,
+            Succeeds,
+        ],
+        UpgradeFault::None,
+        RollbackFault::None,
+        2,
+        false,
+    );
+    s.annotations
+        .insert(trigger::TARGET_VERSION.into(), "3.28.0".into());
+    s.annotations.insert(trigger::BATCH_SIZE.into(), "2".into());
+    s.annotations.insert(trigger::CANARY.into(), "false".into());
+    s.rv += 1;
+    s.feed(Input::Trigger(Some(s.view())));
+    s.settle();
+    let r = s.record().expect("a run");
+    assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
+    assert_eq!(s.upgrade_turns, ["n1", "n2", "n3", "n4"]);
+    let mut restored = s.restore_turns.clone();
+    restored.sort();
+    assert_eq!(restored, ["n1", "n2", "n3", "n4"], "{}", r.message);
+    assert_eq!(s.max_in_progress, 2);
+    assert_eq!(s.release.version, "3.27.0");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -607,9 +832,15 @@ proptest! {
         rollback in rollback_fault(),
         schedule in proptest::collection::vec((any::<u8>(), any::<usize>()), 0..250),
         cancel_at in proptest::option::of(0usize..250),
+        batch in 1usize..=4,
+        canary in any::<bool>(),
     ) {
-        let mut s = Sim::new(&agents, upgrade, rollback);
+        let mut s = Sim::with_waves(&agents, upgrade, rollback, batch, canary);
         s.annotations.insert(trigger::TARGET_VERSION.into(), "3.28.0".into());
+        if batch > 1 {
+            s.annotations.insert(trigger::BATCH_SIZE.into(), batch.to_string());
+            s.annotations.insert(trigger::CANARY.into(), canary.to_string());
+        }
         s.rv += 1;
         s.feed(Input::Trigger(Some(s.view())));
         for (i, (op, arg)) in schedule.iter().enumerate() {
@@ -636,6 +867,19 @@ proptest! {
         dedup.sort();
         dedup.dedup();
         prop_assert_eq!(dedup.len(), s.restore_turns.len());
+        // A completed rollback restored every node the run touched whose agent is there: all
+        // that completed their upgrade or stopped (or failed) with their agent alive.
+        if r.phase != RunPhase::Succeeded
+            && s.release.version == "3.27.0"
+            && !r.message.contains("A human must")
+        {
+            for (n, o) in &s.truth {
+                let touched = o.run_id.as_deref() == Some(r.id.as_str())
+                    && o.turn == Some(crate::TurnKind::Upgrade)
+                    && matches!(o.status, Some(NodeStatus::Completed | NodeStatus::RollingBack));
+                prop_assert!(!touched, "{} left {:?} after the rollback: {}", n, o.status, r.message);
+            }
+        }
         // Success iff every node succeeded (and helm did not fail, nobody cancelled first).
         let agents_ok = agents.iter().all(|a| matches!(a, Agent::Succeeds | Agent::SlowSucceeds));
         if r.phase == RunPhase::Succeeded {

@@ -601,7 +601,7 @@ fn a_node_declared_lost_has_its_lease_taken_back() {
         .expect("n1 declared lost");
     let revoked = fx
         .iter()
-        .position(|e| matches!(e, Effect::RevokeLease { node } if node == "n1"))
+        .position(|e| matches!(e, Effect::RevokeLease { node, .. } if node == "n1"))
         .expect("its Lease taken back");
     assert!(failed < revoked, "{fx:?}");
     assert_eq!(h.run().phase, RunPhase::RollingBack);

@@ -274,6 +274,10 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
     let client = inst.cluster.client().await?;
     let upgrade_lease = format!("{FULLNAME}-upgrade");
     let leader_lease = format!("{FULLNAME}-coordinator");
+    // Waves: the Leases of wave slots 1..49 (batch-size up to 50), and one beyond them.
+    let first_slot_lease = format!("{upgrade_lease}-1");
+    let last_slot_lease = format!("{upgrade_lease}-49");
+    let beyond_slot_lease = format!("{upgrade_lease}-50");
     let verification_cm = format!("{FULLNAME}-verification-pod");
     #[rustfmt::skip]
     let matrix = vec![
@@ -300,6 +304,9 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Agent, true,  "update", "coordination.k8s.io", "leases", NS, &upgrade_lease),
         row(Agent, true,  "watch",  "coordination.k8s.io", "leases", NS, &upgrade_lease),
         row(Agent, false, "update", "coordination.k8s.io", "leases", NS, &leader_lease),
+        row(Agent, true,  "update", "coordination.k8s.io", "leases", NS, &first_slot_lease),
+        row(Agent, true,  "watch",  "coordination.k8s.io", "leases", NS, &last_slot_lease),
+        row(Agent, false, "update", "coordination.k8s.io", "leases", NS, &beyond_slot_lease),
         row(Agent, false, "create", "coordination.k8s.io", "leases", NS, ""),
         row(Agent, true,  "watch",  "", "configmaps", NS, FULLNAME),
         row(Agent, false, "update", "", "configmaps", NS, FULLNAME),
@@ -377,6 +384,9 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Coordinator, true,  "update", "coordination.k8s.io", "leases", NS, &upgrade_lease),
         row(Coordinator, true,  "update", "coordination.k8s.io", "leases", NS, &leader_lease),
         row(Coordinator, false, "update", "coordination.k8s.io", "leases", NS, "someone-else"),
+        row(Coordinator, true,  "update", "coordination.k8s.io", "leases", NS, &last_slot_lease),
+        row(Coordinator, true,  "watch",  "coordination.k8s.io", "leases", NS, &first_slot_lease),
+        row(Coordinator, false, "update", "coordination.k8s.io", "leases", NS, &beyond_slot_lease),
         row(Coordinator, true,  "update", "", "configmaps", NS, FULLNAME),
         row(Coordinator, true,  "watch",  "", "configmaps", NS, FULLNAME),
         row(Coordinator, false, "update", "", "configmaps", NS, &verification_cm),
@@ -1085,6 +1095,24 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
             &Patch::Merge(json!({"spec": {"holderIdentity": other}})),
         )
         .await?;
+    // Waves: a wave slot's Lease, held by the other node too.
+    let slot_lease = format!("{upgrade_lease}-1");
+    let slot_held_by_other: Lease = serde_json::from_value(json!({
+        "metadata": {"name": slot_lease},
+        "spec": {"holderIdentity": other, "leaseDurationSeconds": 30}
+    }))?;
+    created_or_exists(
+        leases_admin
+            .create(&PostParams::default(), &slot_held_by_other)
+            .await,
+    )?;
+    leases_admin
+        .patch(
+            &slot_lease,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": other}})),
+        )
+        .await?;
 
     let bound = client_with_token(
         inst.cluster.kubeconfig_path(),
@@ -1196,6 +1224,13 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         attack(format!("status label on {other}"), "may only change its own Node", patch_node(&nodes, other, status_label.clone())),
         attack(format!("release {other}'s hold of the upgrade Lease"), "its own hold of the upgrade Lease", {
             let (api, name, pp) = (leases.clone(), upgrade_lease.clone(), dry_patch.clone());
+            move || {
+                let (api, name, pp) = (api.clone(), name.clone(), pp.clone());
+                async move { api.patch(&name, &pp, &Patch::Merge(json!({"spec": {"holderIdentity": null}}))).await }
+            }
+        }),
+        attack(format!("release {other}'s hold of a wave slot's Lease"), "its own hold of the upgrade Lease", {
+            let (api, name, pp) = (leases.clone(), slot_lease.clone(), dry_patch.clone());
             move || {
                 let (api, name, pp) = (api.clone(), name.clone(), pp.clone());
                 async move { api.patch(&name, &pp, &Patch::Merge(json!({"spec": {"holderIdentity": null}}))).await }

@@ -11,11 +11,21 @@ impl Machine {
             let Some(run) = self.state.run.as_ref() else {
                 return;
             };
-            let before = (run.phase, run.release.as_ref().map(|r| r.rolled_back));
+            let upgrades_in_flight =
+                |r: &RunRecord| r.turns().iter().any(|t| t.kind == crate::TurnKind::Upgrade);
+            let before = (
+                run.phase,
+                run.release.as_ref().map(|r| r.rolled_back),
+                upgrades_in_flight(run),
+            );
             match run.phase {
                 RunPhase::Pending => self.pending(),
                 RunPhase::Upgrading => self.upgrading(),
-                RunPhase::RollingBack if !run.release.as_ref().is_some_and(|r| r.rolled_back) => {
+                // Waves: the nodes still in flight end their step before the release moves.
+                RunPhase::RollingBack
+                    if !run.release.as_ref().is_some_and(|r| r.rolled_back)
+                        && !upgrades_in_flight(run) =>
+                {
                     self.rollback()
                 }
                 RunPhase::Running | RunPhase::RollingBack => self.turns(),
@@ -23,7 +33,12 @@ impl Machine {
             }
             self.count_requests();
             let run = self.state.run.as_ref().expect("run");
-            if (run.phase, run.release.as_ref().map(|r| r.rolled_back)) == before {
+            if (
+                run.phase,
+                run.release.as_ref().map(|r| r.rolled_back),
+                upgrades_in_flight(run),
+            ) == before
+            {
                 return;
             }
         }
@@ -503,9 +518,15 @@ impl Machine {
         let now = self.now();
         let nodes = self.nodes.clone().unwrap_or_default();
         let observe = move |n: &str| nodes.get(n).map(|s| s.observed.clone()).unwrap_or_default();
-        let lease = self.lease.clone().unwrap_or_default();
+        let slots = self.state.run.as_ref().map_or(1, |r| {
+            // Slots in use may exceed the wave size only in a hand-edited record.
+            let used = r.turns().iter().map(|t| t.slot as usize + 1).max();
+            r.wave_size().max(used.unwrap_or(0))
+        });
+        let leases = self.lease_tracks(slots);
         let run = self.state.run.as_mut().expect("run");
-        let effects = lifecycle::reduce(run, &observe, &lease, now, self.cfg.timing);
+        let turns_before = run.turns();
+        let effects = lifecycle::reduce_waves(run, &observe, &leases, now, self.cfg.timing);
         let id = run.id.clone();
         for effect in effects {
             match effect {
@@ -540,7 +561,11 @@ impl Machine {
                         kind,
                         evidence,
                     });
-                    self.fx.push(Effect::RevokeLease { node });
+                    let slot = turns_before
+                        .iter()
+                        .find(|t| t.node == node)
+                        .map_or(0, |t| t.slot);
+                    self.fx.push(Effect::RevokeLease { node, slot });
                 }
                 lifecycle::Effect::ReadNode(node) => {
                     if self.reading_node.is_none() {
@@ -551,6 +576,7 @@ impl Machine {
                 lifecycle::Effect::WakeAt(w) => self.fx.push(Effect::WakeAt(w)),
             }
         }
+        self.ensure_slot_leases();
     }
 }
 
@@ -574,14 +600,13 @@ impl Machine {
                 .and_then(|m| m.get(n))
                 .is_some_and(|s| s.observed.exists)
         };
-        let in_turn = run.turn.as_ref().map(|t| t.node.as_str());
         // The node `lifecycle` grants next: the first in the plan not done, skipped or started
         // (one that vanished is skipped there, not gated here).
         let candidate = run
             .plan
             .iter()
             .find(|n| {
-                Some(n.as_str()) != in_turn
+                run.turn_of(n).is_none()
                     && run.nodes.get(*n).is_none_or(|r| {
                         r.status.is_none() && r.note.is_none() && r.started_at_ms.is_none()
                     })

@@ -33,8 +33,13 @@ pub struct Observed {
     pub transitions: Vec<(String, String)>,
     /// When the watch delivered each transition (same order as `transitions`).
     pub seen_at: Vec<std::time::Instant>,
-    /// Violations of "at most one node in progress", with the offending states.
+    /// Violations of "at most one node in progress" (at most `in_progress_limit` with waves),
+    /// with the offending states.
     pub concurrent: Vec<String>,
+    /// Waves: how many nodes may be in progress at once (0 is read as 1: one by one).
+    pub in_progress_limit: usize,
+    /// The most nodes seen in progress at once.
+    pub peak_in_progress: usize,
     /// Distinct consecutive Lease holders (their nodes).
     pub holders: Vec<String>,
     /// Every turn start seen on a Node: (node, run id, status) for each transition to
@@ -288,7 +293,8 @@ impl Product {
                         .filter(|(_, s)| s.parse::<NodeStatus>().is_ok_and(|s| s.is_in_progress()))
                         .map(|(n, s)| format!("{n}={s}"))
                         .collect();
-                    if busy.len() > 1 {
+                    o.peak_in_progress = o.peak_in_progress.max(busy.len());
+                    if busy.len() > o.in_progress_limit.max(1) {
                         o.concurrent.push(busy.join(","));
                     }
                 }
@@ -508,7 +514,12 @@ impl Product {
         Ok(())
     }
 
-    async fn assert_nothing_left_cordoned(&self) -> Result<()> {
+    /// Waves: the monitor accepts up to `n` nodes in progress at once.
+    pub fn allow_in_progress(&self, n: usize) {
+        self.observed.lock().unwrap().in_progress_limit = n;
+    }
+
+    pub async fn assert_nothing_left_cordoned(&self) -> Result<()> {
         for n in self.slice.nodes().await? {
             let node = self.slice.node(&n).await?;
             let ours = node
