@@ -277,7 +277,15 @@ impl Coordinator {
             } => self.event(node.as_deref(), warning, reason, message).await,
             Effect::ReadRelease { release, namespace } => {
                 let began = Instant::now();
-                let read = self.s.helm.metadata(&release, &namespace).await;
+                let read = match self.s.helm.metadata(&release, &namespace).await {
+                    Ok(m) => self
+                        .s
+                        .helm
+                        .deployment_mode(&release, &namespace)
+                        .await
+                        .map(|mode| (m, mode)),
+                    Err(e) => Err(e),
+                };
                 // A release that does not exist is an answer, not a failed call.
                 let counted = match &read {
                     Err(HelmError::NotFound { .. }) => Ok(()),
@@ -288,11 +296,12 @@ impl Coordinator {
                     .metrics
                     .helm_call(HelmOp::Status, began.elapsed(), &counted);
                 answers.push(Input::Release(match read {
-                    Ok(m) => ReleaseRead::Found(ReleaseObservation {
+                    Ok((m, deployment_mode)) => ReleaseRead::Found(ReleaseObservation {
                         chart: m.chart,
                         version: m.version,
                         revision: m.revision,
                         status: ReleaseStatus::parse(&m.status),
+                        deployment_mode,
                     }),
                     Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
                     Err(e) => ReleaseRead::Error(e.to_string()),

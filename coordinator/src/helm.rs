@@ -85,6 +85,20 @@ impl Helm {
         }
     }
 
+    /// The release's `deploymentMode` value as the chart renders it (`helm get values --all`:
+    /// the chart's defaults merged with the user's), `None` when the chart has no such value.
+    pub async fn deployment_mode(
+        &self,
+        release: &str,
+        namespace: &str,
+    ) -> Result<Option<String>, HelmError> {
+        let args = strings(&[
+            "get", "values", release, "-n", namespace, "--all", "-o", "json",
+        ]);
+        let out = self.run(&args).await?;
+        deployment_mode_value(&out)
+    }
+
     /// The argv of the run's single upgrade (kept separate so it is unit-tested).
     pub fn upgrade_args(
         &self,
@@ -240,6 +254,22 @@ impl Helm {
     }
 }
 
+/// `deploymentMode` out of `helm get values --all -o json` output.
+fn deployment_mode_value(json: &str) -> Result<Option<String>, HelmError> {
+    let values: serde_json::Value = match json.trim() {
+        "" | "null" => return Ok(None),
+        text => serde_json::from_str(text)
+            .map_err(|e| HelmError::Output(format!("helm get values: {e}")))?,
+    };
+    match values.get("deploymentMode") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(HelmError::Output(format!(
+            "the release's deploymentMode value is {other}, not a string"
+        ))),
+    }
+}
+
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -285,6 +315,17 @@ fn strings(a: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deployment_mode_is_read_from_the_values() {
+        assert_eq!(
+            deployment_mode_value(r#"{"deploymentMode":"job","job":{"nodes":[]}}"#).unwrap(),
+            Some("job".to_string())
+        );
+        assert_eq!(deployment_mode_value(r#"{"shims":{}}"#).unwrap(), None);
+        assert_eq!(deployment_mode_value("null").unwrap(), None);
+        assert!(deployment_mode_value(r#"{"deploymentMode":3}"#).is_err());
+    }
 
     #[test]
     fn credentials_in_urls_are_redacted() {

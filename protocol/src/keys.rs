@@ -20,6 +20,8 @@ pub mod trigger {
     /// Extra `key=value` values for the run's `helm upgrade`, separated by newlines or `;`,
     /// each passed as its own `--set` (see `helm_values`).
     pub const HELM_SET_VALUES: &str = "lifecycle.katacontainers.io/helm-set-values";
+    /// `auto` (follow the release's `deploymentMode`) | `daemonset` | `job`.
+    pub const DEPLOYMENT_MODE: &str = "lifecycle.katacontainers.io/deployment-mode";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -33,7 +35,7 @@ pub mod trigger {
     pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 12] = [
+    pub const RUN_DEFINING: [&str; 13] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -46,6 +48,7 @@ pub mod trigger {
         DRAIN_ENABLED,
         DRAIN_TIMEOUT,
         HELM_SET_VALUES,
+        DEPLOYMENT_MODE,
     ];
 }
 

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod drain;
 pub mod duration;
 pub mod helm_values;
+pub mod install;
 pub mod kata_deploy;
 pub mod keys;
 pub mod lease;

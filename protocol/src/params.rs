@@ -29,6 +29,8 @@ pub struct Defaults {
     pub verification_service_accounts: Vec<String>,
     /// Extra values for every run's `helm upgrade` (chart value `defaults.helmSetValues`).
     pub helm_set_values: String,
+    /// The chart value `defaults.deploymentMode` (`auto` unless set).
+    pub deployment_mode: crate::kata_deploy::RequestedMode,
 }
 
 /// The fully resolved, validated parameters of one run. Serialized into the run record so the
@@ -56,6 +58,13 @@ pub struct RunParams {
     /// on only when it was not, see `kata_deploy::drain_decision`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drain_chosen: bool,
+    /// The `deployment-mode` asked for; the mode the run works in is decided against the
+    /// release (see `kata_deploy::resolve_mode`) and recorded in the run's release state.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::kata_deploy::RequestedMode::is_auto"
+    )]
+    pub deployment_mode: crate::kata_deploy::RequestedMode,
 }
 
 impl RunParams {
@@ -209,6 +218,11 @@ pub fn resolve(
         .iter()
         .map(crate::helm_values::SetValue::to_arg)
         .collect();
+    let deployment_mode = match get(trigger::DEPLOYMENT_MODE) {
+        Some(v) => crate::kata_deploy::RequestedMode::parse(&v)
+            .map_err(|e| invalid(trigger::DEPLOYMENT_MODE, e))?,
+        None => defaults.deployment_mode,
+    };
 
     Ok(RunParams {
         target_version: target,
@@ -224,6 +238,7 @@ pub fn resolve(
         verification_timeout_seconds: verification_timeout.as_secs().max(1),
         helm_set_values,
         drain_chosen,
+        deployment_mode,
     })
 }
 
@@ -297,6 +312,7 @@ pub(crate) mod tests {
             verification_timeout: Duration::from_secs(300),
             verification_service_accounts: Vec::new(),
             helm_set_values: String::new(),
+            deployment_mode: Default::default(),
         }
     }
 

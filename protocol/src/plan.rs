@@ -94,6 +94,7 @@ mod tests {
             verification_timeout_seconds: 300,
             helm_set_values: Vec::new(),
             drain_chosen: false,
+            deployment_mode: Default::default(),
         }
     }
 

@@ -76,6 +76,10 @@ pub struct ReleaseState {
     /// coordinator never issues a second one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upgrade_issued: bool,
+    /// The mode the run works in, decided against the release before anything was touched
+    /// (`kata_deploy::resolve_mode`); records from before job mode are daemonset runs.
+    #[serde(default)]
+    pub mode: crate::kata_deploy::DeploymentMode,
 }
 
 /// Evidence of a node's outcome, written by its agent to the Node and copied into the run.

@@ -237,6 +237,7 @@ impl Sim {
                             version: self.release.version.clone(),
                             revision: self.release.revision,
                             status: self.release.status.clone(),
+                            deployment_mode: None,
                         })))
                 }
                 Effect::ReadDaemonSet { .. } => {

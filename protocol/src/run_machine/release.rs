@@ -1,6 +1,7 @@
 //! What helm says about the kata-deploy release, typed, and the pure decisions the run makes
 //! from it: whether a trigger may start, whether an earlier `helm upgrade` is to be adopted or
 //! undone, whether the rollback already happened.
+use crate::kata_deploy::{self, DeploymentMode};
 use crate::run::ReleaseState;
 
 /// The chart a release must be built from: `helm upgrade <release> <kata-deploy chart>` on a
@@ -75,6 +76,9 @@ pub struct ReleaseObservation {
     pub version: String,
     pub revision: u32,
     pub status: ReleaseStatus,
+    /// The release's `deploymentMode` value (`helm get values --all`); `None` when the chart
+    /// has none (before 3.32.0) or it was not read.
+    pub deployment_mode: Option<String>,
 }
 
 /// What a read of the release returned.
@@ -119,6 +123,35 @@ pub fn admit_release(
         ));
     }
     Ok(())
+}
+
+/// The mode a new run works in, or why it must not start (see `kata_deploy::resolve_mode`).
+/// Runs already at the target are still refused: a refused mode is a mistake worth saying.
+pub fn admit_mode(
+    release: &ReleaseObservation,
+    params: &crate::params::RunParams,
+) -> Result<DeploymentMode, String> {
+    let mode = kata_deploy::resolve_mode(
+        params.deployment_mode,
+        kata_deploy::ModeContext {
+            release: &params.helm_release,
+            namespace: &params.helm_namespace,
+            recorded_version: &release.version,
+            target_version: &params.target_version,
+            release_value: release.deployment_mode.as_deref(),
+        },
+    )?;
+    if mode == DeploymentMode::Job {
+        // The per-node install (one scoped `helm upgrade --set job.nodes={node}` per turn) is
+        // decided by `crate::install` but not yet driven by the run: refuse rather than run the
+        // daemonset procedure, whose cluster-wide upgrade would install on every node at once.
+        return Err(format!(
+            "release {}/{} runs kata-deploy in job mode: job-mode runs (one scoped helm upgrade per node) are not \
+             available in this version of kata-lifecycle-manager yet; nothing was changed",
+            params.helm_namespace, params.helm_release
+        ));
+    }
+    Ok(mode)
 }
 
 /// What to do in phase `Upgrading`, given the latest release revision.
@@ -204,6 +237,7 @@ mod tests {
             version: version.into(),
             revision,
             status: ReleaseStatus::parse(status),
+            deployment_mode: None,
         }
     }
 

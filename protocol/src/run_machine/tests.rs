@@ -40,6 +40,7 @@ fn found(revision: u32, version: &str, status: &str) -> Input {
         version: version.into(),
         revision,
         status: ReleaseStatus::parse(status),
+        deployment_mode: None,
     }))
 }
 
@@ -233,6 +234,7 @@ fn prepare_refuses_or_finishes_without_touching_anything() {
                 version: "1.0.0".into(),
                 revision: 3,
                 status: ReleaseStatus::Deployed,
+                deployment_mode: None,
             })),
             &["n1"],
             RunPhase::Failed,
@@ -643,4 +645,73 @@ fn pause_holds_the_next_turn_until_resume() {
         )),
         granted + 1
     );
+}
+
+fn found_in_mode(version: &str, mode: Option<&str>) -> Input {
+    Input::Release(ReleaseRead::Found(ReleaseObservation {
+        chart: KATA_DEPLOY_CHART.into(),
+        version: version.into(),
+        revision: 3,
+        status: ReleaseStatus::Deployed,
+        deployment_mode: mode.map(str::to_string),
+    }))
+}
+
+#[test]
+fn the_deployment_mode_is_decided_against_the_release_before_anything_is_touched() {
+    /// (release version, its deploymentMode, deployment-mode asked, target, message)
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
+    let cases: [Case; 5] = [
+        // A switch is refused with the migration command.
+        (
+            "3.32.0",
+            Some("daemonset"),
+            Some("job"),
+            "4.0.0",
+            "--set deploymentMode=job",
+        ),
+        (
+            "4.0.0",
+            Some("job"),
+            Some("daemonset"),
+            "4.1.0",
+            "runs kata-deploy in job mode and this run asked for deployment-mode=daemonset",
+        ),
+        // Job mode below 3.32.0, at either end.
+        ("3.32.0", Some("job"), None, "3.31.0", "older than 3.32.0"),
+        ("3.31.0", None, Some("job"), "4.0.0", "older than 3.32.0"),
+        // Daemonset pacing below 3.27.0.
+        ("3.27.0", None, None, "3.26.0", "older than 3.27.0"),
+    ];
+    for (version, value, asked, target, needle) in cases {
+        let mut h = H::new(&["n1"]);
+        if let Some(asked) = asked {
+            h.annotations
+                .insert(trigger::DEPLOYMENT_MODE.into(), asked.into());
+        }
+        h.annotate(trigger::TARGET_VERSION, target);
+        h.feed(found_in_mode(version, value));
+        let r = h.run();
+        assert_eq!(r.phase, RunPhase::Failed, "{needle}: {}", r.message);
+        assert!(r.message.contains(needle), "{needle}: {}", r.message);
+        assert_eq!(
+            h.count(|e| matches!(e, Effect::HelmUpgrade { .. } | Effect::ReadDaemonSet { .. })),
+            0,
+            "{needle}"
+        );
+    }
+}
+
+#[test]
+fn auto_follows_a_daemonset_release_and_records_the_mode() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "4.0.0");
+    h.feed(found_in_mode("3.32.0", Some("daemonset")));
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Pending, "{}", r.message);
+    assert_eq!(
+        r.release.as_ref().map(|x| x.mode),
+        Some(crate::kata_deploy::DeploymentMode::DaemonSet)
+    );
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadDaemonSet { .. })), 1);
 }

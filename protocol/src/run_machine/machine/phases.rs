@@ -105,6 +105,10 @@ impl Machine {
             if let Err(e) = release::admit_release(&rel, &p.helm_release, &p.helm_namespace) {
                 return self.finish(RunPhase::Failed, "RunRejected", e);
             }
+            let mode = match release::admit_mode(&rel, &p) {
+                Ok(mode) => mode,
+                Err(e) => return self.finish(RunPhase::Failed, "RunRejected", e),
+            };
             let facts: Vec<NodeFacts> = self
                 .nodes
                 .iter()
@@ -131,6 +135,7 @@ impl Machine {
             run.release = Some(ReleaseState {
                 recorded_revision: rel.revision,
                 recorded_version: rel.version.clone(),
+                mode,
                 ..Default::default()
             });
             if rel.version == p.target_version {
