@@ -361,6 +361,37 @@ impl Coordinator {
                     .helm_call(HelmOp::Rollback, began.elapsed(), &r);
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
+            Effect::HelmInstall {
+                release,
+                namespace,
+                version,
+                nodes,
+                set_values,
+                restore_values_of,
+            } => {
+                self.check_leader()?;
+                let began = Instant::now();
+                let r = self
+                    .s
+                    .helm
+                    .scoped_install(
+                        &release,
+                        &namespace,
+                        &version,
+                        &nodes,
+                        &set_values,
+                        restore_values_of,
+                        self.s.rollback_timeout,
+                    )
+                    .await;
+                let op = if restore_values_of.is_some() {
+                    HelmOp::Rollback
+                } else {
+                    HelmOp::Upgrade
+                };
+                self.s.metrics.helm_call(op, began.elapsed(), &r);
+                answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
+            }
             Effect::ReadNode(name) => {
                 // The Lease too: a loss is declared only on what both say right now.
                 let lease = self.lease_api.get_opt(&self.s.lease_name).await?;

@@ -1,6 +1,8 @@
 //! The helm CLI, always as an argv array (never through a shell), with its stderr kept for
 //! error messages. One upgrade per run and one rollback on failure: no helm call per node.
+use klm_protocol::install::job_nodes_set_value;
 use serde::Deserialize;
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
@@ -212,6 +214,30 @@ impl Helm {
             ]))
             .await?;
         }
+        let path = self
+            .revision_values_file(release, namespace, revision)
+            .await?;
+        let result = self
+            .run(&self.restore_args(
+                release,
+                namespace,
+                version,
+                &path.display().to_string(),
+                timeout,
+            ))
+            .await;
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
+    }
+
+    /// The user values of `revision` (`helm get values --revision`) in a private file, for
+    /// `-f`; the caller removes it.
+    async fn revision_values_file(
+        &self,
+        release: &str,
+        namespace: &str,
+        revision: u32,
+    ) -> Result<std::path::PathBuf, HelmError> {
         let values = self
             .run(&strings(&[
                 "get",
@@ -240,17 +266,48 @@ impl Helm {
             bin: format!("(writing {})", path.display()),
             source,
         })?;
-        let result = self
-            .run(&self.restore_args(
-                release,
-                namespace,
-                version,
-                &path.display().to_string(),
-                timeout,
-            ))
-            .await;
-        let _ = std::fs::remove_file(&path);
-        result.map(|_| ())
+        Ok(path)
+    }
+
+    /// Job mode: one scoped install (see [`klm_protocol::install`]). An upgrade is the run's
+    /// upgrade argv; a restore is the restore argv back to `version` with the values of
+    /// `restore_values_of`. Either way `job.nodes` lists exactly `nodes`, so kata-deploy's
+    /// dispatcher installs there and nowhere else.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scoped_install(
+        &self,
+        release: &str,
+        namespace: &str,
+        version: &str,
+        nodes: &BTreeSet<String>,
+        set_values: &[String],
+        restore_values_of: Option<u32>,
+        timeout: Duration,
+    ) -> Result<(), HelmError> {
+        let scope = ["--set".to_string(), job_nodes_set_value(nodes)];
+        match restore_values_of {
+            None => {
+                let mut args = self.upgrade_args(release, namespace, version, set_values);
+                args.extend(scope);
+                self.run(&args).await.map(|_| ())
+            }
+            Some(revision) => {
+                let path = self
+                    .revision_values_file(release, namespace, revision)
+                    .await?;
+                let mut args = self.restore_args(
+                    release,
+                    namespace,
+                    version,
+                    &path.display().to_string(),
+                    timeout,
+                );
+                args.extend(scope);
+                let result = self.run(&args).await;
+                let _ = std::fs::remove_file(&path);
+                result.map(|_| ())
+            }
+        }
     }
 }
 

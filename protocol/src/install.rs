@@ -65,6 +65,18 @@ pub struct InstallLedger {
 }
 
 impl InstallLedger {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// The open request covering `node` for this kind of turn.
+    pub fn for_node_mut(&mut self, node: &str, kind: TurnKind) -> Option<&mut InstallRequest> {
+        self.requests
+            .iter_mut()
+            .rev()
+            .find(|r| r.kind == kind && r.nodes.contains(node))
+    }
+
     /// The request covering `node` for this kind of turn, if one was issued.
     pub fn for_node(&self, node: &str, kind: TurnKind) -> Option<&InstallRequest> {
         self.requests

@@ -193,6 +193,13 @@ pub struct RunRecord {
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
+    /// Job mode: every scoped `helm upgrade --set job.nodes={…}` the run issued (recorded
+    /// before helm runs, so none is issued twice).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::install::InstallLedger::is_empty"
+    )]
+    pub installs: crate::install::InstallLedger,
 }
 
 impl RunRecord {
@@ -219,6 +226,7 @@ impl RunRecord {
             cancel_requested_at_ms: None,
             paused: false,
             coordinator_api_requests: None,
+            installs: Default::default(),
         }
     }
 

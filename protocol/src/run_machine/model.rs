@@ -219,6 +219,9 @@ impl Sim {
                     self.rv += 1;
                 }
                 Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
+                Effect::HelmInstall { .. } => {
+                    panic!("the model's release is in daemonset mode: no scoped install")
+                }
                 Effect::RevokeLease { node } => {
                     if self
                         .lease

@@ -126,7 +126,7 @@ pub fn admit_release(
 }
 
 /// The mode a new run works in, or why it must not start (see `kata_deploy::resolve_mode`).
-/// Runs already at the target are still refused: a refused mode is a mistake worth saying.
+/// Checked before "already at the target": a refused mode is a mistake worth saying.
 pub fn admit_mode(
     release: &ReleaseObservation,
     params: &crate::params::RunParams,
@@ -141,16 +141,6 @@ pub fn admit_mode(
             release_value: release.deployment_mode.as_deref(),
         },
     )?;
-    if mode == DeploymentMode::Job {
-        // The per-node install (one scoped `helm upgrade --set job.nodes={node}` per turn) is
-        // decided by `crate::install` but not yet driven by the run: refuse rather than run the
-        // daemonset procedure, whose cluster-wide upgrade would install on every node at once.
-        return Err(format!(
-            "release {}/{} runs kata-deploy in job mode: job-mode runs (one scoped helm upgrade per node) are not \
-             available in this version of kata-lifecycle-manager yet; nothing was changed",
-            params.helm_namespace, params.helm_release
-        ));
-    }
     Ok(mode)
 }
 

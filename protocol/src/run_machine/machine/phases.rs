@@ -29,16 +29,16 @@ impl Machine {
         }
     }
 
-    fn run_mut(&mut self) -> &mut RunRecord {
+    pub(super) fn run_mut(&mut self) -> &mut RunRecord {
         self.state.run.as_mut().expect("a run is active")
     }
 
-    fn request(&mut self, what: Awaiting, effect: Effect) {
+    pub(super) fn request(&mut self, what: Awaiting, effect: Effect) {
         self.awaiting = Some(what);
         self.fx.push(effect);
     }
 
-    fn read_release(&mut self) {
+    pub(super) fn read_release(&mut self) {
         let p = self.run_mut().params.clone().unwrap_or_else(missing_params);
         self.request(
             Awaiting::Release,
@@ -158,6 +158,9 @@ impl Machine {
                     ),
                 );
             }
+        }
+        if self.job_mode() {
+            return self.start_job_mode(&p);
         }
         let Some(ds) = self.daemonset.take() else {
             return self.request(
@@ -315,7 +318,7 @@ impl Machine {
     }
 
     /// Asks the release again in a few seconds (helm or the API server is briefly unhappy).
-    fn retry_later(&mut self, msg: String) {
+    pub(super) fn retry_later(&mut self, msg: String) {
         let wake = Wake {
             at_ms: self.now() + RELEASE_READ_RETRY_MS,
             reason: WakeReason::RetryReleaseRead,
@@ -361,6 +364,9 @@ impl Machine {
     fn rollback(&mut self) {
         if self.awaiting.is_some() || self.waiting_to_retry() {
             return;
+        }
+        if self.job_mode() {
+            return self.job_mode_rollback();
         }
         let run = self.state.run.as_ref().expect("run");
         let p = run.params.clone().unwrap_or_else(missing_params);
@@ -546,12 +552,15 @@ impl Machine {
                 lifecycle::Effect::WakeAt(w) => self.fx.push(Effect::WakeAt(w)),
             }
         }
+        if self.job_mode() {
+            self.job_installs();
+        }
     }
 }
 
 /// Runs past `Pending` always carry validated parameters (a record without them is refused
 /// before it leaves `Pending`); a hand-edited record that lost them gets empty ones and fails
 /// at helm with a message rather than a panic.
-fn missing_params() -> crate::params::RunParams {
+pub(super) fn missing_params() -> crate::params::RunParams {
     crate::params::RunParams::default()
 }
