@@ -10,8 +10,8 @@ mod product;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Node;
-use klm_protocol::RunPhase;
 use klm_protocol::keys::trigger;
+use klm_protocol::{NodeStatus, RunPhase};
 use klm_testkit::InstallOutcome;
 use klm_testkit::kata_deploy_sim::{KATA_RUNTIME_LABEL, STAGE_LABEL};
 use klm_testkit::upstream::UpstreamRepo;
@@ -123,9 +123,31 @@ async fn install_jobs(p: &Product) -> Result<Vec<(String, String, Option<bool>)>
         .collect())
 }
 
+/// The chart versions of the release's revisions after `recorded`, oldest first.
+async fn upgrades_since(p: &Product, recorded: u64) -> Result<Vec<String>> {
+    let ns = p.slice.kata_deploy_namespace();
+    let out = p
+        .slice
+        .helm(&["history", RELEASE, "-n", &ns, "-o", "json", "--max", "100"])
+        .await?;
+    let history: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    Ok(history
+        .iter()
+        .filter(|r| r["revision"].as_u64().unwrap_or(0) > recorded)
+        .map(|r| {
+            r["chart"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches("kata-deploy-")
+                .to_string()
+        })
+        .collect())
+}
+
 /// A refused run: failed with `needle` in its message, the release and the nodes untouched.
 async fn assert_refused(
     p: &Product,
+    nodes: &[String],
     target: &str,
     params: &[(&str, &str)],
     needle: &str,
@@ -146,7 +168,8 @@ async fn assert_refused(
         p.slice.dispatched_install_jobs().len() == jobs_before,
         "{needle}: nothing installed"
     );
-    p.assert_safe(&run.plan).await?;
+    // The monitor's whole history (earlier runs upgraded these nodes, in this order).
+    p.assert_safe(nodes).await?;
     // Off the trigger, so that the next request is a new run.
     let mut off: Vec<(&str, Option<&str>)> = vec![(trigger::TARGET_VERSION, None)];
     off.extend(params.iter().map(|(k, _)| (*k, None)));
@@ -184,85 +207,107 @@ async fn job_mode_on_the_upstream_charts() -> Result<()> {
         );
     }
 
-    // Refusals, nothing touched: a switch to daemonset, job mode down to 3.31.0, and (for now)
-    // any job-mode run — the per-node scoped upgrades are decided but not yet driven.
+    // An upgrade run: one scoped helm upgrade per node, in plan order, each installing on its
+    // node only when that node's turn came (a node not yet in a turn has no 4.0.0 install Job).
+    let recorded = p.release().await?.0;
+    let run = p.run("4.0.0", &[]).await?;
+    ensure!(run.phase == RunPhase::Succeeded, "{run:#?}");
+    ensure!(run.plan == nodes, "{:?}", run.plan);
+    let dispatched: Vec<String> = p
+        .slice
+        .dispatched_install_jobs()
+        .into_iter()
+        .filter(|j| j.version == "4.0.0")
+        .map(|j| j.node)
+        .collect();
+    ensure!(
+        dispatched == nodes,
+        "one install per node, in turn order: {dispatched:?}"
+    );
+    let history = upgrades_since(&p, recorded).await?;
+    ensure!(
+        history == ["4.0.0", "4.0.0", "4.0.0"],
+        "one helm upgrade per node: {history:?}"
+    );
+    ensure!(p.release().await?.1 == "4.0.0");
+    p.assert_safe(&run.plan).await?;
+    p.annotate(&[(trigger::TARGET_VERSION, None)]).await?;
+
+    // A failure on node-2 (its install Job fails): node-1 and node-2 get restore turns that
+    // reinstall 3.32.0 on each, node-3 is never touched, the release ends at 3.32.0.
+    install_upstream(
+        &p,
+        &repo,
+        "3.32.0",
+        &["deploymentMode=job", "job.backoffLimit=0"],
+    )
+    .await
+    .context("job-mode reinstall")?;
+    wait_runtime_label(&p, &nodes, "true").await?;
+    p.slice
+        .set_install_outcome("node-2", "4.0.0", InstallOutcome::Fail);
+    let recorded = p.release().await?.0;
+    let before = p.slice.dispatched_install_jobs().len();
+    let run = p.run("4.0.0", &[]).await?;
+    ensure!(run.phase == RunPhase::Failed, "{run:#?}");
+    ensure!(
+        run.failure.as_ref().and_then(|f| f.node.as_deref()) == Some(nodes[1].as_str()),
+        "{:?}",
+        run.failure
+    );
+    for n in &nodes[..2] {
+        ensure!(
+            run.nodes[n].status == Some(NodeStatus::RolledBack),
+            "{n}: {:?}",
+            run.nodes[n]
+        );
+    }
+    ensure!(
+        run.nodes.get(&nodes[2]).and_then(|r| r.status).is_none(),
+        "node-3 untouched: {:?}",
+        run.nodes.get(&nodes[2])
+    );
+    let dispatched: Vec<(String, String)> = p.slice.dispatched_install_jobs()[before..]
+        .iter()
+        .map(|j| (j.node.clone(), j.version.clone()))
+        .collect();
+    let want: Vec<(String, String)> = [
+        (&nodes[0], "4.0.0"),
+        (&nodes[1], "4.0.0"),
+        (&nodes[1], "3.32.0"),
+        (&nodes[0], "3.32.0"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect();
+    ensure!(dispatched == want, "installs and restores: {dispatched:?}");
+    let (_, version, status) = p.release().await?;
+    ensure!(
+        (version.as_str(), status.as_str()) == ("3.32.0", "deployed"),
+        "{version} {status}"
+    );
+    let history = upgrades_since(&p, recorded).await?;
+    ensure!(
+        history == ["4.0.0", "4.0.0", "3.32.0", "3.32.0"],
+        "{history:?}"
+    );
+    wait_runtime_label(&p, &nodes, "true").await?;
+    p.assert_safe(&run.plan).await?;
+    p.annotate(&[(trigger::TARGET_VERSION, None)]).await?;
+
+    // Refusals, nothing touched: a switch to daemonset, and job mode down to 3.31.0.
     assert_refused(
         &p,
+        &nodes,
         "4.0.0",
         &[(trigger::DEPLOYMENT_MODE, "daemonset")],
         "--set deploymentMode=daemonset",
     )
     .await?;
-    assert_refused(&p, "3.31.0", &[], "older than 3.32.0").await?;
-    assert_refused(&p, "4.0.0", &[], "job-mode runs").await?;
-
-    // The scoped install the coordinator is to issue per node: `job.nodes={node}` makes the
-    // dispatcher install on that node only.
-    let ns = p.slice.kata_deploy_namespace();
-    let one = format!("job.nodes={{{}}}", nodes[0]);
-    p.slice
-        .helm(&[
-            "upgrade",
-            RELEASE,
-            "kata-deploy",
-            "--repo",
-            &repo,
-            "--version",
-            "4.0.0",
-            "-n",
-            &ns,
-            "--reset-then-reuse-values",
-            "--set",
-            &one,
-        ])
-        .await
-        .context("scoped upgrade of node-1")?;
-    let at_4: Vec<_> = install_jobs(&p)
-        .await?
-        .into_iter()
-        .filter(|j| j.1 == "4.0.0")
-        .collect();
-    ensure!(
-        at_4 == [(nodes[0].clone(), "4.0.0".to_string(), Some(true))],
-        "only node-1 installs 4.0.0: {at_4:?}"
-    );
-
-    // node-2's install fails: its Job fails, the dispatcher (hence helm) fails, node-2 keeps
-    // kata-runtime=false, node-3 has no install Job at 4.0.0.
-    p.slice
-        .set_install_outcome("node-2", "4.0.0", InstallOutcome::Fail);
-    let two = format!("job.nodes={{{}}}", nodes[1]);
-    let out = p
-        .slice
-        .helm_output(&[
-            "upgrade",
-            RELEASE,
-            "kata-deploy",
-            "--repo",
-            &repo,
-            "--version",
-            "4.0.0",
-            "-n",
-            &ns,
-            "--reset-then-reuse-values",
-            "--set",
-            &two,
-        ])
-        .await?;
-    ensure!(!out.status.success(), "the failed install fails the hook");
-    let jobs = install_jobs(&p).await?;
-    ensure!(
-        jobs.contains(&(nodes[1].clone(), "4.0.0".into(), Some(false))),
-        "{jobs:?}"
-    );
-    ensure!(
-        !jobs.iter().any(|j| j.0 == nodes[2] && j.1 == "4.0.0"),
-        "node-3 untouched: {jobs:?}"
-    );
-    wait_runtime_label(&p, &nodes[1..2], "false").await?;
-    p.assert_safe(&[]).await?;
+    assert_refused(&p, &nodes, "3.31.0", &[], "older than 3.32.0").await?;
 
     // A daemonset-mode release at 3.32.0: asking for job mode is a switch, refused.
+    let ns = p.slice.kata_deploy_namespace();
     p.slice
         .helm(&["uninstall", RELEASE, "-n", &ns, "--no-hooks", "--wait"])
         .await?;
@@ -271,6 +316,7 @@ async fn job_mode_on_the_upstream_charts() -> Result<()> {
         .await?;
     assert_refused(
         &p,
+        &nodes,
         "4.0.0",
         &[(trigger::DEPLOYMENT_MODE, "job")],
         "--set deploymentMode=job",
