@@ -241,15 +241,28 @@ struct Sim {
     released: BTreeSet<String>,
     /// Per-node Jobs (uid) whose end was written on the node.
     noted: BTreeSet<String>,
-    /// The label value last written per node (so a watch echo causes no second patch).
-    label: HashMap<String, Option<String>>,
+    /// The slice's Nodes as watched: a label is written only where it differs (a Node
+    /// recreated by a test gets it again).
+    nodes: reflector::Store<Node>,
+    /// The value last written per node: the store may not show it yet, so an equal stored
+    /// value only counts when it is also what we last wrote.
+    written: HashMap<String, Option<String>>,
 }
 
 impl Sim {
     async fn set_node_label(&mut self, node: &str, value: Option<&str>) {
+        let current = self
+            .nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node))
+            .map(|n| labels(&n.metadata).get(KATA_RUNTIME_LABEL).cloned());
         let want = value.map(str::to_owned);
-        if self.label.get(node) == Some(&want) {
-            return;
+        let ours = self.written.get(node).is_none_or(|w| *w == want);
+        match current {
+            Some(now) if now == want && ours => return,
+            Some(_) => {}
+            None => return, // not a node of this slice (or not listed yet: its event comes)
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
         let patch = serde_json::json!({"metadata": {"labels": {KATA_RUNTIME_LABEL: value}}});
@@ -258,7 +271,7 @@ impl Sim {
             .await
         {
             Ok(_) => {
-                self.label.insert(node.to_owned(), want);
+                self.written.insert(node.to_owned(), want);
             }
             Err(e) => eprintln!("klm-testkit: kata-deploy simulator: labelling {node}: {e}"),
         }
@@ -521,7 +534,21 @@ pub(crate) async fn run(
     let pod_events = reflector(pod_writer, watcher(pod_api, watcher::Config::default()))
         .default_backoff()
         .map(|ev| ev.map(|_| ()));
-    let mut events = std::pin::pin!(stream::select(job_events, pod_events));
+    let node_api: Api<Node> = Api::all(client.clone());
+    let (node_store, node_writer) = reflector::store();
+    let node_events = reflector(
+        node_writer,
+        watcher(
+            node_api,
+            watcher::Config::default().labels(&format!("{}={slice_id}", crate::SLICE_LABEL)),
+        ),
+    )
+    .default_backoff()
+    .map(|ev| ev.map(|_| ()));
+    let mut events = std::pin::pin!(stream::select(
+        stream::select(job_events, pod_events),
+        node_events
+    ));
     let mut sim = Sim {
         client,
         slice_id,
@@ -530,7 +557,8 @@ pub(crate) async fn run(
         dispatched: HashMap::new(),
         released: BTreeSet::new(),
         noted: BTreeSet::new(),
-        label: HashMap::new(),
+        nodes: node_store,
+        written: HashMap::new(),
     };
     while let Some(event) = events.next().await {
         if let Err(e) = event {
@@ -539,5 +567,44 @@ pub(crate) async fn run(
         let jobs = job_store.state();
         let pods = pod_store.state();
         sim.pass(&jobs, &pods).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dispatcher_command_line_is_read_as_the_chart_renders_it() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "spec": {"template": {"spec": {"containers": [{
+                "name": "dispatcher",
+                "image": "quay.io/kata-containers/kata-deploy-job-dispatcher:4.0.0",
+                "command": [
+                    "/usr/bin/kata-deploy-job-dispatcher",
+                    "--job-template=/etc/kata-job/install-job.yaml",
+                    "--name-prefix=kata-deploy-install",
+                    "--owner-job-name=kata-deploy-install-dispatcher",
+                    "--parallelism=100",
+                    "--nodes=n1,n2"
+                ]
+            }]}}}
+        }))
+        .unwrap();
+        let args = dispatcher_args(&job);
+        assert_eq!(args.nodes, Some(vec!["n1".to_string(), "n2".to_string()]));
+        assert_eq!(args.name_prefix, "kata-deploy-install");
+        assert_eq!(args.node_selector, None);
+        assert_eq!(job_image_tag(&job), "4.0.0");
+    }
+
+    #[test]
+    fn install_outcomes_most_specific_first() {
+        let s = InstallScenario::default();
+        s.set("n2".into(), "4.0.0", InstallOutcome::Fail);
+        s.set(ANY.into(), "4.1.0", InstallOutcome::Fail);
+        assert_eq!(s.decide("n2", "4.0.0"), InstallOutcome::Fail);
+        assert_eq!(s.decide("n1", "4.0.0"), InstallOutcome::Succeed);
+        assert_eq!(s.decide("n1", "4.1.0"), InstallOutcome::Fail);
     }
 }
