@@ -1,5 +1,6 @@
 //! The helm CLI, always as an argv array (never through a shell), with its stderr kept for
-//! error messages. One upgrade per run and one rollback on failure: no helm call per node.
+//! error messages. In daemonset mode one upgrade per run and one rollback on failure, no helm
+//! call per node; in job mode one upgrade scoped by `job.nodes` per node (and per restored node).
 use klm_protocol::install::job_nodes_set_value;
 use serde::Deserialize;
 use std::collections::BTreeSet;
