@@ -11,6 +11,7 @@
 mod config;
 mod ctx;
 mod driver;
+mod install;
 mod metrics;
 mod runner;
 mod steps;

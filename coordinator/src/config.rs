@@ -2,6 +2,7 @@
 use clap::{Args, Parser, Subcommand};
 use klm_kube::cli::ProcessArgs;
 use klm_protocol::duration::parse_timeout;
+use klm_protocol::kata_deploy::RequestedMode;
 use klm_protocol::keys::defaults;
 use klm_protocol::params::Defaults;
 use std::time::Duration;
@@ -126,6 +127,9 @@ pub struct DefaultArgs {
     /// (validated per run; the trigger annotation `helm-set-values` replaces them).
     #[arg(long, env = "KLM_DEFAULT_HELM_SET_VALUES", default_value = "")]
     pub default_helm_set_values: String,
+    /// `auto` (follow the release's `deploymentMode`), `daemonset` or `job`.
+    #[arg(long, env = "KLM_DEFAULT_DEPLOYMENT_MODE", default_value = "auto", value_parser = deployment_mode)]
+    pub default_deployment_mode: RequestedMode,
     #[arg(long, env = "KLM_DEFAULT_VERIFICATION_TIMEOUT", default_value = "300s", value_parser = duration)]
     pub default_verification_timeout: Duration,
     /// When node turns may start, e.g. `Mon-Fri 22:00-06:00 Europe/Berlin` (validated per
@@ -154,6 +158,10 @@ pub struct DefaultArgs {
         default_value = ""
     )]
     pub verification_service_accounts: Vec<String>,
+}
+
+fn deployment_mode(s: &str) -> Result<RequestedMode, String> {
+    RequestedMode::parse(s)
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -197,6 +205,7 @@ impl DefaultArgs {
             },
             batch_size: self.default_batch_size,
             canary: self.default_canary,
+            deployment_mode: self.default_deployment_mode,
         }
     }
 }

@@ -104,7 +104,11 @@ impl Coordinator {
         let (upgrade_lease, _) =
             klm_kube::watch::reflect(lease_api.clone(), by_name(&s.lease_name), notify.clone());
         let pod_gate = PodGate::new(client.clone(), notify.clone());
-        let alert_gate = AlertGate::new(&s.prometheus_url, s.prometheus_poll_interval, notify.clone());
+        let alert_gate = AlertGate::new(
+            &s.prometheus_url,
+            s.prometheus_poll_interval,
+            notify.clone(),
+        );
         nodes.wait_until_ready().await?;
         trigger.wait_until_ready().await?;
         upgrade_lease.wait_until_ready().await?;
@@ -338,7 +342,15 @@ impl Coordinator {
             } => self.event(node.as_deref(), warning, reason, message).await,
             Effect::ReadRelease { release, namespace } => {
                 let began = Instant::now();
-                let read = self.s.helm.metadata(&release, &namespace).await;
+                let read = match self.s.helm.metadata(&release, &namespace).await {
+                    Ok(m) => self
+                        .s
+                        .helm
+                        .deployment_mode(&release, &namespace)
+                        .await
+                        .map(|mode| (m, mode)),
+                    Err(e) => Err(e),
+                };
                 // A release that does not exist is an answer, not a failed call.
                 let counted = match &read {
                     Err(HelmError::NotFound { .. }) => Ok(()),
@@ -349,11 +361,12 @@ impl Coordinator {
                     .metrics
                     .helm_call(HelmOp::Status, began.elapsed(), &counted);
                 answers.push(Input::Release(match read {
-                    Ok(m) => ReleaseRead::Found(ReleaseObservation {
+                    Ok((m, deployment_mode)) => ReleaseRead::Found(ReleaseObservation {
                         chart: m.chart,
                         version: m.version,
                         revision: m.revision,
                         status: ReleaseStatus::parse(&m.status),
+                        deployment_mode,
                     }),
                     Err(HelmError::NotFound { .. }) => ReleaseRead::NotFound,
                     Err(e) => ReleaseRead::Error(e.to_string()),
@@ -411,6 +424,37 @@ impl Coordinator {
                 self.s
                     .metrics
                     .helm_call(HelmOp::Rollback, began.elapsed(), &r);
+                answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
+            }
+            Effect::HelmInstall {
+                release,
+                namespace,
+                version,
+                nodes,
+                set_values,
+                restore_values_of,
+            } => {
+                self.check_leader()?;
+                let began = Instant::now();
+                let r = self
+                    .s
+                    .helm
+                    .scoped_install(
+                        &release,
+                        &namespace,
+                        &version,
+                        &nodes,
+                        &set_values,
+                        restore_values_of,
+                        self.s.rollback_timeout,
+                    )
+                    .await;
+                let op = if restore_values_of.is_some() {
+                    HelmOp::Rollback
+                } else {
+                    HelmOp::Upgrade
+                };
+                self.s.metrics.helm_call(op, began.elapsed(), &r);
                 answers.push(Input::HelmFinished(r.map_err(|e| e.to_string())));
             }
             Effect::ReadNode(name) => {

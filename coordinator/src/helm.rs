@@ -1,6 +1,9 @@
 //! The helm CLI, always as an argv array (never through a shell), with its stderr kept for
-//! error messages. One upgrade per run and one rollback on failure: no helm call per node.
+//! error messages. In daemonset mode one upgrade per run and one rollback on failure, no helm
+//! call per node; in job mode one upgrade scoped by `job.nodes` per node (and per restored node).
+use klm_protocol::install::job_nodes_set_value;
 use serde::Deserialize;
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
@@ -83,6 +86,20 @@ impl Helm {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The release's `deploymentMode` value as the chart renders it (`helm get values --all`:
+    /// the chart's defaults merged with the user's), `None` when the chart has no such value.
+    pub async fn deployment_mode(
+        &self,
+        release: &str,
+        namespace: &str,
+    ) -> Result<Option<String>, HelmError> {
+        let args = strings(&[
+            "get", "values", release, "-n", namespace, "--all", "-o", "json",
+        ]);
+        let out = self.run(&args).await?;
+        deployment_mode_value(&out)
     }
 
     /// The argv of the run's single upgrade (kept separate so it is unit-tested).
@@ -198,6 +215,30 @@ impl Helm {
             ]))
             .await?;
         }
+        let path = self
+            .revision_values_file(release, namespace, revision)
+            .await?;
+        let result = self
+            .run(&self.restore_args(
+                release,
+                namespace,
+                version,
+                &path.display().to_string(),
+                timeout,
+            ))
+            .await;
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
+    }
+
+    /// The user values of `revision` (`helm get values --revision`) in a private file, for
+    /// `-f`; the caller removes it.
+    async fn revision_values_file(
+        &self,
+        release: &str,
+        namespace: &str,
+        revision: u32,
+    ) -> Result<std::path::PathBuf, HelmError> {
         let values = self
             .run(&strings(&[
                 "get",
@@ -226,17 +267,64 @@ impl Helm {
             bin: format!("(writing {})", path.display()),
             source,
         })?;
-        let result = self
-            .run(&self.restore_args(
-                release,
-                namespace,
-                version,
-                &path.display().to_string(),
-                timeout,
-            ))
-            .await;
-        let _ = std::fs::remove_file(&path);
-        result.map(|_| ())
+        Ok(path)
+    }
+
+    /// Job mode: one scoped install (see [`klm_protocol::install`]). An upgrade is the run's
+    /// upgrade argv; a restore is the restore argv back to `version` with the values of
+    /// `restore_values_of`. Either way `job.nodes` lists exactly `nodes`, so kata-deploy's
+    /// dispatcher installs there and nowhere else.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scoped_install(
+        &self,
+        release: &str,
+        namespace: &str,
+        version: &str,
+        nodes: &BTreeSet<String>,
+        set_values: &[String],
+        restore_values_of: Option<u32>,
+        timeout: Duration,
+    ) -> Result<(), HelmError> {
+        let scope = ["--set".to_string(), job_nodes_set_value(nodes)];
+        match restore_values_of {
+            None => {
+                let mut args = self.upgrade_args(release, namespace, version, set_values);
+                args.extend(scope);
+                self.run(&args).await.map(|_| ())
+            }
+            Some(revision) => {
+                let path = self
+                    .revision_values_file(release, namespace, revision)
+                    .await?;
+                let mut args = self.restore_args(
+                    release,
+                    namespace,
+                    version,
+                    &path.display().to_string(),
+                    timeout,
+                );
+                args.extend(scope);
+                let result = self.run(&args).await;
+                let _ = std::fs::remove_file(&path);
+                result.map(|_| ())
+            }
+        }
+    }
+}
+
+/// `deploymentMode` out of `helm get values --all -o json` output.
+fn deployment_mode_value(json: &str) -> Result<Option<String>, HelmError> {
+    let values: serde_json::Value = match json.trim() {
+        "" | "null" => return Ok(None),
+        text => serde_json::from_str(text)
+            .map_err(|e| HelmError::Output(format!("helm get values: {e}")))?,
+    };
+    match values.get("deploymentMode") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(HelmError::Output(format!(
+            "the release's deploymentMode value is {other}, not a string"
+        ))),
     }
 }
 
@@ -285,6 +373,17 @@ fn strings(a: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deployment_mode_is_read_from_the_values() {
+        assert_eq!(
+            deployment_mode_value(r#"{"deploymentMode":"job","job":{"nodes":[]}}"#).unwrap(),
+            Some("job".to_string())
+        );
+        assert_eq!(deployment_mode_value(r#"{"shims":{}}"#).unwrap(), None);
+        assert_eq!(deployment_mode_value("null").unwrap(), None);
+        assert!(deployment_mode_value(r#"{"deploymentMode":3}"#).is_err());
+    }
 
     #[test]
     fn credentials_in_urls_are_redacted() {

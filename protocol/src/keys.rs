@@ -30,6 +30,8 @@ pub mod trigger {
     pub const BATCH_SIZE: &str = "lifecycle.katacontainers.io/batch-size";
     /// Waves: with `batch-size` > 1, the first wave is one node (default `true`).
     pub const CANARY: &str = "lifecycle.katacontainers.io/canary";
+    /// `auto` (follow the release's `deploymentMode`) | `daemonset` | `job`.
+    pub const DEPLOYMENT_MODE: &str = "lifecycle.katacontainers.io/deployment-mode";
     /// Roll one node back by hand to the revision recorded before the run that upgraded it.
     pub const ROLLBACK_NODE: &str = "lifecycle.katacontainers.io/rollback-node";
     /// Steers a run: `cancel` stops granting turns (a node already mid-procedure finishes
@@ -43,7 +45,7 @@ pub mod trigger {
     pub const ACTION_RESUME: &str = "resume";
 
     /// The annotations that define a run; a change to any of them is a new run request.
-    pub const RUN_DEFINING: [&str; 16] = [
+    pub const RUN_DEFINING: [&str; 17] = [
         TARGET_VERSION,
         HELM_RELEASE,
         HELM_NAMESPACE,
@@ -60,6 +62,7 @@ pub mod trigger {
         BLOCKING_POD_SELECTOR,
         BATCH_SIZE,
         CANARY,
+        DEPLOYMENT_MODE,
     ];
 }
 

@@ -9,6 +9,7 @@ pub mod drain_request;
 pub mod duration;
 pub mod grant_gate;
 pub mod helm_values;
+pub mod install;
 pub mod kata_deploy;
 pub mod keys;
 pub mod lease;

@@ -42,6 +42,8 @@ pub struct Defaults {
     pub batch_size: u32,
     /// With `batch_size` > 1, a first wave of one node (chart value `defaults.canary`).
     pub canary: bool,
+    /// The chart value `defaults.deploymentMode` (`auto` unless set).
+    pub deployment_mode: crate::kata_deploy::RequestedMode,
 }
 
 /// The largest `batch-size`: one upgrade Lease per slot, and the chart's RBAC names each
@@ -103,6 +105,13 @@ pub struct RunParams {
     /// `batch_size` nodes are cordoned at once. Meaningless when `batch_size` is 1.
     #[serde(default = "yes")]
     pub canary: bool,
+    /// The `deployment-mode` asked for; the mode the run works in is decided against the
+    /// release (see `kata_deploy::resolve_mode`) and recorded in the run's release state.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::kata_deploy::RequestedMode::is_auto"
+    )]
+    pub deployment_mode: crate::kata_deploy::RequestedMode,
 }
 
 impl RunParams {
@@ -316,6 +325,11 @@ pub fn resolve(
         Some(v) => parse_bool(trigger::CANARY, &v)?,
         None => defaults.canary,
     };
+    let deployment_mode = match get(trigger::DEPLOYMENT_MODE) {
+        Some(v) => crate::kata_deploy::RequestedMode::parse(&v)
+            .map_err(|e| invalid(trigger::DEPLOYMENT_MODE, e))?,
+        None => defaults.deployment_mode,
+    };
 
     Ok(RunParams {
         target_version: target,
@@ -336,6 +350,7 @@ pub fn resolve(
         alert_filter,
         batch_size,
         canary,
+        deployment_mode,
     })
 }
 
@@ -456,6 +471,7 @@ pub(crate) mod tests {
             maintenance_window: String::new(),
             blocking_pod_selector: String::new(),
             alert_filter: String::new(),
+            deployment_mode: Default::default(),
         }
     }
 

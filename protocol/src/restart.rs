@@ -126,6 +126,12 @@ pub struct Restart {
     initial: Option<BTreeSet<String>>,
     /// Pods we deleted, by uid: terminating for our purposes even before the watch says so.
     deleted: BTreeSet<String>,
+    /// Before 3.31.0 a Ready kata-deploy pod may still be installing: the restart is done only
+    /// once the node also carries `katacontainers.io/kata-runtime=true` (set by kata-deploy
+    /// when its install finished; see `kata_deploy::ready_may_precede_install`).
+    await_runtime_label: bool,
+    /// The node's `katacontainers.io/kata-runtime` label as last observed.
+    runtime_label: Option<String>,
 }
 
 impl Restart {
@@ -136,7 +142,26 @@ impl Restart {
             budget,
             initial: None,
             deleted: BTreeSet::new(),
+            await_runtime_label: false,
+            runtime_label: None,
         }
+    }
+
+    /// The restart also waits for `katacontainers.io/kata-runtime=true` on the node (kata-deploy
+    /// versions whose readiness does not mean installed).
+    pub fn awaiting_runtime_label(mut self) -> Self {
+        self.await_runtime_label = true;
+        self
+    }
+
+    /// The node's `katacontainers.io/kata-runtime` label, as the agent's watch of its Node
+    /// last saw it (`None`: absent).
+    pub fn observe_runtime_label(&mut self, value: Option<&str>) {
+        self.runtime_label = value.map(str::to_string);
+    }
+
+    fn installed(&self) -> bool {
+        !self.await_runtime_label || self.runtime_label.as_deref() == Some("true")
     }
 
     /// The pods as [`pod_restart`] should see them. Pods we already deleted count as
@@ -185,12 +210,14 @@ impl Restart {
                 .clone();
             let view = self.decision_view(pods, &initial);
             match pod_restart(&view, &self.want_hash) {
-                PodRestart::Done(pod) => {
+                PodRestart::Done(pod) if self.installed() => {
                     return RestartStep::Done {
                         pod,
                         took: self.budget.elapsed(now_ms),
                     };
                 }
+                // Ready, not yet installed: the label's change wakes the step.
+                PodRestart::Done(_) => {}
                 PodRestart::Delete(name) => {
                     let uid = pods
                         .iter()
@@ -214,6 +241,24 @@ impl Restart {
     }
 
     fn timeout(&self, pods: &[ObservedPod]) -> FailureCause {
+        let initial_view = self.decision_view(pods, &self.initial.clone().unwrap_or_default());
+        if let PodRestart::Done(pod) = pod_restart(&initial_view, &self.want_hash) {
+            return FailureCause {
+                reason: "KataRuntimeNotInstalled".into(),
+                message: format!(
+                    "kata-deploy pod {pod} on {} is Ready at revision {}, but the node's {} label is {} after {}s: \
+                     this kata-deploy version reports Ready before its install finished, and the install did not finish",
+                    self.node,
+                    self.want_hash,
+                    crate::keys::node::KATA_RUNTIME_LABEL,
+                    self.runtime_label
+                        .as_deref()
+                        .map_or("absent".to_string(), |v| format!("{v:?}")),
+                    self.budget.limit.as_secs()
+                ),
+                exit_code: None,
+            };
+        }
         let initial = self.initial.clone().unwrap_or_default();
         let recreated_elsewhere = pods.iter().any(|p| {
             !p.pod.terminating && p.pod.revision_hash != self.want_hash && !initial.contains(&p.uid)
@@ -381,6 +426,52 @@ mod tests {
         let p = obs("kd-a", "u1", "new", true);
         assert!(matches!(
             r.next(Some(&[p]), 0, false),
+            RestartStep::Done { .. }
+        ));
+    }
+
+    #[test]
+    fn before_3_31_ready_is_not_done_until_the_node_is_labelled_installed() {
+        let mut r = Restart::new("n1", "new", Budget::new(0, LIMIT)).awaiting_runtime_label();
+        r.observe_runtime_label(Some("true")); // the old install's label
+        let old = obs("kd-a", "u1", "old", true);
+        assert!(matches!(
+            r.next(Some(std::slice::from_ref(&old)), 0, false),
+            RestartStep::Delete { .. }
+        ));
+        r.deleted("u1");
+        // kata-deploy's cleanup on restart takes the label off; the new pod is Ready first.
+        r.observe_runtime_label(Some("false"));
+        let ready = obs("kd-b", "u2", "new", true);
+        assert_eq!(
+            r.next(Some(std::slice::from_ref(&ready)), 1_000, false),
+            RestartStep::WaitUntil(Some(300_000))
+        );
+        match r.next(Some(std::slice::from_ref(&ready)), 300_000, false) {
+            RestartStep::Failed(c) => {
+                assert_eq!(c.reason, "KataRuntimeNotInstalled");
+                assert!(
+                    c.message
+                        .contains("katacontainers.io/kata-runtime label is \"false\""),
+                    "{}",
+                    c.message
+                );
+            }
+            s => panic!("{s:?}"),
+        }
+        r.observe_runtime_label(Some("true"));
+        assert_eq!(
+            r.next(Some(&[ready]), 2_000, false),
+            RestartStep::Done {
+                pod: "kd-b".into(),
+                took: Duration::from_secs(2)
+            }
+        );
+        // Without the wait (3.31.0 and later), Ready is done whatever the label says.
+        let mut r = Restart::new("n1", "new", Budget::new(0, LIMIT));
+        r.observe_runtime_label(None);
+        assert!(matches!(
+            r.next(Some(&[obs("kd-b", "u2", "new", true)]), 0, false),
             RestartStep::Done { .. }
         ));
     }

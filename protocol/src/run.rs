@@ -84,6 +84,10 @@ pub struct ReleaseState {
     /// coordinator never issues a second one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upgrade_issued: bool,
+    /// The mode the run works in, decided against the release before anything was touched
+    /// (`kata_deploy::resolve_mode`); records from before job mode are daemonset runs.
+    #[serde(default)]
+    pub mode: crate::kata_deploy::DeploymentMode,
 }
 
 /// Evidence of a node's outcome, written by its agent to the Node and copied into the run.
@@ -211,6 +215,13 @@ pub struct RunRecord {
     /// API requests the coordinator sent for this run (set when it finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_api_requests: Option<u64>,
+    /// Job mode: every scoped `helm upgrade --set job.nodes={…}` the run issued (recorded
+    /// before helm runs, so none is issued twice).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::install::InstallLedger::is_empty"
+    )]
+    pub installs: crate::install::InstallLedger,
 }
 
 impl RunRecord {
@@ -240,6 +251,7 @@ impl RunRecord {
             paused: false,
             hold: None,
             coordinator_api_requests: None,
+            installs: Default::default(),
         }
     }
 

@@ -560,8 +560,13 @@ def no_wildcards_and_no_secrets_for_the_agent():
                 assert "*" not in rule.get(field, []), f"{comp}: wildcard in {rule}"
     agent = component_rules(r, "agent")
     resources = {res for _, rule in agent for res in rule["resources"]}
-    assert resources == {"nodes", "pods", "pods/log", "events", "leases", "configmaps"}, resources
+    # jobs: kata-deploy's per-node install Jobs in job mode, read only, in its namespace only.
+    assert resources == {"nodes", "pods", "pods/log", "events", "leases", "configmaps", "jobs"}, resources
     assert not any("apps" in rule["apiGroups"] for _, rule in agent)
+    for ns, rule in agent:
+        if "jobs" in rule["resources"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+            assert ns == "kube-system", f"jobs read outside the kata-deploy namespace: {ns}"
 
 
 @test

@@ -121,6 +121,23 @@ async fn run_step(ctx: &mut TurnCtx<'_>, at: NodeStatus) -> Result<(), StepError
             );
             drain::run(ctx).await
         }
+        (TurnKind::Upgrade, NodeStatus::Upgrading) if job_mode(ctx) => {
+            // Listed before the node says it waits: the coordinator's install comes after.
+            let earlier = crate::install::earlier_jobs(ctx).await?;
+            write_status(ctx, NodeStatus::Upgrading).await?;
+            let version = ctx.rec.a.target_version.clone();
+            ctx.event(
+                false,
+                "AwaitingInstall",
+                format!(
+                    "node {}: waiting for kata-deploy's install of {version} on it (job mode)",
+                    ctx.node_name()
+                ),
+            );
+            let took = crate::install::wait(ctx, &earlier, &version).await?;
+            ctx.rec.evidence.restart_ms = Some(millis(took));
+            Ok(())
+        }
         (TurnKind::Upgrade, NodeStatus::Upgrading) => {
             write_status(ctx, NodeStatus::Upgrading).await?;
             let want = ctx.rec.a.want_hash().to_string();
@@ -170,6 +187,11 @@ fn measure(ctx: &TurnCtx<'_>, at: NodeStatus, took: Duration, result: &Result<()
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// kata-deploy runs in job mode: installs are per-node Jobs, not a DaemonSet pod restart.
+fn job_mode(ctx: &TurnCtx<'_>) -> bool {
+    ctx.rec.a.release.mode == klm_protocol::kata_deploy::DeploymentMode::Job
 }
 
 async fn write_status(ctx: &mut TurnCtx<'_>, status: NodeStatus) -> Result<(), StepError> {
@@ -298,10 +320,29 @@ async fn restore(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
         ev.log_tail = prev.log_tail.clone();
         ev.verification_ms = prev.verification_ms;
     }
+    let earlier = if job_mode(ctx) {
+        Some(crate::install::earlier_jobs(ctx).await?)
+    } else {
+        None
+    };
     let opening = opening(ctx, NodeStatus::RollingBack);
     let (patch, _) = cordon::with_cordon(ctx, opening);
     ctx.patch_node("writing status rolling-back", &patch)
         .await?;
+    if let Some(earlier) = earlier {
+        let version = ctx.rec.a.release.recorded_version.clone();
+        ctx.event(
+            true,
+            "Restoring",
+            format!(
+                "node {}: waiting for kata-deploy's reinstall of {version} on it (job mode)",
+                ctx.node_name()
+            ),
+        );
+        let took = crate::install::wait(ctx, &earlier, &version).await?;
+        ctx.rec.evidence.restart_ms = Some(millis(took));
+        return Ok(());
+    }
     let want = ctx.rec.a.want_hash().to_string();
     let release = &ctx.rec.a.release;
     let version = if release.recorded_version.is_empty() {

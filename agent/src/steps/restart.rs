@@ -9,6 +9,7 @@ use klm_kube::time::mono_ms;
 use klm_protocol::keys::kata_deploy;
 use klm_protocol::procedure::sleep_for;
 use klm_protocol::restart::{ObservedPod, Restart, RestartStep};
+use klm_protocol::run::TurnKind;
 use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::watcher;
 use std::sync::Arc;
@@ -25,7 +26,25 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
     // time survive an agent restart mid-step.
     let budget = ctx.rec.step_budget(ctx.agent.config.pod_ready_timeout);
     let mut machine = Restart::new(&node, want_hash, budget);
+    // The version this restart brings the node to: before 3.31.0 Ready is not "installed".
+    let version = match ctx.kind() {
+        TurnKind::Upgrade => ctx.rec.a.target_version.clone(),
+        TurnKind::Restore => ctx.rec.a.release.recorded_version.clone(),
+    };
+    let label_wait = klm_protocol::kata_deploy::ready_may_precede_install(&version);
+    if label_wait {
+        machine = machine.awaiting_runtime_label();
+    }
     let changed = Arc::new(Notify::new());
+    // Our own Node, watched only when its `katacontainers.io/kata-runtime` label matters.
+    let node_watch = label_wait.then(|| {
+        let (store, task) = klm_kube::watch::reflect(
+            ctx.agent.nodes.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            changed.clone(),
+        );
+        (store, AbortOnDrop(task))
+    });
     let (store, task) = klm_kube::watch::reflect(
         api.clone(),
         watcher::Config::default()
@@ -39,6 +58,16 @@ pub async fn run(ctx: &mut TurnCtx<'_>, want_hash: &str) -> Result<Duration, Ste
     loop {
         let pods: Option<Vec<ObservedPod>> =
             listed.then(|| store.state().iter().map(|p| ObservedPod::of(p)).collect());
+        if let Some((node_store, _)) = &node_watch {
+            let label = node_store.state().first().and_then(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()?
+                    .get(klm_protocol::keys::node::KATA_RUNTIME_LABEL)
+                    .cloned()
+            });
+            machine.observe_runtime_label(label.as_deref());
+        }
         let now = mono_ms();
         let cancel = ctx.cancel_requested();
         let wake = match machine.next(pods.as_deref(), now, cancel) {

@@ -94,6 +94,7 @@ fn running(plan: &[&str]) -> RunRecord {
         on_delete: Some(true),
         rolled_back: false,
         upgrade_issued: true,
+        mode: Default::default(),
     });
     r
 }

@@ -3,6 +3,7 @@
 use super::*;
 use crate::lifecycle::LeaseTrack;
 
+mod job_mode;
 mod phases;
 
 /// A request whose answer the machine waits for (volatile: a restart forgets it, and the new

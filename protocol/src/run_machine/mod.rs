@@ -238,6 +238,20 @@ pub enum Effect {
     RevokeLease { node: String, slot: u32 },
     /// Step again (with [`Input::Tick`]) at this time even if nothing changes.
     WakeAt(Wake),
+    /// Job mode: one scoped `helm upgrade … --set job.nodes={nodes}` (see [`crate::install`]);
+    /// answer with [`Input::HelmFinished`].
+    HelmInstall {
+        release: String,
+        namespace: String,
+        version: String,
+        nodes: std::collections::BTreeSet<String>,
+        /// Upgrade: the run's validated `helm-set-values` over the release's values
+        /// (`--reset-then-reuse-values`, as the daemonset upgrade).
+        set_values: Vec<String>,
+        /// Restore: the recorded revision whose user values the release goes back to
+        /// (`--reset-values -f <those values>`, as the daemonset restore).
+        restore_values_of: Option<u32>,
+    },
 }
 
 #[cfg(test)]

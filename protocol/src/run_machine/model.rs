@@ -257,6 +257,9 @@ impl Sim {
                     self.rv += 1;
                 }
                 Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
+                Effect::HelmInstall { .. } => {
+                    panic!("the model's release is in daemonset mode: no scoped install")
+                }
                 Effect::EnsureSlotLease(slot) => {
                     let slot = slot as usize;
                     assert!(
@@ -287,6 +290,7 @@ impl Sim {
                             version: self.release.version.clone(),
                             revision: self.release.revision,
                             status: self.release.status.clone(),
+                            deployment_mode: None,
                         })))
                 }
                 Effect::ReadDaemonSet { .. } => {

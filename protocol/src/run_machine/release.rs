@@ -1,6 +1,7 @@
 //! What helm says about the kata-deploy release, typed, and the pure decisions the run makes
 //! from it: whether a trigger may start, whether an earlier `helm upgrade` is to be adopted or
 //! undone, whether the rollback already happened.
+use crate::kata_deploy::{self, DeploymentMode};
 use crate::run::ReleaseState;
 
 /// The chart a release must be built from: `helm upgrade <release> <kata-deploy chart>` on a
@@ -75,6 +76,9 @@ pub struct ReleaseObservation {
     pub version: String,
     pub revision: u32,
     pub status: ReleaseStatus,
+    /// The release's `deploymentMode` value (`helm get values --all`); `None` when the chart
+    /// has none (before 3.32.0) or it was not read.
+    pub deployment_mode: Option<String>,
 }
 
 /// What a read of the release returned.
@@ -119,6 +123,35 @@ pub fn admit_release(
         ));
     }
     Ok(())
+}
+
+/// The mode a new run works in, or why it must not start (see `kata_deploy::resolve_mode`).
+/// Checked before "already at the target": a refused mode is a mistake worth saying.
+pub fn admit_mode(
+    release: &ReleaseObservation,
+    params: &crate::params::RunParams,
+) -> Result<DeploymentMode, String> {
+    let mode = kata_deploy::resolve_mode(
+        params.deployment_mode,
+        kata_deploy::ModeContext {
+            release: &params.helm_release,
+            namespace: &params.helm_namespace,
+            recorded_version: &release.version,
+            target_version: &params.target_version,
+            release_value: release.deployment_mode.as_deref(),
+        },
+    )?;
+    if mode == DeploymentMode::Job && params.wave_size() > 1 {
+        // Each scoped upgrade re-renders the dispatcher for its own `job.nodes`: one helm call
+        // per wave is needed, and until that is built a wave would be installed node by node
+        // through overlapping releases. Refused rather than half done.
+        return Err(format!(
+            "batch-size {} is not supported in job mode yet (kata-deploy's per-node install Jobs \
+             come from one scoped helm upgrade per node); run job-mode upgrades with batch-size 1",
+            params.batch_size
+        ));
+    }
+    Ok(mode)
 }
 
 /// What to do in phase `Upgrading`, given the latest release revision.
@@ -204,6 +237,7 @@ mod tests {
             version: version.into(),
             revision,
             status: ReleaseStatus::parse(status),
+            deployment_mode: None,
         }
     }
 

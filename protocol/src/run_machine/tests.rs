@@ -43,6 +43,7 @@ fn found(revision: u32, version: &str, status: &str) -> Input {
         version: version.into(),
         revision,
         status: ReleaseStatus::parse(status),
+        deployment_mode: None,
     }))
 }
 
@@ -247,6 +248,7 @@ fn prepare_refuses_or_finishes_without_touching_anything() {
                 version: "1.0.0".into(),
                 revision: 3,
                 status: ReleaseStatus::Deployed,
+                deployment_mode: None,
             })),
             &["n1"],
             RunPhase::Failed,
@@ -657,4 +659,226 @@ fn pause_holds_the_next_turn_until_resume() {
         )),
         granted + 1
     );
+}
+
+fn found_in_mode(version: &str, mode: Option<&str>) -> Input {
+    Input::Release(ReleaseRead::Found(ReleaseObservation {
+        chart: KATA_DEPLOY_CHART.into(),
+        version: version.into(),
+        revision: 3,
+        status: ReleaseStatus::Deployed,
+        deployment_mode: mode.map(str::to_string),
+    }))
+}
+
+#[test]
+fn the_deployment_mode_is_decided_against_the_release_before_anything_is_touched() {
+    /// (release version, its deploymentMode, deployment-mode asked, target, message)
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
+    let cases: [Case; 5] = [
+        // A switch is refused with the migration command.
+        (
+            "3.32.0",
+            Some("daemonset"),
+            Some("job"),
+            "4.0.0",
+            "--set deploymentMode=job",
+        ),
+        (
+            "4.0.0",
+            Some("job"),
+            Some("daemonset"),
+            "4.1.0",
+            "runs kata-deploy in job mode and this run asked for deployment-mode=daemonset",
+        ),
+        // Job mode below 3.32.0, at either end.
+        ("3.32.0", Some("job"), None, "3.31.0", "older than 3.32.0"),
+        ("3.31.0", None, Some("job"), "4.0.0", "older than 3.32.0"),
+        // Daemonset pacing below 3.27.0.
+        ("3.27.0", None, None, "3.26.0", "older than 3.27.0"),
+    ];
+    for (version, value, asked, target, needle) in cases {
+        let mut h = H::new(&["n1"]);
+        if let Some(asked) = asked {
+            h.annotations
+                .insert(trigger::DEPLOYMENT_MODE.into(), asked.into());
+        }
+        h.annotate(trigger::TARGET_VERSION, target);
+        h.feed(found_in_mode(version, value));
+        let r = h.run();
+        assert_eq!(r.phase, RunPhase::Failed, "{needle}: {}", r.message);
+        assert!(r.message.contains(needle), "{needle}: {}", r.message);
+        assert_eq!(
+            h.count(|e| matches!(e, Effect::HelmUpgrade { .. } | Effect::ReadDaemonSet { .. })),
+            0,
+            "{needle}"
+        );
+    }
+}
+
+#[test]
+fn waves_in_job_mode_are_refused_before_anything_is_touched() {
+    let mut h = H::new(&["n1", "n2"]);
+    h.annotations.insert(trigger::BATCH_SIZE.into(), "2".into());
+    h.annotate(trigger::TARGET_VERSION, "4.1.0");
+    h.feed(found_in_mode("4.0.0", Some("job")));
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
+    assert!(
+        r.message
+            .contains("batch-size 2 is not supported in job mode"),
+        "{}",
+        r.message
+    );
+    assert_eq!(
+        h.count(|e| matches!(e, Effect::HelmUpgrade { .. } | Effect::HelmInstall { .. })),
+        0
+    );
+}
+
+#[test]
+fn auto_follows_a_daemonset_release_and_records_the_mode() {
+    let mut h = H::new(&["n1"]);
+    h.annotate(trigger::TARGET_VERSION, "4.0.0");
+    h.feed(found_in_mode("3.32.0", Some("daemonset")));
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Pending, "{}", r.message);
+    assert_eq!(
+        r.release.as_ref().map(|x| x.mode),
+        Some(crate::kata_deploy::DeploymentMode::DaemonSet)
+    );
+    assert_eq!(h.count(|e| matches!(e, Effect::ReadDaemonSet { .. })), 1);
+}
+
+fn at_status(h: &mut H, name: &str, status: NodeStatus, kind: crate::TurnKind) -> Vec<Effect> {
+    let id = h.run().id;
+    h.feed(Input::Node {
+        name: name.into(),
+        node: Some(NodeSnapshot {
+            observed: ObservedNode {
+                exists: true,
+                status: Some(status),
+                run_id: Some(id),
+                turn: Some(kind),
+                ..Default::default()
+            },
+            ..node(name).1
+        }),
+        direct: false,
+    })
+}
+
+fn found_job(revision: u32, version: &str, status: &str) -> Input {
+    Input::Release(ReleaseRead::Found(ReleaseObservation {
+        chart: KATA_DEPLOY_CHART.into(),
+        version: version.into(),
+        revision,
+        status: ReleaseStatus::parse(status),
+        deployment_mode: Some("job".into()),
+    }))
+}
+
+fn installs(fx: &[Effect]) -> Vec<(std::collections::BTreeSet<String>, String, Option<u32>)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::HelmInstall {
+                nodes,
+                version,
+                restore_values_of,
+                ..
+            } => Some((nodes.clone(), version.clone(), *restore_values_of)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn job_mode_installs_node_by_node_once_each_and_restores_only_upgraded_nodes() {
+    use crate::TurnKind::{Restore, Upgrade};
+    let mut h = H::new(&["n1", "n2", "n3"]);
+    h.annotate(trigger::TARGET_VERSION, "4.0.0");
+    h.feed(found_job(3, "3.32.0", "deployed"));
+    // No DaemonSet read, no cluster-wide upgrade: straight to the first turn.
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Running, "{}", r.message);
+    assert_eq!(r.turn.as_ref().map(|t| t.node.as_str()), Some("n1"));
+    assert_eq!(
+        h.count(|e| matches!(e, Effect::HelmUpgrade { .. } | Effect::ReadDaemonSet { .. })),
+        0
+    );
+    // Cordoned: nothing installs yet.
+    at_status(&mut h, "n1", NodeStatus::Cordoned, Upgrade);
+    assert!(installs(&h.fx).is_empty());
+    // Waiting for its install: one scoped upgrade, persisted before helm runs.
+    at_status(&mut h, "n1", NodeStatus::Upgrading, Upgrade);
+    let fx = h.feed(found_job(3, "3.32.0", "deployed"));
+    assert_eq!(
+        installs(&fx),
+        [(["n1".to_string()].into(), "4.0.0".to_string(), None)]
+    );
+    let persist = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(d) if d[keys::RUN].contains("issuedAtRevision")))
+        .expect("persisted");
+    let helm = fx
+        .iter()
+        .position(|e| matches!(e, Effect::HelmInstall { .. }))
+        .expect("helm");
+    assert!(persist < helm, "{fx:?}");
+    // A restarted coordinator (a new machine on the persisted record) never issues it again:
+    // the release history says it happened.
+    let mut h2 = H::with_data(&["n1", "n2", "n3"], h.data.clone());
+    h2.annotations = h.annotations.clone();
+    h2.trigger();
+    at_status(&mut h2, "n1", NodeStatus::Upgrading, Upgrade);
+    h2.feed(found_job(4, "4.0.0", "deployed"));
+    assert!(installs(&h2.fx).is_empty(), "{:?}", h2.fx);
+    assert_eq!(
+        h2.run().installs.requests[0].revision,
+        Some(4),
+        "adopted from the history"
+    );
+    // The first machine hears helm finish and reads the same.
+    h.feed(Input::HelmFinished(Ok(())));
+    h.feed(found_job(4, "4.0.0", "deployed"));
+    assert_eq!(h.run().release.as_ref().unwrap().upgraded_revision, Some(4));
+    at_status(&mut h, "n1", NodeStatus::Completed, Upgrade);
+    // n2: its install fails (the dispatcher hook failed); the agent reports the failure.
+    assert_eq!(h.run().turn.as_ref().map(|t| t.node.as_str()), Some("n2"));
+    at_status(&mut h, "n2", NodeStatus::Upgrading, Upgrade);
+    h.feed(found_job(4, "4.0.0", "deployed"));
+    h.feed(Input::HelmFinished(Err("post-upgrade hooks failed".into())));
+    h.feed(found_job(5, "4.0.0", "failed"));
+    assert!(h.has_event("InstallFailed"));
+    at_status(&mut h, "n2", NodeStatus::RollingBack, Upgrade);
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::RollingBack, "{}", r.message);
+    // No release-level rollback: restore turns, failed node first, then n1; n3 untouched.
+    assert_eq!(h.count(|e| matches!(e, Effect::HelmRollback { .. })), 0);
+    assert_eq!(
+        r.turn.as_ref().map(|t| (t.node.as_str(), t.kind)),
+        Some(("n2", Restore))
+    );
+    h.fx.clear();
+    at_status(&mut h, "n2", NodeStatus::RollingBack, Restore);
+    h.feed(found_job(5, "4.0.0", "failed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    h.feed(found_job(6, "3.32.0", "deployed"));
+    at_status(&mut h, "n2", NodeStatus::RolledBack, Restore);
+    at_status(&mut h, "n1", NodeStatus::RollingBack, Restore);
+    h.feed(found_job(6, "3.32.0", "deployed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    h.feed(found_job(7, "3.32.0", "deployed"));
+    at_status(&mut h, "n1", NodeStatus::RolledBack, Restore);
+    assert_eq!(
+        installs(&h.fx),
+        [
+            (["n2".to_string()].into(), "3.32.0".to_string(), Some(3)),
+            (["n1".to_string()].into(), "3.32.0".to_string(), Some(3)),
+        ],
+        "each restore is scoped to its node, back to the recorded version and values"
+    );
+    let r = h.run();
+    assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
+    assert!(!r.nodes.contains_key("n3") || r.nodes["n3"].status.is_none());
 }

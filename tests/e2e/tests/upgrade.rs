@@ -456,18 +456,21 @@ async fn coordinator_killed_after_helm_upgrade_resumes_without_a_second_upgrade(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chart_ignoring_update_strategy_is_reported() -> anyhow::Result<()> {
+async fn chart_ignoring_update_strategy_is_refused() -> anyhow::Result<()> {
+    // 3.26.0 hard-codes RollingUpdate: a run could not pace it node by node, so it is refused
+    // before anything is touched (it used to run with a warning).
     let p = Product::start("oldchart", 2, "3.27.0").await?;
     p.opt_in(&["node-1", "node-2"]).await?;
+    let before = p.release().await?;
     let run = p.run("3.26.0", &[]).await?;
-    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}");
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
     assert!(
-        run.warnings
-            .iter()
-            .any(|w| w.contains("ignores updateStrategy")),
-        "{:?}",
-        run.warnings
+        run.message.contains("older than 3.27.0") && run.message.contains("nothing was changed"),
+        "{}",
+        run.message
     );
+    assert_eq!(p.release().await?, before, "no helm call");
+    assert!(run.nodes.is_empty(), "no node touched: {:?}", run.nodes);
     p.assert_safe(&run.plan).await?;
     Ok(())
 }

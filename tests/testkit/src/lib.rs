@@ -20,6 +20,7 @@
 
 mod cluster;
 mod helm_gate;
+pub mod kata_deploy_sim;
 mod nodes;
 pub mod paths;
 mod process;
@@ -30,6 +31,7 @@ pub mod wait;
 
 pub use cluster::{ApiServerOutage, Cluster};
 pub use helm_gate::{HELM_GATE_JOB, HelmGate};
+pub use kata_deploy_sim::{DispatchedJob, InstallOutcome};
 pub use nodes::NOT_READY_LABEL;
 pub use process::Proc;
 pub use slice::{SLICE_LABEL, Slice};

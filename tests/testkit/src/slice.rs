@@ -39,6 +39,8 @@ pub struct Slice {
     dir: PathBuf,
     scenario: Arc<Scenario>,
     verifier: tokio::task::JoinHandle<()>,
+    installs: Arc<crate::kata_deploy_sim::InstallScenario>,
+    kata_deploy_sim: tokio::task::JoinHandle<()>,
     spawned: AtomicUsize,
 }
 
@@ -59,6 +61,13 @@ impl Slice {
             format!("kd-{id}"),
             scenario.clone(),
         ));
+        let installs = Arc::new(crate::kata_deploy_sim::InstallScenario::default());
+        let kata_deploy_sim = tokio::spawn(crate::kata_deploy_sim::run(
+            client.clone(),
+            id.clone(),
+            format!("kd-{id}"),
+            installs.clone(),
+        ));
         let slice = Slice {
             cluster,
             id,
@@ -66,6 +75,8 @@ impl Slice {
             dir,
             scenario,
             verifier,
+            installs,
+            kata_deploy_sim,
             spawned: AtomicUsize::new(0),
         };
 
@@ -376,6 +387,28 @@ impl Slice {
             .insert((node, version.to_owned()), outcome);
     }
 
+    /// Sets what kata-deploy's per-node install Job (job mode) does on `node` for chart
+    /// `version` (either may be [`verification::ANY`]); the default is to succeed. See
+    /// [`crate::kata_deploy_sim`].
+    pub fn set_install_outcome(
+        &self,
+        node: &str,
+        version: &str,
+        outcome: crate::kata_deploy_sim::InstallOutcome,
+    ) {
+        let node = if node == verification::ANY {
+            node.to_owned()
+        } else {
+            self.node_name(node)
+        };
+        self.installs.set(node, version, outcome);
+    }
+
+    /// Every per-node install Job the simulated dispatcher created, in order.
+    pub fn dispatched_install_jobs(&self) -> Vec<crate::kata_deploy_sim::DispatchedJob> {
+        self.installs.dispatched()
+    }
+
     /// The outcome when no rule matches (initially [`Outcome::Succeed`]).
     pub fn set_default_verification_outcome(&self, outcome: Outcome) {
         self.scenario
@@ -496,6 +529,7 @@ spec:
 impl Drop for Slice {
     fn drop(&mut self) {
         self.verifier.abort();
+        self.kata_deploy_sim.abort();
         self.cleanup_blocking(std::thread::panicking());
     }
 }

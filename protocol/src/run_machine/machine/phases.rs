@@ -44,16 +44,16 @@ impl Machine {
         }
     }
 
-    fn run_mut(&mut self) -> &mut RunRecord {
+    pub(super) fn run_mut(&mut self) -> &mut RunRecord {
         self.state.run.as_mut().expect("a run is active")
     }
 
-    fn request(&mut self, what: Awaiting, effect: Effect) {
+    pub(super) fn request(&mut self, what: Awaiting, effect: Effect) {
         self.awaiting = Some(what);
         self.fx.push(effect);
     }
 
-    fn read_release(&mut self) {
+    pub(super) fn read_release(&mut self) {
         // Write-ahead: helm may take long to answer (or the coordinator may die while it does);
         // the run is visible as it stands before we wait on it.
         self.persist();
@@ -129,6 +129,10 @@ impl Machine {
             if let Err(e) = release::admit_release(&rel, &p.helm_release, &p.helm_namespace) {
                 return self.finish(RunPhase::Failed, "RunRejected", e);
             }
+            let mode = match release::admit_mode(&rel, &p) {
+                Ok(mode) => mode,
+                Err(e) => return self.finish(RunPhase::Failed, "RunRejected", e),
+            };
             let facts: Vec<NodeFacts> = self
                 .nodes
                 .iter()
@@ -155,6 +159,7 @@ impl Machine {
             run.release = Some(ReleaseState {
                 recorded_revision: rel.revision,
                 recorded_version: rel.version.clone(),
+                mode,
                 ..Default::default()
             });
             if rel.version == p.target_version {
@@ -177,6 +182,9 @@ impl Machine {
                     ),
                 );
             }
+        }
+        if self.job_mode() {
+            return self.start_job_mode(&p);
         }
         let Some(ds) = self.daemonset.take() else {
             return self.request(
@@ -334,7 +342,7 @@ impl Machine {
     }
 
     /// Asks the release again in a few seconds (helm or the API server is briefly unhappy).
-    fn retry_later(&mut self, msg: String) {
+    pub(super) fn retry_later(&mut self, msg: String) {
         let wake = Wake {
             at_ms: self.now() + RELEASE_READ_RETRY_MS,
             reason: WakeReason::RetryReleaseRead,
@@ -380,6 +388,9 @@ impl Machine {
     fn rollback(&mut self) {
         if self.awaiting.is_some() || self.waiting_to_retry() {
             return;
+        }
+        if self.job_mode() {
+            return self.job_mode_rollback();
         }
         let run = self.state.run.as_ref().expect("run");
         let p = run.params.clone().unwrap_or_else(missing_params);
@@ -576,6 +587,9 @@ impl Machine {
                 lifecycle::Effect::WakeAt(w) => self.fx.push(Effect::WakeAt(w)),
             }
         }
+        if self.job_mode() {
+            self.job_installs();
+        }
         self.ensure_slot_leases();
     }
 }
@@ -699,6 +713,6 @@ impl Machine {
 /// Runs past `Pending` always carry validated parameters (a record without them is refused
 /// before it leaves `Pending`); a hand-edited record that lost them gets empty ones and fails
 /// at helm with a message rather than a panic.
-fn missing_params() -> crate::params::RunParams {
+pub(super) fn missing_params() -> crate::params::RunParams {
     crate::params::RunParams::default()
 }
