@@ -48,6 +48,12 @@ pub struct Settings {
 #[derive(Default)]
 struct Fed {
     trigger: Option<Option<String>>,
+    /// The trigger ConfigMap's version the next write is conditioned on: the last one read
+    /// from the watch that this coordinator did not write itself, or its own last write.
+    trigger_rv: Option<String>,
+    /// Versions this coordinator wrote (the latest few): seeing one of them on the watch, which
+    /// may lag, tells nothing newer than our own last write.
+    own_writes: std::collections::VecDeque<String>,
     /// Per wave slot (0: the upgrade Lease).
     leases: BTreeMap<u32, Option<LeaseView>>,
     nodes: Option<BTreeMap<String, String>>,
@@ -220,6 +226,9 @@ impl Coordinator {
             .as_ref()
             .map(|c| c.metadata.resource_version.clone().unwrap_or_default());
         if self.fed.trigger.as_ref() != Some(&rv) {
+            if !rv.as_ref().is_some_and(|v| self.fed.own_writes.contains(v)) {
+                self.fed.trigger_rv = rv.clone();
+            }
             self.fed.trigger = Some(rv);
             inputs.push_back(Input::Trigger(cm.map(|c| TriggerView {
                 resource_version: c.metadata.resource_version.clone(),
@@ -318,6 +327,17 @@ impl Coordinator {
         }
     }
 
+    /// Our own write moved the trigger ConfigMap to `rv`.
+    fn wrote_trigger(&mut self, rv: Option<String>) {
+        if let Some(v) = &rv {
+            self.fed.own_writes.push_back(v.clone());
+            if self.fed.own_writes.len() > 16 {
+                self.fed.own_writes.pop_front();
+            }
+        }
+        self.fed.trigger_rv = rv;
+    }
+
     /// Performs one effect; answers go to `answers` (fed after the batch, in order).
     async fn perform(
         &mut self,
@@ -328,11 +348,19 @@ impl Coordinator {
         match effect {
             Effect::Persist(data) => {
                 self.check_leader()?;
-                status_data::save(&self.configmaps, cm, &data).await?;
+                let expected = self.fed.trigger_rv.as_deref();
+                let written = status_data::save(&self.configmaps, cm, &data, expected)
+                    .await
+                    .map_err(changed_since_read)?;
+                self.wrote_trigger(written);
             }
             Effect::RemoveAnnotation(key) => {
                 self.check_leader()?;
-                status_data::remove_annotation(&self.configmaps, cm, key).await?;
+                let expected = self.fed.trigger_rv.as_deref();
+                let written = status_data::remove_annotation(&self.configmaps, cm, key, expected)
+                    .await
+                    .map_err(changed_since_read)?;
+                self.wrote_trigger(written);
             }
             Effect::Event {
                 node,
@@ -564,5 +592,16 @@ fn lease_input(slot: u32, lease: Option<LeaseView>) -> Input {
     match slot {
         0 => Input::Lease(lease),
         slot => Input::SlotLease { slot, lease },
+    }
+}
+
+/// A conditional write of the trigger ConfigMap refused with 409: someone changed it since we
+/// read it. The reconcile ends; the next one reads the change (its watch event wakes us) first.
+fn changed_since_read(e: kube::Error) -> anyhow::Error {
+    match e {
+        kube::Error::Api(ref ae) if ae.code == 409 => anyhow::anyhow!(
+            "the trigger ConfigMap changed since it was read; reading it again before writing"
+        ),
+        e => e.into(),
     }
 }
