@@ -17,6 +17,7 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
@@ -746,6 +747,213 @@ async fn coordinator_rights_upgrade_and_restore_the_real_kata_deploy_charts() ->
         "--no-hooks",
         "--wait",
     ])?;
+    Ok(())
+}
+
+/// Job mode (`deploymentMode: job`, upstream 3.32.0 → 4.0.0) with the coordinator's
+/// ServiceAccount rights (helm impersonating it): the scoped upgrade of one node as
+/// `coordinator/src/helm.rs` builds it (the run's upgrade argv plus `--set job.nodes={<node>}`,
+/// chart from a classic repository), then the scoped restore back to 3.32.0 with the recorded
+/// revision's values. Job mode renders what daemonset mode does not: the dispatcher's
+/// ServiceAccount, Role and RoleBinding, the job-templates ConfigMap and the dispatcher hook Job,
+/// which helm waits for (kwok completes its pod). The dispatcher's `--nodes` and the install
+/// template's image prove the scope and the user's values reached the chart.
+#[tokio::test]
+async fn coordinator_rights_run_job_mode_scoped_upgrade_and_restore() -> Result<()> {
+    const FROM: &str = "3.32.0";
+    const TO: &str = "4.0.0";
+    const MIRROR: &str = "registry.example/mirror/kata-deploy";
+    let _one_release = KATA_DEPLOY_RELEASE.lock().await;
+    let inst = installed().await;
+    let helm = Helm::new(inst.cluster, &inst.work);
+    let coordinator = helm.impersonating(&coordinator_sa());
+    let repo = klm_testkit::upstream::UpstreamRepo::serve().await?;
+    let client = inst.cluster.client().await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), KD_NS);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), KD_NS);
+    let node = NODES[0];
+    let scope = klm_protocol::install::job_nodes_set_value(&[node.to_string()].into());
+
+    helm.run(&[
+        "uninstall",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--ignore-not-found",
+        "--no-hooks",
+        "--wait",
+    ])?;
+    // As a user installs job mode: every node of ours, a mirrored image.
+    helm.run(&[
+        "install",
+        "kata-deploy",
+        "kata-deploy",
+        "--repo",
+        repo.url(),
+        "--version",
+        FROM,
+        "-n",
+        KD_NS,
+        "--set",
+        "deploymentMode=job",
+        "--set-json",
+        &format!(r#"job.nodeSelector={{"{NODE_LABEL}":"true"}}"#),
+        "--set",
+        &format!("image.reference={MIRROR}"),
+        "--wait",
+        "--timeout",
+        HELM_TIMEOUT,
+    ])
+    .context("install 3.32.0 in job mode")?;
+
+    // The scoped upgrade: `Helm::upgrade_args` (no run values) + the scope.
+    coordinator
+        .run(&[
+            "upgrade",
+            "kata-deploy",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--version",
+            TO,
+            "--repo",
+            repo.url(),
+            "--reset-then-reuse-values",
+            "--set",
+            "updateStrategy.type=OnDelete",
+            "--set",
+            "verification.pod=",
+            "--set",
+            &scope,
+        ])
+        .context("scoped upgrade as the coordinator")?;
+    check_dispatched(&jobs, &cms, node, &format!("{MIRROR}:{TO}"), TO)
+        .await
+        .context("after the scoped upgrade")?;
+
+    // The scoped restore: `Helm::restore_args` with the recorded revision's values + the scope.
+    let values = coordinator.run(&[
+        "get",
+        "values",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--revision",
+        "1",
+        "-o",
+        "json",
+    ])?;
+    let values_file = inst.work.join("recorded-values-job-mode.json");
+    std::fs::write(&values_file, values)?;
+    coordinator
+        .run(&[
+            "upgrade",
+            "kata-deploy",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--version",
+            FROM,
+            "--repo",
+            repo.url(),
+            "--reset-values",
+            "-f",
+            values_file.to_str().context("utf-8 path")?,
+            "--set",
+            "updateStrategy.type=OnDelete",
+            "--set",
+            "verification.pod=",
+            "--timeout",
+            "300s",
+            "--set",
+            &scope,
+        ])
+        .context("scoped restore as the coordinator")?;
+    check_dispatched(&jobs, &cms, node, &format!("{MIRROR}:{FROM}"), FROM)
+        .await
+        .context("after the scoped restore")?;
+
+    let history = coordinator.run(&["history", "kata-deploy", "-n", KD_NS, "-o", "json"])?;
+    let history: Vec<Value> = serde_json::from_str(&history)?;
+    let seen: Vec<(&str, &str)> = history
+        .iter()
+        .filter_map(|r| Some((r["chart"].as_str()?, r["status"].as_str()?)))
+        .collect();
+    ensure!(
+        seen == [
+            ("kata-deploy-3.32.0", "superseded"),
+            ("kata-deploy-4.0.0", "superseded"),
+            ("kata-deploy-3.32.0", "deployed"),
+        ],
+        "helm history {seen:?}"
+    );
+    helm.run(&[
+        "uninstall",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--no-hooks",
+        "--wait",
+    ])?;
+    Ok(())
+}
+
+/// The release's dispatcher hook Job completed, dispatches `node` only, at `version`, and the
+/// per-node install template it clones runs `image` (the user's mirror kept).
+async fn check_dispatched(
+    jobs: &Api<Job>,
+    cms: &Api<ConfigMap>,
+    node: &str,
+    image: &str,
+    version: &str,
+) -> Result<()> {
+    let dispatcher = jobs.get("kata-deploy-install-dispatcher").await?;
+    let complete = dispatcher
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+        });
+    ensure!(complete, "dispatcher not complete: {:?}", dispatcher.status);
+    let container = dispatcher
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .context("dispatcher without a container")?;
+    let args: Vec<&str> = container
+        .command
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let nodes_arg = format!("--nodes={node}");
+    ensure!(
+        args.contains(&nodes_arg.as_str())
+            && !args.iter().any(|a| a.starts_with("--node-selector")),
+        "dispatcher argv {args:?}, expected {nodes_arg}"
+    );
+    ensure!(
+        container
+            .image
+            .as_deref()
+            .is_some_and(|i| i.ends_with(&format!(":{version}"))),
+        "dispatcher image {:?}, expected version {version}",
+        container.image
+    );
+    let templates = cms.get("kata-deploy-job-templates").await?;
+    let template = templates
+        .data
+        .as_ref()
+        .and_then(|d| d.get("install-job.yaml"))
+        .context("job-templates ConfigMap without install-job.yaml")?;
+    ensure!(
+        template.contains(&format!("image: {image}"))
+            || template.contains(&format!("image: \"{image}\"")),
+        "install-job.yaml does not run {image}:\n{template}"
+    );
     Ok(())
 }
 
