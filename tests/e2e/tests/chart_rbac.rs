@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use klm_protocol::keys::node::{DRAIN_REQUEST, STATUS as STATUS_LABEL};
 use klm_testkit::Cluster;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
@@ -367,8 +368,19 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "cluster-admin"),
         row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-rb"),
         row(Coordinator, false, "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "cluster-admin"),
-        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "roles", KD_NS, ""),
-        // kata-deploy's job mode (deploymentMode=job, 3.32+) RBAC, by name too.
+        // kata-deploy's job mode (deploymentMode=job, 3.32+) RBAC, by name too. Its dispatcher's
+        // Role and RoleBinding: created in the kata-deploy namespace only (within the
+        // coordinator's own rights there: no escalate/bind), changed only by name.
+        row(Coordinator, true,  "create", "rbac.authorization.k8s.io", "roles", KD_NS, ""),
+        row(Coordinator, true,  "create", "rbac.authorization.k8s.io", "rolebindings", KD_NS, ""),
+        row(Coordinator, true,  "patch",  "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, true,  "delete", "rbac.authorization.k8s.io", "rolebindings", KD_NS, "kata-deploy-dispatcher-rb"),
+        row(Coordinator, false, "patch",  "rbac.authorization.k8s.io", "roles", KD_NS, "someone-else"),
+        row(Coordinator, false, "update", "rbac.authorization.k8s.io", "rolebindings", KD_NS, "someone-else"),
+        row(Coordinator, false, "escalate", "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "roles", NS, ""),
+        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "rolebindings", "kube-system", ""),
         row(Coordinator, true,  "escalate", "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
         row(Coordinator, true,  "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
         row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-dispatcher-noderb"),
@@ -1819,6 +1831,109 @@ async fn coordinator_cannot_make_itself_cluster_admin_through_kata_deploy_rbac()
     .context(
         "the coordinator could not bind a kata-deploy ClusterRole to kata-deploy's ServiceAccounts",
     )?;
+    Ok(())
+}
+
+/// Job mode needs `create` on Roles and RoleBindings in the kata-deploy namespace (the
+/// dispatcher's), which cannot be limited by name. RBAC alone keeps what the coordinator writes
+/// there within its own rights there, Secrets included: the chart's admission policy refuses
+/// Secrets, RBAC and wildcards in such a Role and bindings to anyone but kata-deploy's
+/// ServiceAccounts. The dispatcher's own Role and RoleBinding still go through.
+#[tokio::test]
+async fn coordinator_cannot_hand_out_its_kata_deploy_namespace_rights() -> Result<()> {
+    let inst = installed().await;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    let roles: Api<Role> = Api::namespaced(coordinator.clone(), KD_NS);
+    let bindings: Api<RoleBinding> = Api::namespaced(coordinator.clone(), KD_NS);
+    let role = |rules: Value| -> Result<Role> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "kata-deploy-dispatcher-role"},
+            "rules": rules
+        }))?)
+    };
+    let binding = |kind: &str, name: &str, subject: Value| -> Result<RoleBinding> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "kata-deploy-dispatcher-rb"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+            "subjects": [subject]
+        }))?)
+    };
+    let create_role = |r: Role| {
+        let api = roles.clone();
+        move || {
+            let (api, r) = (api.clone(), r.clone());
+            async move { api.create(&dry_post(), &r).await }
+        }
+    };
+    let create_binding = |b: RoleBinding| {
+        let api = bindings.clone();
+        move || {
+            let (api, b) = (api.clone(), b.clone());
+            async move { api.create(&dry_post(), &b).await }
+        }
+    };
+    // The coordinator's own Role there: Secrets (helm's release records) and more.
+    let own_role = format!("{FULLNAME}-coordinator-kata-deploy");
+    let dispatcher_sa =
+        json!({"kind": "ServiceAccount", "name": "kata-deploy-dispatcher-sa", "namespace": KD_NS});
+    const RULES: &str = "may not write Role";
+    const SUBJECTS: &str = "may bind kata-deploy roles only to ServiceAccounts in";
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack("a Role granting Secrets", RULES, create_role(role(json!([
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]))?)),
+        attack("a Role granting RBAC writes", RULES, create_role(role(json!([
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]}]))?)),
+        attack("bind the coordinator's Role to a user", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}))?)),
+        attack("bind the coordinator's Role to a ServiceAccount elsewhere", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "ServiceAccount", "name": "default", "namespace": "default"}))?)),
+        attack("bind the coordinator's Role to the agent", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "ServiceAccount", "name": agent_sa(), "namespace": NS}))?)),
+        // RBAC itself: nothing beyond the coordinator's own rights there.
+        attack("bind cluster-admin in the kata-deploy namespace", "attempting to grant RBAC permissions not currently held",
+            create_binding(binding("ClusterRole", "cluster-admin", dispatcher_sa.clone())?)),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} hand-outs were not refused:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+
+    // What a job-mode upgrade writes (kata-deploy 3.32-4.1's dispatcher Role and RoleBinding),
+    // under probe names (the job-mode test installs the real ones). The Role for real: a
+    // binding's escalation check resolves the Role it names.
+    const PROBE_NS_ROLE: &str = "klm-chart-e2e-probe-dispatcher-role";
+    let admin_roles: Api<Role> = Api::namespaced(inst.cluster.client().await?, KD_NS);
+    admin_roles
+        .delete(PROBE_NS_ROLE, &DeleteParams::default())
+        .await
+        .map(|_| ())
+        .or_else(|e| match e {
+            kube::Error::Api(e) if e.code == 404 => Ok(()),
+            e => Err(e),
+        })?;
+    let mut dispatcher_role = role(json!([
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]}
+    ]))?;
+    dispatcher_role.metadata.name = Some(PROBE_NS_ROLE.into());
+    roles
+        .create(&PostParams::default(), &dispatcher_role)
+        .await
+        .context("the coordinator could not create kata-deploy's dispatcher Role")?;
+    let created = (create_binding(binding("Role", PROBE_NS_ROLE, dispatcher_sa)?))().await;
+    admin_roles
+        .delete(PROBE_NS_ROLE, &DeleteParams::default())
+        .await?;
+    created.context("the coordinator could not create kata-deploy's dispatcher RoleBinding")?;
     Ok(())
 }
 
