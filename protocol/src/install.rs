@@ -116,7 +116,16 @@ pub enum InstallStep {
     Done { revision: u32 },
     /// The request did not install (helm failed, or was interrupted before changing anything):
     /// the nodes' turns fail and the run rolls back.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+        /// The release never moved past the revision the request was issued at: helm changed
+        /// nothing, so no dispatcher ran and no install Job will come for these nodes — their
+        /// agents would only wait for their install until it times out. The coordinator fails
+        /// their turns now (as for a lost node, the helm error as evidence). When the release
+        /// moved, a dispatcher may have run: the agents judge from the install Jobs (a failed
+        /// one at once). `false` for a failure recorded earlier: already acted upon.
+        nothing_dispatched: bool,
+    },
 }
 
 /// Decides the install for `nodes` (all waiting, same turn kind) from the ledger and a fresh
@@ -149,6 +158,7 @@ pub fn next_install(
     if let Some(reason) = &request.failed {
         return InstallStep::Failed {
             reason: reason.clone(),
+            nothing_dispatched: false,
         };
     }
     if helm_running {
@@ -185,7 +195,10 @@ pub fn next_install(
             request.version, release.revision
         ),
     };
-    InstallStep::Failed { reason }
+    InstallStep::Failed {
+        reason,
+        nothing_dispatched: !moved,
+    }
 }
 
 /// A per-node install Job of the release, as the agent sees it.
@@ -327,7 +340,7 @@ mod tests {
             InstallStep::Done { revision: 4 }
         );
         // Interrupted before it changed anything: a failure, not a second upgrade.
-        let InstallStep::Failed { reason } = next_install(
+        let InstallStep::Failed { reason, .. } = next_install(
             &ledger,
             &n1,
             up,
@@ -340,7 +353,7 @@ mod tests {
         };
         assert!(reason.contains("interrupted"), "{reason}");
         // The dispatcher hook failed (a node's install Job failed): helm says so.
-        let InstallStep::Failed { reason } = next_install(
+        let InstallStep::Failed { reason, .. } = next_install(
             &ledger,
             &n1,
             up,
@@ -386,6 +399,90 @@ mod tests {
             ),
             InstallStep::Issue(r) if r.kind == TurnKind::Restore && r.version == "3.32.0"
         ));
+    }
+
+    /// Issue 10 (job mode limit): a scoped upgrade whose helm call failed before it changed the
+    /// release dispatched nothing, so the node's turn fails now rather than when its agent's
+    /// install wait times out; one that moved the release (e.g. its dispatcher hook failed) is
+    /// judged by the agent from the install Jobs.
+    #[test]
+    fn a_helm_failure_that_changed_nothing_fails_the_nodes_at_once() {
+        let n1 = set(&["n1"]);
+        let mut ledger = InstallLedger::default();
+        for kind in [TurnKind::Upgrade, TurnKind::Restore] {
+            ledger.requests.push(InstallRequest {
+                nodes: n1.clone(),
+                kind,
+                version: "4.0.0".into(),
+                issued_at_revision: 3,
+                revision: None,
+                failed: None,
+            });
+            let decide = |ledger: &InstallLedger, release: ReleaseAt, error: Option<&str>| {
+                next_install(ledger, &n1, kind, "4.0.0", &release, false, error)
+            };
+            // Chart not found, API refused, …: still revision 3.
+            let step = decide(
+                &ledger,
+                at(3, "3.32.0", true),
+                Some("chart \"kata-deploy\" not found"),
+            );
+            assert!(
+                matches!(&step, InstallStep::Failed { reason, nothing_dispatched: true }
+                    if reason.contains("not found") && reason.contains("n1")),
+                "{kind:?}: {step:?}"
+            );
+            // Interrupted before it changed anything: no Job will come either.
+            let step = decide(&ledger, at(3, "3.32.0", true), None);
+            assert!(
+                matches!(
+                    step,
+                    InstallStep::Failed {
+                        nothing_dispatched: true,
+                        ..
+                    }
+                ),
+                "{kind:?}: {step:?}"
+            );
+            // The release moved (revision 4 failed: its hook failed): the agent judges the Jobs.
+            let step = decide(
+                &ledger,
+                at(4, "4.0.0", false),
+                Some("post-upgrade hooks failed"),
+            );
+            assert!(
+                matches!(
+                    step,
+                    InstallStep::Failed {
+                        nothing_dispatched: false,
+                        ..
+                    }
+                ),
+                "{kind:?}: {step:?}"
+            );
+            let step = decide(&ledger, at(4, "3.99.0", true), None);
+            assert!(
+                matches!(
+                    step,
+                    InstallStep::Failed {
+                        nothing_dispatched: false,
+                        ..
+                    }
+                ),
+                "{kind:?}: {step:?}"
+            );
+            // A failure already recorded was acted upon when it was decided.
+            ledger.requests.last_mut().unwrap().failed = Some("earlier".into());
+            let step = decide(&ledger, at(3, "3.32.0", true), None);
+            assert_eq!(
+                step,
+                InstallStep::Failed {
+                    reason: "earlier".into(),
+                    nothing_dispatched: false
+                },
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

@@ -731,7 +731,9 @@ def coordinator_rbac_policy_binds_kata_deploy_roles_only_in_kata_deploy_namespac
     (cond,) = policy["spec"]["matchConditions"]
     assert f'"system:serviceaccount:{NAMESPACE}:{RELEASE}-coordinator"' in cond["expression"]
     (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["resources"] == ["clusterroles", "clusterrolebindings"], rule
+    # And job mode's dispatcher Role/RoleBinding, which the coordinator creates in the
+    # kata-deploy namespace (create cannot be limited by name).
+    assert rule["resources"] == ["clusterroles", "clusterrolebindings", "roles", "rolebindings"], rule
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
     assert yaml.safe_load(variables["kataDeployNamespaces"]) == ["kube-system", "kata-2"]
     assert yaml.safe_load(variables["ownServiceAccounts"]) == [f"{RELEASE}-coordinator", f"{RELEASE}-agent"]
@@ -753,6 +755,32 @@ def coordinator_may_update_kata_deploys_job_mode_rbac_by_name():
         # Post-delete hooks run on uninstall only, which the coordinator never does.
         assert not allows(cluster, "rbac.authorization.k8s.io", "clusterroles", verb, "kata-deploy-cleanup-role")
     assert allows(cluster, "rbac.authorization.k8s.io", "clusterrolebindings", "update", "kata-deploy-dispatcher-noderb")
+
+
+@test
+def coordinator_writes_kata_deploys_dispatcher_role_in_its_namespace_only():
+    r = template("--set", "rbac.extraKataDeployNamespaces={kata-2}")
+    rbac = "rbac.authorization.k8s.io"
+    for ns in ("kube-system", "kata-2"):
+        kd = rules_of(r, "Role", f"{RELEASE}-coordinator-kata-deploy", ns)
+        for res in ("roles", "rolebindings"):
+            assert allows(kd, rbac, res, "create") and allows(kd, rbac, res, "get"), (ns, res)
+            # Never beyond its own rights there, and no changing someone else's.
+            assert not allows(kd, rbac, res, "escalate", "kata-deploy-dispatcher-role"), (ns, res)
+            assert not allows(kd, rbac, res, "bind", "kata-deploy-dispatcher-role"), (ns, res)
+            assert not allows(kd, rbac, res, "update", "someone-else"), (ns, res)
+        assert allows(kd, rbac, "roles", "update", "kata-deploy-dispatcher-role")
+        assert allows(kd, rbac, "roles", "delete", "kata-deploy-dispatcher-role")
+        assert allows(kd, rbac, "rolebindings", "patch", "kata-deploy-dispatcher-rb")
+        assert not allows(kd, rbac, "roles", "update", "kata-deploy-dispatcher-rb")
+    for ns, rule in component_rules(r, "coordinator"):
+        if {"roles", "rolebindings"} & set(rule["resources"]):
+            assert ns in ("kube-system", "kata-2"), f"namespaced RBAC outside the kata-deploy namespaces: {ns}"
+    # With env.multiInstallSuffix the names change: the values name them.
+    kd = rules_of(template("--set", "rbac.kataDeployRoles={kata-deploy-dispatcher-role-x}"),
+                  "Role", f"{RELEASE}-coordinator-kata-deploy", "kube-system")
+    assert allows(kd, rbac, "roles", "update", "kata-deploy-dispatcher-role-x")
+    assert not allows(kd, rbac, "roles", "update", "kata-deploy-dispatcher-role")
 
 
 @test

@@ -9,6 +9,8 @@ use crate::params::tests::defaults;
 
 /// The grant gate (maintenance window, blocking pods) in the run machine.
 mod gates;
+/// Job mode: a scoped upgrade that changed nothing fails its node at once.
+mod job_mode;
 
 pub(super) fn config() -> Config {
     Config {

@@ -17,11 +17,13 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use klm_protocol::keys::node::{DRAIN_REQUEST, STATUS as STATUS_LABEL};
 use klm_testkit::Cluster;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
@@ -366,8 +368,19 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "cluster-admin"),
         row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-rb"),
         row(Coordinator, false, "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "cluster-admin"),
-        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "roles", KD_NS, ""),
-        // kata-deploy's job mode (deploymentMode=job, 3.32+) RBAC, by name too.
+        // kata-deploy's job mode (deploymentMode=job, 3.32+) RBAC, by name too. Its dispatcher's
+        // Role and RoleBinding: created in the kata-deploy namespace only (within the
+        // coordinator's own rights there: no escalate/bind), changed only by name.
+        row(Coordinator, true,  "create", "rbac.authorization.k8s.io", "roles", KD_NS, ""),
+        row(Coordinator, true,  "create", "rbac.authorization.k8s.io", "rolebindings", KD_NS, ""),
+        row(Coordinator, true,  "patch",  "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, true,  "delete", "rbac.authorization.k8s.io", "rolebindings", KD_NS, "kata-deploy-dispatcher-rb"),
+        row(Coordinator, false, "patch",  "rbac.authorization.k8s.io", "roles", KD_NS, "someone-else"),
+        row(Coordinator, false, "update", "rbac.authorization.k8s.io", "rolebindings", KD_NS, "someone-else"),
+        row(Coordinator, false, "escalate", "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, false, "bind",   "rbac.authorization.k8s.io", "roles", KD_NS, "kata-deploy-dispatcher-role"),
+        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "roles", NS, ""),
+        row(Coordinator, false, "create", "rbac.authorization.k8s.io", "rolebindings", "kube-system", ""),
         row(Coordinator, true,  "escalate", "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
         row(Coordinator, true,  "bind",   "rbac.authorization.k8s.io", "clusterroles", "", "kata-deploy-dispatcher-noderole"),
         row(Coordinator, true,  "update", "rbac.authorization.k8s.io", "clusterrolebindings", "", "kata-deploy-dispatcher-noderb"),
@@ -746,6 +759,213 @@ async fn coordinator_rights_upgrade_and_restore_the_real_kata_deploy_charts() ->
         "--no-hooks",
         "--wait",
     ])?;
+    Ok(())
+}
+
+/// Job mode (`deploymentMode: job`, upstream 3.32.0 → 4.0.0) with the coordinator's
+/// ServiceAccount rights (helm impersonating it): the scoped upgrade of one node as
+/// `coordinator/src/helm.rs` builds it (the run's upgrade argv plus `--set job.nodes={<node>}`,
+/// chart from a classic repository), then the scoped restore back to 3.32.0 with the recorded
+/// revision's values. Job mode renders what daemonset mode does not: the dispatcher's
+/// ServiceAccount, Role and RoleBinding, the job-templates ConfigMap and the dispatcher hook Job,
+/// which helm waits for (kwok completes its pod). The dispatcher's `--nodes` and the install
+/// template's image prove the scope and the user's values reached the chart.
+#[tokio::test]
+async fn coordinator_rights_run_job_mode_scoped_upgrade_and_restore() -> Result<()> {
+    const FROM: &str = "3.32.0";
+    const TO: &str = "4.0.0";
+    const MIRROR: &str = "registry.example/mirror/kata-deploy";
+    let _one_release = KATA_DEPLOY_RELEASE.lock().await;
+    let inst = installed().await;
+    let helm = Helm::new(inst.cluster, &inst.work);
+    let coordinator = helm.impersonating(&coordinator_sa());
+    let repo = klm_testkit::upstream::UpstreamRepo::serve().await?;
+    let client = inst.cluster.client().await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), KD_NS);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), KD_NS);
+    let node = NODES[0];
+    let scope = klm_protocol::install::job_nodes_set_value(&[node.to_string()].into());
+
+    helm.run(&[
+        "uninstall",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--ignore-not-found",
+        "--no-hooks",
+        "--wait",
+    ])?;
+    // As a user installs job mode: every node of ours, a mirrored image.
+    helm.run(&[
+        "install",
+        "kata-deploy",
+        "kata-deploy",
+        "--repo",
+        repo.url(),
+        "--version",
+        FROM,
+        "-n",
+        KD_NS,
+        "--set",
+        "deploymentMode=job",
+        "--set-json",
+        &format!(r#"job.nodeSelector={{"{NODE_LABEL}":"true"}}"#),
+        "--set",
+        &format!("image.reference={MIRROR}"),
+        "--wait",
+        "--timeout",
+        HELM_TIMEOUT,
+    ])
+    .context("install 3.32.0 in job mode")?;
+
+    // The scoped upgrade: `Helm::upgrade_args` (no run values) + the scope.
+    coordinator
+        .run(&[
+            "upgrade",
+            "kata-deploy",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--version",
+            TO,
+            "--repo",
+            repo.url(),
+            "--reset-then-reuse-values",
+            "--set",
+            "updateStrategy.type=OnDelete",
+            "--set",
+            "verification.pod=",
+            "--set",
+            &scope,
+        ])
+        .context("scoped upgrade as the coordinator")?;
+    check_dispatched(&jobs, &cms, node, &format!("{MIRROR}:{TO}"), TO)
+        .await
+        .context("after the scoped upgrade")?;
+
+    // The scoped restore: `Helm::restore_args` with the recorded revision's values + the scope.
+    let values = coordinator.run(&[
+        "get",
+        "values",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--revision",
+        "1",
+        "-o",
+        "json",
+    ])?;
+    let values_file = inst.work.join("recorded-values-job-mode.json");
+    std::fs::write(&values_file, values)?;
+    coordinator
+        .run(&[
+            "upgrade",
+            "kata-deploy",
+            "kata-deploy",
+            "-n",
+            KD_NS,
+            "--version",
+            FROM,
+            "--repo",
+            repo.url(),
+            "--reset-values",
+            "-f",
+            values_file.to_str().context("utf-8 path")?,
+            "--set",
+            "updateStrategy.type=OnDelete",
+            "--set",
+            "verification.pod=",
+            "--timeout",
+            "300s",
+            "--set",
+            &scope,
+        ])
+        .context("scoped restore as the coordinator")?;
+    check_dispatched(&jobs, &cms, node, &format!("{MIRROR}:{FROM}"), FROM)
+        .await
+        .context("after the scoped restore")?;
+
+    let history = coordinator.run(&["history", "kata-deploy", "-n", KD_NS, "-o", "json"])?;
+    let history: Vec<Value> = serde_json::from_str(&history)?;
+    let seen: Vec<(&str, &str)> = history
+        .iter()
+        .filter_map(|r| Some((r["chart"].as_str()?, r["status"].as_str()?)))
+        .collect();
+    ensure!(
+        seen == [
+            ("kata-deploy-3.32.0", "superseded"),
+            ("kata-deploy-4.0.0", "superseded"),
+            ("kata-deploy-3.32.0", "deployed"),
+        ],
+        "helm history {seen:?}"
+    );
+    helm.run(&[
+        "uninstall",
+        "kata-deploy",
+        "-n",
+        KD_NS,
+        "--no-hooks",
+        "--wait",
+    ])?;
+    Ok(())
+}
+
+/// The release's dispatcher hook Job completed, dispatches `node` only, at `version`, and the
+/// per-node install template it clones runs `image` (the user's mirror kept).
+async fn check_dispatched(
+    jobs: &Api<Job>,
+    cms: &Api<ConfigMap>,
+    node: &str,
+    image: &str,
+    version: &str,
+) -> Result<()> {
+    let dispatcher = jobs.get("kata-deploy-install-dispatcher").await?;
+    let complete = dispatcher
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+        });
+    ensure!(complete, "dispatcher not complete: {:?}", dispatcher.status);
+    let container = dispatcher
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .context("dispatcher without a container")?;
+    let args: Vec<&str> = container
+        .command
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let nodes_arg = format!("--nodes={node}");
+    ensure!(
+        args.contains(&nodes_arg.as_str())
+            && !args.iter().any(|a| a.starts_with("--node-selector")),
+        "dispatcher argv {args:?}, expected {nodes_arg}"
+    );
+    ensure!(
+        container
+            .image
+            .as_deref()
+            .is_some_and(|i| i.ends_with(&format!(":{version}"))),
+        "dispatcher image {:?}, expected version {version}",
+        container.image
+    );
+    let templates = cms.get("kata-deploy-job-templates").await?;
+    let template = templates
+        .data
+        .as_ref()
+        .and_then(|d| d.get("install-job.yaml"))
+        .context("job-templates ConfigMap without install-job.yaml")?;
+    ensure!(
+        template.contains(&format!("image: {image}"))
+            || template.contains(&format!("image: \"{image}\"")),
+        "install-job.yaml does not run {image}:\n{template}"
+    );
     Ok(())
 }
 
@@ -1611,6 +1831,109 @@ async fn coordinator_cannot_make_itself_cluster_admin_through_kata_deploy_rbac()
     .context(
         "the coordinator could not bind a kata-deploy ClusterRole to kata-deploy's ServiceAccounts",
     )?;
+    Ok(())
+}
+
+/// Job mode needs `create` on Roles and RoleBindings in the kata-deploy namespace (the
+/// dispatcher's), which cannot be limited by name. RBAC alone keeps what the coordinator writes
+/// there within its own rights there, Secrets included: the chart's admission policy refuses
+/// Secrets, RBAC and wildcards in such a Role and bindings to anyone but kata-deploy's
+/// ServiceAccounts. The dispatcher's own Role and RoleBinding still go through.
+#[tokio::test]
+async fn coordinator_cannot_hand_out_its_kata_deploy_namespace_rights() -> Result<()> {
+    let inst = installed().await;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    let roles: Api<Role> = Api::namespaced(coordinator.clone(), KD_NS);
+    let bindings: Api<RoleBinding> = Api::namespaced(coordinator.clone(), KD_NS);
+    let role = |rules: Value| -> Result<Role> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "kata-deploy-dispatcher-role"},
+            "rules": rules
+        }))?)
+    };
+    let binding = |kind: &str, name: &str, subject: Value| -> Result<RoleBinding> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "kata-deploy-dispatcher-rb"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+            "subjects": [subject]
+        }))?)
+    };
+    let create_role = |r: Role| {
+        let api = roles.clone();
+        move || {
+            let (api, r) = (api.clone(), r.clone());
+            async move { api.create(&dry_post(), &r).await }
+        }
+    };
+    let create_binding = |b: RoleBinding| {
+        let api = bindings.clone();
+        move || {
+            let (api, b) = (api.clone(), b.clone());
+            async move { api.create(&dry_post(), &b).await }
+        }
+    };
+    // The coordinator's own Role there: Secrets (helm's release records) and more.
+    let own_role = format!("{FULLNAME}-coordinator-kata-deploy");
+    let dispatcher_sa =
+        json!({"kind": "ServiceAccount", "name": "kata-deploy-dispatcher-sa", "namespace": KD_NS});
+    const RULES: &str = "may not write Role";
+    const SUBJECTS: &str = "may bind kata-deploy roles only to ServiceAccounts in";
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack("a Role granting Secrets", RULES, create_role(role(json!([
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]))?)),
+        attack("a Role granting RBAC writes", RULES, create_role(role(json!([
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]}]))?)),
+        attack("bind the coordinator's Role to a user", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}))?)),
+        attack("bind the coordinator's Role to a ServiceAccount elsewhere", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "ServiceAccount", "name": "default", "namespace": "default"}))?)),
+        attack("bind the coordinator's Role to the agent", SUBJECTS, create_binding(binding("Role", &own_role, json!(
+            {"kind": "ServiceAccount", "name": agent_sa(), "namespace": NS}))?)),
+        // RBAC itself: nothing beyond the coordinator's own rights there.
+        attack("bind cluster-admin in the kata-deploy namespace", "attempting to grant RBAC permissions not currently held",
+            create_binding(binding("ClusterRole", "cluster-admin", dispatcher_sa.clone())?)),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} hand-outs were not refused:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+
+    // What a job-mode upgrade writes (kata-deploy 3.32-4.1's dispatcher Role and RoleBinding),
+    // under probe names (the job-mode test installs the real ones). The Role for real: a
+    // binding's escalation check resolves the Role it names.
+    const PROBE_NS_ROLE: &str = "klm-chart-e2e-probe-dispatcher-role";
+    let admin_roles: Api<Role> = Api::namespaced(inst.cluster.client().await?, KD_NS);
+    admin_roles
+        .delete(PROBE_NS_ROLE, &DeleteParams::default())
+        .await
+        .map(|_| ())
+        .or_else(|e| match e {
+            kube::Error::Api(e) if e.code == 404 => Ok(()),
+            e => Err(e),
+        })?;
+    let mut dispatcher_role = role(json!([
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]}
+    ]))?;
+    dispatcher_role.metadata.name = Some(PROBE_NS_ROLE.into());
+    roles
+        .create(&PostParams::default(), &dispatcher_role)
+        .await
+        .context("the coordinator could not create kata-deploy's dispatcher Role")?;
+    let created = (create_binding(binding("Role", PROBE_NS_ROLE, dispatcher_sa)?))().await;
+    admin_roles
+        .delete(PROBE_NS_ROLE, &DeleteParams::default())
+        .await?;
+    created.context("the coordinator could not create kata-deploy's dispatcher RoleBinding")?;
     Ok(())
 }
 

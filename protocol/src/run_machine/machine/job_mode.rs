@@ -110,13 +110,14 @@ impl Machine {
             None => return self.read_release(),
             Some(ReleaseRead::Found(rel)) => rel,
             Some(ReleaseRead::NotFound) => {
+                // No release, no dispatcher: no install Job will come.
                 return self.install_failed(
-                    &turn.node,
-                    turn.kind,
+                    &turn,
                     format!(
                         "release {}/{} disappeared",
                         p.helm_namespace, p.helm_release
                     ),
+                    true,
                 );
             }
             Some(ReleaseRead::Error(e)) => {
@@ -180,24 +181,60 @@ impl Machine {
                     rel.upgraded_revision.get_or_insert(revision);
                 }
             }
-            InstallStep::Failed { reason } => self.install_failed(&turn.node, turn.kind, reason),
+            InstallStep::Failed {
+                reason,
+                nothing_dispatched,
+            } => self.install_failed(&turn, reason, nothing_dispatched),
             InstallStep::Wait => {}
         }
     }
 
-    /// The scoped upgrade did not install: recorded, and said. The node's agent sees its
-    /// install Job fail (or none come) and fails its step with the evidence.
-    fn install_failed(&mut self, node: &str, kind: TurnKind, reason: String) {
+    /// The scoped upgrade did not install: recorded, and said. When it may have dispatched
+    /// anything, the node's agent sees its install Job fail and fails its step with that
+    /// evidence. When it dispatched nothing (`nothing_dispatched`, see
+    /// [`InstallStep::Failed`]), no Job will come and the agent would only time out: the node is
+    /// marked failed now with the helm error as evidence and its Lease taken back, as for a lost
+    /// node (the lifecycle then ends the turn from the Node's status; the node stays cordoned).
+    fn install_failed(
+        &mut self,
+        turn: &crate::run::Turn,
+        reason: String,
+        nothing_dispatched: bool,
+    ) {
         let run = self.run_mut();
-        if let Some(r) = run.installs.for_node_mut(node, kind) {
+        if let Some(r) = run.installs.for_node_mut(&turn.node, turn.kind) {
             r.failed = Some(reason.clone());
         }
         let id = run.id.clone();
         self.event(
-            Some(node),
+            Some(&turn.node),
             true,
             "InstallFailed",
             format!("run {id}: {reason}"),
         );
+        if !nothing_dispatched {
+            return;
+        }
+        let evidence = Evidence {
+            run_id: id,
+            node: turn.node.clone(),
+            step: "install".into(),
+            succeeded: false,
+            failure: Some(FailureCause {
+                reason: "InstallFailed".into(),
+                message: reason,
+                exit_code: None,
+            }),
+            ..Default::default()
+        };
+        self.fx.push(Effect::MarkNodeFailed {
+            node: turn.node.clone(),
+            kind: turn.kind,
+            evidence,
+        });
+        self.fx.push(Effect::RevokeLease {
+            node: turn.node.clone(),
+            slot: turn.slot,
+        });
     }
 }
