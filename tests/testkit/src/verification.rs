@@ -225,8 +225,12 @@ pub(crate) async fn run(
                 .decide(&node, version.as_deref());
             let name = pod.metadata.name.clone().unwrap_or_default();
             let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let patch =
-                serde_json::json!({"metadata": {"labels": {OUTCOME_LABEL: outcome.label()}}});
+            // Conditioned on the version this controller saw: a test that set the outcome
+            // itself meanwhile (the watch lags) is not overwritten; the next event shows its label.
+            let patch = serde_json::json!({"metadata": {
+                "resourceVersion": pod.metadata.resource_version,
+                "labels": {OUTCOME_LABEL: outcome.label()},
+            }});
             let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
             match api
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -248,8 +252,9 @@ pub(crate) async fn run(
                             outcome,
                         });
                 }
-                // Deleted meanwhile: nothing to decide.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                // Deleted meanwhile: nothing to decide. Changed meanwhile: decided on the next
+                // event, which carries the change.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
                 Err(e) => eprintln!("klm-testkit: cannot label verification pod {ns}/{name}: {e}"),
             }
         }
