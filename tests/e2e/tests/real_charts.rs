@@ -78,6 +78,30 @@ async fn upstream_charts_upgrade_and_roll_back_node_by_node() -> Result<()> {
             .await
             .with_context(|| path.clone())?;
         p.assert_safe(&nodes).await.with_context(|| path.clone())?;
+        // The record of each path, for the reader of the test's output (`--nocapture`).
+        let history = p
+            .slice
+            .helm(&[
+                "history",
+                RELEASE,
+                "-n",
+                &p.slice.kata_deploy_namespace(),
+                "--max",
+                "4",
+            ])
+            .await?;
+        eprintln!("== {path}: helm history\n{history}");
+        for n in &nodes {
+            let r = &run.nodes[n];
+            let took = r.started_at_ms.zip(r.finished_at_ms).map(|(a, b)| b - a);
+            let evidence = r.evidence.as_ref();
+            eprintln!(
+                "   {n}: {:?}, turn {took:?} ms, restart {:?} ms, verification {:?} ms",
+                r.status,
+                evidence.and_then(|e| e.restart_ms),
+                evidence.and_then(|e| e.verification_ms),
+            );
+        }
         // Off the trigger, so the next path's run is a new request even for the same version.
         p.annotate(&[(trigger::TARGET_VERSION, None)]).await?;
     }
