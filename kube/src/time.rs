@@ -22,6 +22,14 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Both clocks, read together: what the pure core is fed at each step.
+pub fn now() -> klm_protocol::lifecycle::Now {
+    klm_protocol::lifecycle::Now {
+        wall_ms: now_ms(),
+        mono_ms: mono_ms(),
+    }
+}
+
 /// The instant of a [`mono_ms`] value (saturating: never panics).
 pub fn mono_instant(ms: i64) -> Instant {
     let at = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
