@@ -204,3 +204,23 @@ fn a_new_leader_with_a_stepped_clock_gives_a_turn_the_whole_timeout() {
     feed_reading(&mut h, Input::Tick, None);
     assert_eq!(lost(&h), 1, "the idle agent was not declared lost");
 }
+
+/// A cancel takes back a turn its agent has not started on a direct read made after the cancel;
+/// "after" is on the monotonic clock, so a wall clock stepped back since does not keep the turn
+/// (and the run) waiting for the wall clock to catch up.
+#[test]
+fn a_cancel_takes_back_an_unstarted_turn_even_after_the_wall_clock_stepped_back() {
+    let mut h = H::to_running(&["n1", "n2"]);
+    h.annotate(trigger::ACTION, trigger::ACTION_CANCEL);
+    assert!(
+        h.run().turn.is_some(),
+        "taken back only on a read made after the cancel"
+    );
+    h.now += 1_000;
+    h.wall_offset -= STEP;
+    let read = node_at(&h, "n1", None, true);
+    h.feed(read);
+    let run = h.run();
+    assert_eq!(run.turn, None, "{}", run.message);
+    assert_eq!(run.phase, RunPhase::RollingBack);
+}
