@@ -1,6 +1,7 @@
-//! The process's clocks, in one place. Wall clock: run records store unix milliseconds so the
-//! pure lifecycle can compare them with Lease renew times (which the API server stores as
-//! wall-clock timestamps). Monotonic clock: what fences, Lease expiry and health run on.
+//! The process's clocks, in one place. Wall clock: what is recorded and shown (run records and
+//! reports store unix milliseconds) and times of day (maintenance windows). Monotonic clock:
+//! what durations run on (fences, Lease expiry, the coordinator's turn timeouts and retry waits,
+//! health), so that a wall-clock step (NTP, a resumed VM) changes none of them.
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::time::Instant;

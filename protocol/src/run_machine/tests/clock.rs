@@ -224,3 +224,41 @@ fn a_cancel_takes_back_an_unstarted_turn_even_after_the_wall_clock_stepped_back(
     assert_eq!(run.turn, None, "{}", run.message);
     assert_eq!(run.phase, RunPhase::RollingBack);
 }
+
+/// A failed `helm rollback` is retried after its backoff on the monotonic clock: a wall clock
+/// stepped forward meanwhile does not bring the retry forward.
+#[test]
+fn a_rollback_retry_waits_its_backoff_whatever_the_wall_clock_does() {
+    let mut h = H::to_running(&["n1", "n2"]);
+    let failing = node_at(&h, "n1", Some(NodeStatus::RollingBack), false);
+    h.feed(failing);
+    assert_eq!(h.run().phase, RunPhase::RollingBack);
+    h.feed(found(4, "3.28.0", "deployed"));
+    let fx = h.feed(Input::HelmFinished(Err(
+        "another operation is in progress".into()
+    )));
+    let at = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::WakeAt(w) if w.reason == WakeReason::RetryRollback => Some(w.at_ms),
+            _ => None,
+        })
+        .expect("a retry is scheduled");
+    assert!(
+        at > h.now,
+        "the retry is in the future on the monotonic clock"
+    );
+    let retried = |fx: &[Effect]| {
+        fx.iter()
+            .any(|e| matches!(e, Effect::ReadRelease { .. } | Effect::HelmRollback { .. }))
+    };
+    h.wall_offset += STEP;
+    let fx = h.feed(Input::Tick);
+    assert!(
+        !retried(&fx),
+        "retried early after a wall-clock step: {fx:?}"
+    );
+    h.now = at;
+    let fx = h.feed(Input::Tick);
+    assert!(retried(&fx), "not retried once its backoff passed: {fx:?}");
+}
