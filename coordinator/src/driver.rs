@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_kube::events::{Events, configmap_ref, node_ref};
 use klm_kube::nodes;
-use klm_kube::time::now_ms;
+use klm_kube::time;
 use klm_protocol::lease::{LeaseView, slot_lease_name};
 use klm_protocol::lifecycle::Wake;
 use klm_protocol::params::MAX_BATCH_SIZE;
@@ -153,8 +153,10 @@ impl Coordinator {
     }
 
     fn env(&self) -> Env {
+        let now = time::now();
         Env {
-            now_ms: now_ms(),
+            now_ms: now.wall_ms,
+            mono_ms: now.mono_ms,
             api_requests: self.requests.get(),
         }
     }
@@ -263,7 +265,16 @@ impl Coordinator {
             for effect in effects {
                 match self.perform(effect, &mut answers).await {
                     Ok(Some(w)) => {
-                        wake = Some(wake.map_or(w, |x| if w.at_ms < x.at_ms { w } else { x }))
+                        // Wakes are on different clocks (a window's opening is a time of day,
+                        // the rest durations): compare what is left until each.
+                        let now = time::now();
+                        wake = Some(wake.map_or(w, |x| {
+                            if w.sleep_for(now) < x.sleep_for(now) {
+                                w
+                            } else {
+                                x
+                            }
+                        }))
                     }
                     Ok(None) => {}
                     Err(e) => {

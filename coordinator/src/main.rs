@@ -12,7 +12,7 @@ mod status_data;
 use clap::Parser;
 use config::{Cli, Command, RunArgs};
 use klm_kube::lease::UpgradeLease;
-use klm_kube::time::now_ms;
+use klm_kube::time;
 use klm_protocol::lifecycle::Timing;
 use klm_protocol::run_machine::{self, RetryPolicy};
 use std::sync::Arc;
@@ -129,18 +129,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile failed; retrying on the next change");
                 Some(klm_protocol::lifecycle::Wake {
-                    at_ms: now_ms() + 2_000,
+                    at_ms: time::mono_ms() + 2_000,
                     reason: klm_protocol::lifecycle::WakeReason::RetryAfterError,
                 })
             }
         };
         drop(busy);
-        let sleep_ms = wake
-            .map(|w| (w.at_ms - now_ms()).max(0) as u64)
-            .unwrap_or(3_600_000);
+        // Each wake on its own clock (see `Wake::sleep_for`): a wall-clock step moves only a
+        // maintenance window's opening, never a timeout.
+        let sleep = wake
+            .map(|w| w.sleep_for(time::now()))
+            .unwrap_or(std::time::Duration::from_secs(3_600));
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {}
+            _ = tokio::time::sleep(sleep) => {}
             why = &mut lost => {
                 anyhow::bail!("{why}; exiting so a fresh leader takes over from cluster state");
             }

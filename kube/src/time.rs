@@ -1,6 +1,7 @@
-//! The process's clocks, in one place. Wall clock: run records store unix milliseconds so the
-//! pure lifecycle can compare them with Lease renew times (which the API server stores as
-//! wall-clock timestamps). Monotonic clock: what fences, Lease expiry and health run on.
+//! The process's clocks, in one place. Wall clock: what is recorded and shown (run records and
+//! reports store unix milliseconds) and times of day (maintenance windows). Monotonic clock:
+//! what durations run on (fences, Lease expiry, the coordinator's turn timeouts and retry waits,
+//! health), so that a wall-clock step (NTP, a resumed VM) changes none of them.
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -20,6 +21,14 @@ pub fn mono_ms() -> i64 {
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
+}
+
+/// Both clocks, read together: what the pure core is fed at each step.
+pub fn now() -> klm_protocol::lifecycle::Now {
+    klm_protocol::lifecycle::Now {
+        wall_ms: now_ms(),
+        mono_ms: mono_ms(),
+    }
 }
 
 /// The instant of a [`mono_ms`] value (saturating: never panics).

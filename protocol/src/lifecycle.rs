@@ -11,6 +11,12 @@
 //! order; no upgrade turn is granted after a failure or cancel, and the nodes of the wave still
 //! in flight end their current step (or stop at a safe point) before the release is rolled
 //! back; only nodes this run touched are restored, up to `batch-size` at a time.
+//!
+//! Clocks ([`Now`]): what is written to the record (grant, start, finish, failure times) is
+//! wall-clock, shown to users and read by a new leader; how long a node has (the Lease expiry,
+//! the turn-start timeout, "a read made after the stop") is measured on this process's
+//! monotonic clock, so a wall-clock step (NTP, a resumed VM) neither fails a healthy node nor
+//! delays declaring a silent one lost.
 use crate::lease::{LeaseView, holder_node};
 use crate::run::{Evidence, RunFailure, RunKind, RunRecord, Turn, TurnKind};
 use crate::status::{NodeStatus, RunPhase};
@@ -23,7 +29,7 @@ pub struct ObservedNode {
     pub run_id: Option<String>,
     pub turn: Option<TurnKind>,
     pub evidence: Option<Evidence>,
-    /// Local time (ms) of the last direct read of this Node (not a watch event), if any. A node
+    /// Monotonic time (ms) of the last direct read of this Node (not a watch event), if any. A node
     /// is declared lost only on a view read after its deadline passed: a watch may deliver the
     /// Lease release before the `completed` the agent wrote just before it.
     pub read_at_ms: Option<i64>,
@@ -37,18 +43,38 @@ pub struct Timing {
     pub expiry_grace_ms: i64,
 }
 
-/// The upgrade Lease as this coordinator watched it, on its own clock: expiry is measured from
-/// when *we saw* the holder renew (as client-go's leader election does), never by comparing
-/// our clock with the agent's `renewTime`.
+/// The coordinator's two clocks at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Now {
+    /// Unix ms: for what is recorded and shown.
+    pub wall_ms: i64,
+    /// This process's monotonic ms: for how long something took or may take.
+    pub mono_ms: i64,
+}
+
+impl From<i64> for Now {
+    /// One clock that never steps (tests and simulations): both readings are `ms`.
+    fn from(ms: i64) -> Self {
+        Now {
+            wall_ms: ms,
+            mono_ms: ms,
+        }
+    }
+}
+
+/// The upgrade Lease as this coordinator watched it, on its own monotonic clock: expiry is
+/// measured from when *we saw* the holder renew (as client-go's leader election does), never by
+/// comparing our clock with the agent's `renewTime`, and never on the wall clock, which may
+/// step.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LeaseTrack {
     /// The node named by the holder identity (`<node>/<instance>`), if held.
     pub holder: Option<String>,
     /// `leaseDurationSeconds` in ms, clamped to sane bounds.
     pub duration_ms: i64,
-    /// Local time the current holder was first seen.
+    /// Monotonic time the current holder was first seen.
     pub holder_since_ms: i64,
-    /// Local time the current `renewTime` was first seen.
+    /// Monotonic time the current `renewTime` was first seen.
     pub renew_seen_ms: i64,
     renew_ms: Option<i64>,
 }
@@ -58,7 +84,7 @@ impl LeaseTrack {
     pub const MIN_DURATION_MS: i64 = crate::lease::MIN_DURATION_SECONDS as i64 * 1000;
     pub const MAX_DURATION_MS: i64 = crate::lease::MAX_DURATION_SECONDS as i64 * 1000;
 
-    /// A track starting from the first observation, at `now_ms`.
+    /// A track starting from the first observation, at monotonic `now_ms`.
     pub fn new(view: &LeaseView, now_ms: i64) -> Self {
         let mut t = LeaseTrack {
             holder: None,
@@ -73,7 +99,7 @@ impl LeaseTrack {
         t
     }
 
-    /// Folds one observation in; only a change of holder or `renewTime` moves the times, so
+    /// Folds one observation in (at monotonic `now_ms`); only a change of holder or `renewTime` moves the times, so
     /// duplicates and re-deliveries change nothing.
     pub fn observe(&mut self, view: &LeaseView, now_ms: i64) {
         let holder = view
@@ -98,6 +124,69 @@ impl LeaseTrack {
     }
 }
 
+/// When this coordinator first saw each turn in flight, and the run stop (a cancel or the first
+/// failure), on its monotonic clock: the turn-start timeout and "a read made after the stop" are
+/// measured from these, not from the wall-clock times in the record. Kept by the driver for the
+/// life of the process, never persisted: a new leader (or a restarted coordinator) starts its own
+/// measure when it first sees a turn, so it gives an agent a whole turn-start timeout from then
+/// (at most one timeout more than the old leader would have, never less, whatever either
+/// leader's clock said), and counts every read it makes itself as made after the stop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sightings {
+    run_id: String,
+    turns: Vec<(Turn, i64)>,
+    stop_ms: Option<i64>,
+}
+
+impl Sightings {
+    /// For callers whose wall and monotonic clocks are one clock that never steps (tests): the
+    /// record's grant and stop times are taken as the sightings.
+    pub fn from_record(run: &RunRecord) -> Self {
+        Sightings {
+            run_id: run.id.clone(),
+            turns: run
+                .turns()
+                .into_iter()
+                .map(|t| {
+                    let at = t.granted_at_ms;
+                    (t, at)
+                })
+                .collect(),
+            stop_ms: run
+                .cancel_requested_at_ms
+                .into_iter()
+                .chain(run.failed_at_ms)
+                .min(),
+        }
+    }
+
+    /// Forgets what belongs to another run or to turns that ended.
+    fn tidy(&mut self, run: &RunRecord) {
+        if self.run_id != run.id {
+            *self = Sightings {
+                run_id: run.id.clone(),
+                ..Default::default()
+            };
+        }
+        let turns = run.turns();
+        self.turns.retain(|(t, _)| turns.contains(t));
+    }
+
+    /// When `turn` was first seen (now, if this is the first time).
+    fn turn(&mut self, turn: &Turn, mono_ms: i64) -> i64 {
+        if let Some((_, at)) = self.turns.iter().find(|(t, _)| t == turn) {
+            return *at;
+        }
+        self.turns.push((turn.clone(), mono_ms));
+        mono_ms
+    }
+
+    /// When the run's stop was first seen (now, if this is the first time).
+    fn stop(&mut self, mono_ms: i64) -> i64 {
+        *self.stop_ms.get_or_insert(mono_ms)
+    }
+}
+
 /// Why the lifecycle asked to be called again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WakeReason {
@@ -113,8 +202,16 @@ pub enum WakeReason {
     WindowOpens,
 }
 
-/// "Call `reduce` again at this time even if nothing changes" (unix ms on the coordinator's
-/// clock).
+impl WakeReason {
+    /// Whether the wake is a time of day (unix ms) rather than the end of a duration
+    /// (monotonic ms): only a maintenance window's opening is.
+    pub fn on_wall_clock(self) -> bool {
+        matches!(self, WakeReason::WindowOpens)
+    }
+}
+
+/// "Call `reduce` again at this time even if nothing changes": unix ms when
+/// [`WakeReason::on_wall_clock`], else monotonic ms (both on the coordinator's clocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wake {
     pub at_ms: i64,
@@ -122,6 +219,18 @@ pub struct Wake {
 }
 
 impl Wake {
+    /// How long from `now` until the wake is due (zero when it is past), on its own clock.
+    pub fn sleep_for(&self, now: Now) -> std::time::Duration {
+        let from = if self.reason.on_wall_clock() {
+            now.wall_ms
+        } else {
+            now.mono_ms
+        };
+        std::time::Duration::from_millis(
+            u64::try_from(self.at_ms.saturating_sub(from)).unwrap_or(0),
+        )
+    }
+
     pub fn turn_deadline(at_ms: i64) -> Self {
         Wake {
             at_ms,
@@ -163,15 +272,18 @@ fn event(node: Option<&str>, warning: bool, reason: &'static str, message: Strin
 }
 
 /// Advances a run in phase Running or RollingBack (the turns) with the one upgrade Lease of
-/// batch-size 1; `run_machine` drives the other phases and calls this (or [`reduce_waves`]).
+/// batch-size 1, for a caller with one clock that never steps (see [`Sightings::from_record`]);
+/// `run_machine` calls [`reduce_waves`].
 pub fn reduce(
     run: &mut RunRecord,
     observe: &dyn Fn(&str) -> ObservedNode,
     lease: &LeaseTrack,
-    now_ms: i64,
+    now: impl Into<Now>,
     timing: Timing,
 ) -> Vec<Effect> {
-    reduce_waves(run, observe, std::slice::from_ref(lease), now_ms, timing)
+    let mut seen = Sightings::from_record(run);
+    let leases = std::slice::from_ref(lease);
+    reduce_waves(run, observe, leases, &mut seen, now.into(), timing)
 }
 
 /// Advances a run in phase Running or RollingBack: every turn in flight is checked against its
@@ -181,9 +293,12 @@ pub fn reduce_waves(
     run: &mut RunRecord,
     observe: &dyn Fn(&str) -> ObservedNode,
     leases: &[LeaseTrack],
-    now_ms: i64,
+    seen: &mut Sightings,
+    now: Now,
     timing: Timing,
 ) -> Vec<Effect> {
+    seen.tidy(run);
+    let now_ms = now.wall_ms;
     let unseen = LeaseTrack::default();
     let lease_of = |slot: u32| leases.get(slot as usize).unwrap_or(&unseen);
     let mut effects = Vec::new();
@@ -195,15 +310,12 @@ pub fn reduce_waves(
         let mut in_flight = Vec::new();
         let mut progressed = false;
         for turn in run.turns() {
-            match check_turn(
-                run,
-                &turn,
-                observe,
-                lease_of(turn.slot),
-                now_ms,
-                timing,
-                &mut effects,
-            ) {
+            let watched = Watched {
+                lease: lease_of(turn.slot),
+                turn_seen_ms: seen.turn(&turn, now.mono_ms),
+                stop_seen_ms: stopping(run).then(|| seen.stop(now.mono_ms)),
+            };
+            match check_turn(run, &turn, observe, watched, now, timing, &mut effects) {
                 Check::Ended => progressed = true,
                 Check::InFlight(fx) => in_flight.extend(fx),
             }
@@ -225,31 +337,46 @@ enum Check {
     InFlight(Vec<Effect>),
 }
 
+/// Whether the run stopped (a cancel, or a failure): no upgrade turn starts any more.
+fn stopping(run: &RunRecord) -> bool {
+    run.cancel_requested || run.phase == RunPhase::RollingBack
+}
+
+/// What this coordinator watched of one turn in flight, on its monotonic clock.
+struct Watched<'a> {
+    /// The Lease of the turn's slot.
+    lease: &'a LeaseTrack,
+    /// When this process first saw the turn (see [`Sightings`]).
+    turn_seen_ms: i64,
+    /// When this process first saw the run stop, if it stopped.
+    stop_seen_ms: Option<i64>,
+}
+
 /// One turn in flight: has its node finished, failed, or been lost?
 fn check_turn(
     run: &mut RunRecord,
     turn: &Turn,
     observe: &dyn Fn(&str) -> ObservedNode,
-    lease: &LeaseTrack,
-    now_ms: i64,
+    watched: Watched<'_>,
+    now: Now,
     timing: Timing,
     effects: &mut Vec<Effect>,
 ) -> Check {
+    let now_ms = now.wall_ms;
+    let lease = watched.lease;
     let obs = observe(&turn.node);
     let ours = obs.run_id.as_deref() == Some(run.id.as_str()) && obs.turn == Some(turn.kind);
     // No upgrade starts once the run stops (a cancel, or a failure elsewhere in the wave).
-    let stopping = run.cancel_requested || run.phase == RunPhase::RollingBack;
+    let stopping = stopping(run);
+    let stop_seen = watched.stop_seen_ms;
     if stopping && turn.kind == TurnKind::Upgrade && !ours && !lease.held_by(&turn.node) {
         // Not started, as far as we can see: take the turn back rather than let the node
         // begin, but only on a direct read made after the stop (the watch may not show yet
         // that the agent started).
-        let since = run
-            .cancel_requested_at_ms
-            .into_iter()
-            .chain(run.failed_at_ms)
-            .min()
-            .unwrap_or(i64::MIN);
-        if obs.read_at_ms.is_some_and(|at| at >= since) {
+        if obs
+            .read_at_ms
+            .is_some_and(|at| stop_seen.is_some_and(|since| at >= since))
+        {
             let report = run.nodes.entry(turn.node.clone()).or_default();
             report.started_at_ms = None;
             run.end_turn(turn.slot);
@@ -357,11 +484,11 @@ fn check_turn(
     }
     // The turn is in flight: is its agent alive?
     let started = ours && obs.status.is_some_and(NodeStatus::is_in_progress);
-    let (deadline, reason) = liveness_deadline(turn, started, lease, timing);
+    let (deadline, reason) = liveness_deadline(turn, watched.turn_seen_ms, started, lease, timing);
     // Loss is declared only on a direct read made after the deadline: the watch may still
     // hold a status the agent has since moved past.
     let confirmed = obs.read_at_ms.is_some_and(|at| at >= deadline);
-    if now_ms >= deadline && confirmed {
+    if now.mono_ms >= deadline && confirmed {
         node_lost(run, turn, reason, now_ms, effects);
         return Check::Ended;
     }
@@ -369,12 +496,12 @@ fn check_turn(
     let released_unread = started
         && !lease.held_by(&turn.node)
         && obs.read_at_ms.is_none_or(|at| at < lease.holder_since_ms);
-    if now_ms >= deadline || released_unread {
+    if now.mono_ms >= deadline || released_unread {
         // Deadline passed, or the agent let go of the Lease mid-turn (it writes its outcome
         // before releasing): look at the Node itself before deciding anything.
         watch.push(Effect::ReadNode(turn.node.clone()));
     }
-    if now_ms < deadline {
+    if now.mono_ms < deadline {
         watch.push(Effect::WakeAt(Wake::turn_deadline(deadline)));
     }
     Check::InFlight(watch)
@@ -476,12 +603,14 @@ fn queue_for_restore(run: &mut RunRecord, node: &str) {
     run.restore_queue.insert(pos, node.to_string());
 }
 
-/// When the node in turn counts as lost if nothing changes, and what the loss would say.
-/// Once the agent holds the Lease, only the Lease decides (its duration plus a grace, from when
-/// we last saw it renewed); otherwise it has the turn-start timeout to (re)take it, counted from
-/// the grant or from when we saw it let go, whichever is later.
+/// When the node in turn counts as lost if nothing changes (monotonic ms), and what the loss
+/// would say. Once the agent holds the Lease, only the Lease decides (its duration plus a grace,
+/// from when we last saw it renewed); otherwise it has the turn-start timeout to (re)take it,
+/// counted from when we first saw the turn (`turn_seen`: its grant, for the leader that granted
+/// it) or from when we saw it let go, whichever is later.
 fn liveness_deadline(
     turn: &Turn,
+    turn_seen: i64,
     started: bool,
     lease: &LeaseTrack,
     timing: Timing,
@@ -495,7 +624,7 @@ fn liveness_deadline(
             ),
         );
     }
-    let deadline = turn.granted_at_ms.max(lease.holder_since_ms) + timing.turn_start_timeout_ms;
+    let deadline = turn_seen.max(lease.holder_since_ms) + timing.turn_start_timeout_ms;
     let reason = if started {
         format!(
             "the agent on {} let go of the upgrade Lease mid-turn and did not take it back within {}s (agent or node lost)",

@@ -586,3 +586,29 @@ mod properties {
         }
     }
 }
+
+/// A wake is on the clock its reason says: a maintenance window's opening on the wall clock
+/// (time of day), a deadline or a retry on the monotonic clock.
+#[test]
+fn a_wake_sleeps_on_its_own_clock() {
+    let now = Now {
+        wall_ms: 1_000_000,
+        mono_ms: 5_000,
+    };
+    let window = Wake {
+        at_ms: 1_060_000,
+        reason: WakeReason::WindowOpens,
+    };
+    assert_eq!(window.sleep_for(now), std::time::Duration::from_secs(60));
+    let deadline = Wake::turn_deadline(45_000);
+    assert_eq!(deadline.sleep_for(now), std::time::Duration::from_secs(40));
+    let retry = Wake {
+        at_ms: 4_000,
+        reason: WakeReason::RetryRollback,
+    };
+    assert_eq!(
+        retry.sleep_for(now),
+        std::time::Duration::ZERO,
+        "a past wake is due now"
+    );
+}

@@ -1,7 +1,7 @@
 //! The machine: folds observations, turns requests on the trigger into runs, and drives the
 //! run's phases (in [`phases`]).
 use super::*;
-use crate::lifecycle::LeaseTrack;
+use crate::lifecycle::{LeaseTrack, Sightings};
 
 mod job_mode;
 mod phases;
@@ -29,6 +29,8 @@ pub struct Machine {
     nodes: Option<BTreeMap<String, NodeSnapshot>>,
     lease: Option<LeaseTrack>,
     lease_missing: bool,
+    /// When this process first saw the turns in flight and the run's stop (monotonic).
+    sightings: Sightings,
     /// The Leases of wave slots 1 and up, as observed (waves; slot 0 is `lease`).
     slot_leases: BTreeMap<u32, LeaseTrack>,
     /// Slot Leases asked to be created and not yet seen (asked once each).
@@ -66,6 +68,7 @@ impl Machine {
             nodes: None,
             lease: None,
             lease_missing: false,
+            sightings: Sightings::default(),
             slot_leases: BTreeMap::new(),
             slot_leases_asked: Default::default(),
             awaiting: None,
@@ -127,8 +130,14 @@ impl Machine {
         std::mem::take(&mut self.fx)
     }
 
+    /// Wall clock: for what is recorded and shown.
     fn now(&self) -> i64 {
         self.env.now_ms
+    }
+
+    /// Monotonic clock: for durations (timeouts, Lease expiry, retry waits).
+    fn mono(&self) -> i64 {
+        self.env.mono_ms
     }
 
     fn answer(&mut self, what: Awaiting, store: impl FnOnce(&mut Self)) {
@@ -177,7 +186,7 @@ impl Machine {
             Some(mut snap) => {
                 let previous_read = nodes.get(&name).and_then(|n| n.observed.read_at_ms);
                 snap.observed.read_at_ms = if direct {
-                    Some(self.env.now_ms)
+                    Some(self.env.mono_ms)
                 } else {
                     previous_read
                 };
@@ -190,7 +199,7 @@ impl Machine {
     }
 
     fn on_lease(&mut self, view: Option<LeaseView>) {
-        let now = self.now();
+        let now = self.mono();
         match view {
             Some(v) => {
                 self.lease_missing = false;
@@ -231,7 +240,7 @@ impl Machine {
     /// A wave slot's Lease (slot 1 and up) changed. A missing one is held by nobody; it is
     /// created when a turn is granted in its slot (see `phases::turns`).
     fn on_slot_lease(&mut self, slot: u32, view: Option<LeaseView>) {
-        let now = self.now();
+        let now = self.mono();
         match view {
             Some(v) => {
                 self.slot_leases_asked.remove(&slot);

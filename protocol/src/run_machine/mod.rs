@@ -168,8 +168,13 @@ pub enum Input {
 /// The coordinator's environment at each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Env {
-    /// Unix ms on the coordinator's clock.
+    /// Unix ms on the coordinator's wall clock: what is recorded and shown, and the time of day
+    /// a maintenance window is judged by.
     pub now_ms: i64,
+    /// The coordinator's monotonic ms: what durations within this process (Lease expiry, the
+    /// turn-start timeout, retry backoffs) are measured on, so that a wall-clock step changes
+    /// none of them.
+    pub mono_ms: i64,
     /// API requests the coordinator sent so far (reported per run).
     pub api_requests: u64,
 }

@@ -163,6 +163,7 @@ impl Sim {
     fn env(&self) -> Env {
         Env {
             now_ms: self.now,
+            mono_ms: self.now,
             api_requests: 0,
         }
     }

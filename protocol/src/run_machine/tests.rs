@@ -7,6 +7,8 @@ use crate::keys::node::WINDOW_LABEL;
 
 use crate::params::tests::defaults;
 
+/// Issue 9: the coordinator's wall clock stepping mid-turn.
+mod clock;
 /// The grant gate (maintenance window, blocking pods) in the run machine.
 mod gates;
 /// Job mode: a scoped upgrade that changed nothing fails its node at once.
@@ -31,7 +33,10 @@ pub(super) fn config() -> Config {
 /// A hand-driven coordinator: feed inputs, look at effects.
 struct H {
     m: Machine,
+    /// The coordinator's monotonic clock (and its wall clock, but for `wall_offset`).
     now: i64,
+    /// How far the wall clock was stepped away from the monotonic one.
+    wall_offset: i64,
     annotations: BTreeMap<String, String>,
     data: BTreeMap<String, String>,
     rv: u64,
@@ -82,6 +87,7 @@ impl H {
         let mut h = H {
             m: Machine::new(config()),
             now: 1_000_000,
+            wall_offset: 0,
             annotations: BTreeMap::new(),
             data,
             rv: 1,
@@ -102,7 +108,8 @@ impl H {
         let fx = self.m.step(
             input,
             Env {
-                now_ms: self.now,
+                now_ms: self.now + self.wall_offset,
+                mono_ms: self.now,
                 api_requests: self.requests,
             },
         );

@@ -344,7 +344,7 @@ impl Machine {
     /// Asks the release again in a few seconds (helm or the API server is briefly unhappy).
     pub(super) fn retry_later(&mut self, msg: String) {
         let wake = Wake {
-            at_ms: self.now() + RELEASE_READ_RETRY_MS,
+            at_ms: self.mono() + RELEASE_READ_RETRY_MS,
             reason: WakeReason::RetryReleaseRead,
         };
         self.retry_at = Some(wake);
@@ -355,7 +355,7 @@ impl Machine {
     /// A retry is scheduled and its time has not come: ask to be woken then, do nothing now.
     fn waiting_to_retry(&mut self) -> bool {
         match self.retry_at {
-            Some(w) if self.now() < w.at_ms => {
+            Some(w) if self.mono() < w.at_ms => {
                 self.fx.push(Effect::WakeAt(w));
                 true
             }
@@ -463,7 +463,7 @@ impl Machine {
         let attempt = self.rollback_failures;
         if attempt < policy.attempts {
             let wait = backoff::jittered(attempt - 1, policy.base, policy.cap, 1.0);
-            let at = self.now() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+            let at = self.mono() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
             self.retry_at = Some(Wake {
                 at_ms: at,
                 reason: WakeReason::RetryRollback,
@@ -526,7 +526,10 @@ impl Machine {
     /// Node turns (phases Running and RollingBack after the release rollback).
     fn turns(&mut self) {
         self.gate_next_upgrade_turn();
-        let now = self.now();
+        let now = lifecycle::Now {
+            wall_ms: self.now(),
+            mono_ms: self.mono(),
+        };
         let nodes = self.nodes.clone().unwrap_or_default();
         let observe = move |n: &str| nodes.get(n).map(|s| s.observed.clone()).unwrap_or_default();
         let slots = self.state.run.as_ref().map_or(1, |r| {
@@ -537,7 +540,14 @@ impl Machine {
         let leases = self.lease_tracks(slots);
         let run = self.state.run.as_mut().expect("run");
         let turns_before = run.turns();
-        let effects = lifecycle::reduce_waves(run, &observe, &leases, now, self.cfg.timing);
+        let effects = lifecycle::reduce_waves(
+            run,
+            &observe,
+            &leases,
+            &mut self.sightings,
+            now,
+            self.cfg.timing,
+        );
         let id = run.id.clone();
         for effect in effects {
             match effect {
