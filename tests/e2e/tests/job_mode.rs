@@ -10,7 +10,7 @@ mod product;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Node;
-use klm_protocol::keys::trigger;
+use klm_protocol::keys::{node as node_keys, trigger};
 use klm_protocol::{NodeStatus, RunPhase};
 use klm_testkit::InstallOutcome;
 use klm_testkit::kata_deploy_sim::{KATA_RUNTIME_LABEL, STAGE_LABEL};
@@ -473,6 +473,25 @@ async fn scoped_upgrade_that_changes_nothing(
             node.spec
         );
     }
+    // Cordoned by us and labelled failed, for inspection (README, Limitations, job mode).
+    let node = p.slice.node(failed).await?;
+    let label = |k: &str| {
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(k))
+            .cloned()
+    };
+    let ours = node
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(node_keys::CORDONED_BY));
+    ensure!(
+        ours && label(node_keys::STATUS).as_deref() == Some("failed"),
+        "{failed}: {:?}",
+        node.metadata
+    );
     p.assert_safe(&run.plan).await?;
     Ok(())
 }
