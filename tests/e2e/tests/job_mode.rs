@@ -10,7 +10,7 @@ mod product;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Node;
-use klm_protocol::keys::trigger;
+use klm_protocol::keys::{node as node_keys, trigger};
 use klm_protocol::{NodeStatus, RunPhase};
 use klm_testkit::InstallOutcome;
 use klm_testkit::kata_deploy_sim::{KATA_RUNTIME_LABEL, STAGE_LABEL};
@@ -181,7 +181,7 @@ async fn assert_refused(
 async fn job_mode_on_the_upstream_charts() -> Result<()> {
     let upstream = UpstreamRepo::serve().await?;
     let repo = upstream.url().to_string();
-    let p = Product::start_with("jobmode", 3, "3.27.0", &["--chart-repo", &repo]).await?;
+    let mut p = Product::start_with("jobmode", 3, "3.27.0", &["--chart-repo", &repo]).await?;
     p.opt_in(&["node-1", "node-2", "node-3"]).await?;
     let nodes: Vec<String> = ["node-1", "node-2", "node-3"]
         .iter()
@@ -322,5 +322,176 @@ async fn job_mode_on_the_upstream_charts() -> Result<()> {
         "--set deploymentMode=job",
     )
     .await?;
+
+    scoped_upgrade_that_changes_nothing(&mut p, &repo, &nodes).await
+}
+
+/// What the failing helm wrapper writes to stderr (the evidence the run must carry).
+const SCOPED_HELM_ERROR: &str = "klm-test: scoped upgrade refused before it changed the release";
+
+/// A `helm` for the coordinator that fails the first forward `helm upgrade` carrying `job.nodes`
+/// (not a restore: those carry `--reset-values`) with [`SCOPED_HELM_ERROR`], before the real helm
+/// runs — so the release never moves and no dispatcher runs, as when the chart is missing or the
+/// API refuses. Every other call goes to the real helm. Each call's argv is logged to
+/// `<dir>/calls.log`. Returns the wrapper's path.
+fn scoped_upgrade_failing_helm(p: &Product) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = p.slice.dir().join("helm-fail-scoped");
+    std::fs::create_dir_all(&dir)?;
+    let script = format!(
+        r#"#!/usr/bin/env bash
+set -euo pipefail
+dir='{dir}'
+printf '%s\n' "$*" >>"$dir/calls.log"
+if [[ "${{1:-}}" == upgrade && " $* " == *" job.nodes="* && " $* " != *" --reset-values "* ]] \
+  && mkdir "$dir/failed" 2>/dev/null; then
+  echo 'Error: UPGRADE FAILED: {SCOPED_HELM_ERROR}' >&2
+  exit 1
+fi
+exec '{real}' "$@"
+"#,
+        dir = dir.display(),
+        real = p.slice.cluster().helm_path().display(),
+    );
+    let wrapper = dir.join("helm");
+    std::fs::write(&wrapper, script)?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    Ok(wrapper)
+}
+
+/// The helm calls made through [`scoped_upgrade_failing_helm`] so far.
+fn wrapped_helm_calls(p: &Product) -> Vec<String> {
+    std::fs::read_to_string(p.slice.dir().join("helm-fail-scoped/calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A job-mode run whose first scoped `helm upgrade` fails without changing the release: the
+/// coordinator fails that node at once (`InstallFailed`, helm's error as evidence) instead of
+/// leaving its agent to wait for an install Job that will never come. The release keeps its
+/// history, no other node is touched, and the failed node stays cordoned (README, Limitations).
+async fn scoped_upgrade_that_changes_nothing(
+    p: &mut Product,
+    repo: &str,
+    nodes: &[String],
+) -> Result<()> {
+    install_upstream(
+        p,
+        repo,
+        "3.32.0",
+        &["deploymentMode=job", "job.backoffLimit=0"],
+    )
+    .await
+    .context("job-mode install for the failing scoped upgrade")?;
+    wait_runtime_label(p, nodes, "true").await?;
+    let wrapper = scoped_upgrade_failing_helm(p)?;
+    p.kill_coordinator();
+    p.extra_coordinator_args
+        .extend(["--helm".to_string(), wrapper.display().to_string()]);
+    p.start_coordinator()?;
+
+    let before = p.release().await?;
+    let jobs_before = p.slice.dispatched_install_jobs().len();
+    let run = p.run("4.0.0", &[]).await?;
+    ensure!(run.phase == RunPhase::Failed, "{run:#?}");
+
+    // The first node in turn fails, by the coordinator, with helm's error — not by a timeout.
+    let failed = &nodes[0];
+    ensure!(run.plan[0] == *failed, "{:?}", run.plan);
+    let failure = run
+        .failure
+        .as_ref()
+        .context("a failed run names its failure")?;
+    ensure!(
+        failure.node.as_deref() == Some(failed.as_str()),
+        "{failure:?}"
+    );
+    let cause = failure
+        .evidence
+        .as_ref()
+        .and_then(|e| e.failure.as_ref())
+        .with_context(|| format!("the failure carries evidence: {failure:?}"))?;
+    ensure!(cause.reason == "InstallFailed", "not a timeout: {cause:?}");
+    ensure!(
+        cause.message.contains(SCOPED_HELM_ERROR) && cause.message.contains(failed.as_str()),
+        "helm's error as evidence: {cause:?}"
+    );
+    ensure!(
+        run.message.contains(failed.as_str()),
+        "the run's message names the node: {}",
+        run.message
+    );
+    let report = &run.nodes[failed];
+    ensure!(report.status == Some(NodeStatus::Failed), "{report:?}");
+    ensure!(
+        report
+            .evidence
+            .as_ref()
+            .and_then(|e| e.failure.as_ref())
+            .is_some_and(|c| c.reason == "InstallFailed" && c.message.contains(SCOPED_HELM_ERROR)),
+        "the node's evidence: {report:?}"
+    );
+
+    // One scoped upgrade attempted, never retried, and no restore turn for the failed node.
+    let calls = wrapped_helm_calls(p);
+    let scoped: Vec<&String> = calls.iter().filter(|c| c.contains("job.nodes=")).collect();
+    ensure!(
+        scoped.len() == 1 && scoped[0].contains(&format!("job.nodes={{{failed}}}")),
+        "one scoped upgrade, for {failed}: {calls:#?}"
+    );
+
+    // The release did not move; nothing was installed anywhere; no other node was touched.
+    ensure!(p.release().await? == before, "release unchanged");
+    ensure!(
+        upgrades_since(p, before.0).await?.is_empty(),
+        "no new revision in helm history"
+    );
+    ensure!(
+        p.slice.dispatched_install_jobs().len() == jobs_before,
+        "no install Job dispatched"
+    );
+    for n in &nodes[1..] {
+        ensure!(
+            run.nodes.get(n).and_then(|r| r.status).is_none(),
+            "{n} untouched: {:?}",
+            run.nodes.get(n)
+        );
+    }
+    let unschedulable = |node: &Node| {
+        node.spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false)
+    };
+    for n in nodes {
+        let node = p.slice.node(n).await?;
+        ensure!(
+            unschedulable(&node) == (n == failed),
+            "{n}: only the failed node stays cordoned: {:?}",
+            node.spec
+        );
+    }
+    // Cordoned by us and labelled failed, for inspection (README, Limitations, job mode).
+    let node = p.slice.node(failed).await?;
+    let label = |k: &str| {
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(k))
+            .cloned()
+    };
+    let ours = node
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(node_keys::CORDONED_BY));
+    ensure!(
+        ours && label(node_keys::STATUS).as_deref() == Some("failed"),
+        "{failed}: {:?}",
+        node.metadata
+    );
+    p.assert_safe(&run.plan).await?;
     Ok(())
 }
