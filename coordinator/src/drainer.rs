@@ -293,7 +293,7 @@ async fn drain_node(
 }
 
 async fn drain(sh: &Shared, node: &str, request: &DrainRequest, wake: &Arc<Notify>) {
-    let Some((budget, limit)) = budget(sh, node, request) else {
+    let Some((budget, limit)) = budget(sh) else {
         return;
     };
     info!(
@@ -423,25 +423,14 @@ async fn final_report(sh: &Shared, node: &str, result: &DrainResult, seen: Arc<N
     }
 }
 
-/// The drain timeout of the run, counted from when the Node entered `draining` (the agent's
-/// record of it), so a new leader continues the same budget rather than start a fresh one.
-fn budget(sh: &Shared, node: &str, request: &DrainRequest) -> Option<(Budget, Duration)> {
-    let run = sh.run()?;
-    let limit = run.params.as_ref()?.drain_timeout();
-    let started = sh
-        .node(node)
-        .map(|n| NodeRecord::of(&n))
-        .and_then(|r| r.step_started(&request.run_id, request.turn, NodeStatus::Draining));
-    let elapsed_ms = started.map_or(0, |t| {
-        jiff::Timestamp::now()
-            .as_millisecond()
-            .saturating_sub(t.as_millisecond())
-            .max(0)
-    });
-    Some((
-        Budget::new(mono_ms().saturating_sub(elapsed_ms), limit),
-        limit,
-    ))
+/// The drain timeout of the run, counted on this process's monotonic clock from when it admitted
+/// the request. Never from the Node's recorded `draining` start: that time is the agent's clock,
+/// and an agent 45 s behind made every drain time out at once (`faults.rs`
+/// `agents_with_skewed_clocks_keep_their_turns_and_never_share_the_lease`). A new leader gives a
+/// fresh budget; the agent's own wait (drain timeout plus a grace, on its clock) bounds the whole.
+fn budget(sh: &Shared) -> Option<(Budget, Duration)> {
+    let limit = sh.run()?.params.as_ref()?.drain_timeout();
+    Some((Budget::new(mono_ms(), limit), limit))
 }
 
 /// One eviction, as the machine needs to hear about it. Every failure but "gone" is retried
