@@ -24,17 +24,7 @@ use product::{Product, RELEASE};
 /// waiting for a DaemonSet (job mode has none).
 async fn install_upstream(p: &Product, repo: &str, version: &str, sets: &[&str]) -> Result<()> {
     let ns = p.slice.kata_deploy_namespace();
-    p.slice
-        .helm(&[
-            "uninstall",
-            RELEASE,
-            "-n",
-            &ns,
-            "--ignore-not-found",
-            "--no-hooks",
-            "--wait",
-        ])
-        .await?;
+    p.uninstall_kata_deploy().await?;
     let mut args = vec![
         "install",
         RELEASE,

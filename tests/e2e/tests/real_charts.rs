@@ -15,18 +15,7 @@ use product::{Product, RELEASE};
 
 /// Replaces the slice's release by the upstream chart at `version`.
 async fn install_upstream(p: &Product, repo: &str, version: &str) -> Result<()> {
-    let ns = p.slice.kata_deploy_namespace();
-    p.slice
-        .helm(&[
-            "uninstall",
-            RELEASE,
-            "-n",
-            &ns,
-            "--ignore-not-found",
-            "--no-hooks",
-            "--wait",
-        ])
-        .await?;
+    p.uninstall_kata_deploy().await?;
     p.slice
         .install_kata_deploy_from(repo, RELEASE, version, &[])
         .await?;

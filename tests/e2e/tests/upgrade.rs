@@ -106,20 +106,9 @@ async fn failure_on_node_two_of_four_rolls_back_to_the_recorded_revision() -> an
         "{ev:?}"
     );
     assert!(run.message.contains(&p.node("node-2")), "{}", run.message);
-    for n in ["node-1", "node-2"] {
-        assert_eq!(
-            p.node_labels(n).await?,
-            (Some("rolled-back".into()), Some("3.27.0".into())),
-            "{n}"
-        );
-    }
-    for n in ["node-3", "node-4"] {
-        assert_eq!(
-            p.node_labels(n).await?,
-            (None, None),
-            "{n} must be untouched"
-        );
-    }
+    p.assert_nodes_at(&["node-1", "node-2"], "rolled-back", "3.27.0")
+        .await?;
+    p.assert_untouched(&["node-3", "node-4"]).await?;
     let (rev, version, status) = p.release().await?;
     assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
     assert_eq!(rev, recorded + 2, "one upgrade, one rollback");

@@ -96,19 +96,9 @@ async fn a_failure_in_the_second_wave_reverts_both_waves() -> Result<()> {
             Some(NodeStatus::RolledBack),
             "{n}: {run:#?}"
         );
-        assert_eq!(
-            p.node_labels(n).await?,
-            (Some("rolled-back".into()), Some("3.27.0".into())),
-            "{n}"
-        );
+        p.assert_nodes_at(&[n], "rolled-back", "3.27.0").await?;
     }
-    for n in ["node-5", "node-6"] {
-        assert_eq!(
-            p.node_labels(n).await?,
-            (None, None),
-            "{n} must be untouched"
-        );
-    }
+    p.assert_untouched(&["node-5", "node-6"]).await?;
     let (rev, version, status) = p.release().await?;
     assert_eq!((version.as_str(), status.as_str()), ("3.27.0", "deployed"));
     assert_eq!(rev, recorded + 2, "one upgrade, one rollback");

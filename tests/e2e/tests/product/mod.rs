@@ -465,6 +465,42 @@ impl Product {
         ))
     }
 
+    /// Asserts that each node (by suffix) shows our status `status` at kata-deploy `version`.
+    pub async fn assert_nodes_at(&self, nodes: &[&str], status: &str, version: &str) -> Result<()> {
+        for n in nodes {
+            let want = (Some(status.to_string()), Some(version.to_string()));
+            anyhow::ensure!(self.node_labels(n).await? == want, "{n}: not {want:?}");
+        }
+        Ok(())
+    }
+
+    /// Asserts that no node (by suffix) carries our status or version label.
+    pub async fn assert_untouched(&self, nodes: &[&str]) -> Result<()> {
+        for n in nodes {
+            let labels = self.node_labels(n).await?;
+            anyhow::ensure!(labels == (None, None), "{n} must be untouched: {labels:?}");
+        }
+        Ok(())
+    }
+
+    /// Uninstalls the slice's kata-deploy release without its hooks (the next install reuses
+    /// the hook Jobs' names), waiting until its objects are gone.
+    pub async fn uninstall_kata_deploy(&self) -> Result<()> {
+        let ns = self.slice.kata_deploy_namespace();
+        self.slice
+            .helm(&[
+                "uninstall",
+                RELEASE,
+                "-n",
+                &ns,
+                "--ignore-not-found",
+                "--no-hooks",
+                "--wait",
+            ])
+            .await?;
+        Ok(())
+    }
+
     /// (revision, chart version, status) of the kata-deploy release's latest revision.
     pub async fn release(&self) -> Result<(u64, String, String)> {
         let v = self.slice.release_metadata(RELEASE).await?;
