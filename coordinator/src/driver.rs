@@ -379,15 +379,20 @@ impl Coordinator {
                 reason,
                 message,
             } => self.event(node.as_deref(), warning, reason, message).await,
-            Effect::ReadRelease { release, namespace } => {
+            Effect::ReadRelease {
+                release,
+                namespace,
+                mode,
+            } => {
                 let began = Instant::now();
                 let read = match self.s.helm.metadata(&release, &namespace).await {
-                    Ok(m) => self
+                    Ok(m) if mode => self
                         .s
                         .helm
                         .deployment_mode(&release, &namespace)
                         .await
                         .map(|mode| (m, mode)),
+                    Ok(m) => Ok((m, None)),
                     Err(e) => Err(e),
                 };
                 // A release that does not exist is an answer, not a failed call.

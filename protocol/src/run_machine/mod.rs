@@ -196,8 +196,15 @@ pub enum Effect {
         reason: &'static str,
         message: String,
     },
-    /// `helm get metadata`; answer with [`Input::Release`].
-    ReadRelease { release: String, namespace: String },
+    /// `helm get metadata` (and with `mode`, `helm get values --all` for `deploymentMode`);
+    /// answer with [`Input::Release`].
+    ReadRelease {
+        release: String,
+        namespace: String,
+        /// Read the release's `deploymentMode` too: only before the run is admitted, where the
+        /// mode is decided once; later reads need the revision and status only.
+        mode: bool,
+    },
     /// Wait until the DaemonSet controller observed the current template, then read its newest
     /// revision; answer with [`Input::DaemonSet`].
     ReadDaemonSet { namespace: String },

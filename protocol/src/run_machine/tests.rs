@@ -190,6 +190,7 @@ fn a_trigger_runs_prepare_then_exactly_one_upgrade_persisted_before_helm() {
             *e == Effect::ReadRelease {
                 release: "kata-deploy".into(),
                 namespace: "kube-system".into(),
+                mode: true,
             }
         })
         .expect("the release read");

@@ -57,12 +57,15 @@ impl Machine {
         // Write-ahead: helm may take long to answer (or the coordinator may die while it does);
         // the run is visible as it stands before we wait on it.
         self.persist();
-        let p = self.run_mut().params.clone().unwrap_or_else(missing_params);
+        let run = self.run_mut();
+        let mode = run.release.is_none();
+        let p = run.params.clone().unwrap_or_else(missing_params);
         self.request(
             Awaiting::Release,
             Effect::ReadRelease {
                 release: p.helm_release,
                 namespace: p.helm_namespace,
+                mode,
             },
         );
     }
