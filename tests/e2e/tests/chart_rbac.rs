@@ -923,14 +923,7 @@ async fn check_dispatched(
     version: &str,
 ) -> Result<()> {
     let dispatcher = jobs.get("kata-deploy-install-dispatcher").await?;
-    let complete = dispatcher
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "Complete" && c.status == "True")
-        });
+    let complete = klm_testkit::kata_deploy_sim::finished(&dispatcher) == Some(true);
     ensure!(complete, "dispatcher not complete: {:?}", dispatcher.status);
     let container = dispatcher
         .spec

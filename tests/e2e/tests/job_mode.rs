@@ -90,25 +90,7 @@ async fn install_jobs(p: &Product) -> Result<Vec<(String, String, Option<bool>)>
                 .and_then(|c| c.image.clone())
                 .unwrap_or_default();
             let tag = image.rsplit(':').next().unwrap_or_default().to_string();
-            let conds = j
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.clone())
-                .unwrap_or_default();
-            let done = if conds
-                .iter()
-                .any(|c| c.type_ == "Complete" && c.status == "True")
-            {
-                Some(true)
-            } else if conds
-                .iter()
-                .any(|c| c.type_ == "Failed" && c.status == "True")
-            {
-                Some(false)
-            } else {
-                None
-            };
-            (node, tag, done)
+            (node, tag, klm_testkit::kata_deploy_sim::finished(&j))
         })
         .collect())
 }

@@ -205,7 +205,9 @@ fn labels(meta: &kube::api::ObjectMeta) -> BTreeMap<String, String> {
     meta.labels.clone().unwrap_or_default()
 }
 
-fn finished(job: &Job) -> Option<bool> {
+/// A Job's outcome from its conditions: `Some(true)` complete, `Some(false)` failed, `None`
+/// still running.
+pub fn finished(job: &Job) -> Option<bool> {
     let conds = job.status.as_ref()?.conditions.as_ref()?;
     if conds
         .iter()
