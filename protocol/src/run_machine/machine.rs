@@ -127,7 +127,19 @@ impl Machine {
             self.advance();
         }
         self.persist();
-        std::mem::take(&mut self.fx)
+        // A step may pass a phase twice (a wave's upgrade turn ended mid-step) and ask for the
+        // same wake twice: the driver needs each once.
+        let mut fx = std::mem::take(&mut self.fx);
+        let mut seen = Vec::new();
+        fx.retain(|e| match e {
+            Effect::WakeAt(w) if seen.contains(w) => false,
+            Effect::WakeAt(w) => {
+                seen.push(*w);
+                true
+            }
+            _ => true,
+        });
+        fx
     }
 
     /// Wall clock: for what is recorded and shown.

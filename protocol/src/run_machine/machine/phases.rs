@@ -710,13 +710,8 @@ impl Machine {
                     self.event(node.as_deref(), false, "RunHeld", msg);
                 }
                 // Asked on every step while held: the driver sleeps until the earliest wake
-                // of its last reconcile. Once per step (a step may pass here twice, when a
-                // turn in flight ended).
-                if let Some(w) = wake.map(Effect::WakeAt)
-                    && !self.fx.contains(&w)
-                {
-                    self.fx.push(w);
-                }
+                // of its last reconcile.
+                self.fx.extend(wake.map(Effect::WakeAt));
                 true
             }
         }
