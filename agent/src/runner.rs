@@ -25,6 +25,7 @@ use k8s_openapi::api::core::v1::Node;
 use klm_kube::lease::{HeldLease, RetakeError};
 use klm_kube::time::mono_ms;
 use klm_protocol::Evidence;
+use klm_protocol::lease::TURN_RETRY_MAX_WAIT_MS;
 use klm_protocol::node_record::NodeRecord;
 use klm_protocol::procedure::{Resume, resume};
 use std::time::Duration;
@@ -61,8 +62,7 @@ pub async fn run_turn(
     signal: watch::Receiver<TurnSignal>,
     shutdown: CancellationToken,
 ) -> TurnEnd {
-    let mut backoff =
-        klm_kube::retry::backoff(Duration::from_millis(500), Duration::from_secs(15)).build();
+    let mut backoff = turn_retry_backoff();
     let mut lapsed: Option<i32> = None;
     loop {
         match attempt_turn(agent, &a, &signal, &shutdown, lapsed).await {
@@ -76,7 +76,9 @@ pub async fn run_turn(
             }
             Attempt::Retry(why) => warn!(%why, "could not go on with the turn; retrying"),
         }
-        let wait = backoff.next().unwrap_or(Duration::from_secs(15));
+        let wait = backoff
+            .next()
+            .unwrap_or(Duration::from_millis(TURN_RETRY_MAX_WAIT_MS));
         let mut signal = signal.clone();
         tokio::select! {
             _ = shutdown.cancelled() => return TurnEnd::Shutdown,
@@ -84,6 +86,17 @@ pub async fn run_turn(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// Waits between attempts at a turn: short at first, never longer than the shortest Lease (see
+/// [`TURN_RETRY_MAX_WAIT_MS`]), so an agent whose hold lapsed in an API outage takes it back
+/// before a coordinator that came up with the API server declares the node lost.
+fn turn_retry_backoff() -> backon::ExponentialBackoff {
+    klm_kube::retry::backoff(
+        Duration::from_millis(500),
+        Duration::from_millis(TURN_RETRY_MAX_WAIT_MS),
+    )
+    .build()
 }
 
 async fn attempt_turn(
@@ -331,4 +344,27 @@ fn lease_lost_event(agent: &Agent, node: &Node, run_id: &str, reason: &str) {
             .publish(&target, true, "LeaseLost", "Upgrade", note)
             .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use klm_protocol::lease::MIN_DURATION_SECONDS;
+
+    /// Issue 9 (API outage longer than the Lease): the waits between attempts at a lapsed turn
+    /// grew to 15 s (30 s with jitter) during a long outage, so after the API server came back
+    /// the agent could stay silent past a fresh coordinator's Lease duration plus grace (6 s +
+    /// 10 s in the end-to-end test) and a healthy node was declared lost. However long the
+    /// outage, every wait stays under the shortest Lease a coordinator may set.
+    #[test]
+    fn waits_between_turn_attempts_stay_under_the_shortest_lease() {
+        let shortest_lease = Duration::from_secs(MIN_DURATION_SECONDS as u64);
+        let waits: Vec<Duration> = turn_retry_backoff().take(200).collect();
+        assert_eq!(waits.len(), 200, "retries for as long as the turn is ours");
+        let longest = waits.iter().max().copied().unwrap_or_default();
+        assert!(
+            longest < shortest_lease,
+            "a wait of {longest:?} may outlast a {shortest_lease:?} Lease"
+        );
+    }
 }

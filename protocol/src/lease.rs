@@ -35,6 +35,13 @@ pub fn slot_lease_name(base: &str, slot: u32) -> String {
 pub const MIN_DURATION_SECONDS: i32 = 5;
 pub const MAX_DURATION_SECONDS: i32 = 120;
 
+/// The longest an agent waits between attempts to go on with a turn it could not (API
+/// unreachable, hold lapsed). A coordinator that first sees the Lease expired — e.g. one that
+/// started as the API server came back — declares the node lost after the Lease's duration plus
+/// its grace; an agent waiting longer than the shortest Lease could come back too late and a
+/// healthy node would fail. Jittered waits run up to twice this, so it is half the shortest Lease.
+pub const TURN_RETRY_MAX_WAIT_MS: u64 = MIN_DURATION_SECONDS as u64 * 1000 / 2;
+
 /// The duration a reader uses: the Lease's own, clamped to sane bounds; the default when unset.
 pub fn sane_duration_seconds(raw: Option<i32>) -> i32 {
     match raw {
