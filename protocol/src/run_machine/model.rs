@@ -626,6 +626,18 @@ impl Sim {
     }
 
     fn advance_time(&mut self, ms: i64) {
+        // Living agents take a turn granted to them before the clock moves on: an agent that
+        // does not take its turn within the turn-start timeout is rightly failed, so a schedule
+        // that starves it that long is not a healthy run (proptest found one: four clock steps
+        // summing 60 s with no agent step between them).
+        if let Some(r) = self.record() {
+            for t in r.turns() {
+                let key = (t.node.clone(), t.kind);
+                if self.stage.get(&key).is_none_or(|s| *s == Stage::Idle) {
+                    self.agent_turn(&r, t);
+                }
+            }
+        }
         self.now += ms;
         // Living agents renew the Lease they hold.
         for slot in 0..self.batch {
