@@ -400,6 +400,7 @@ fn a_new_leader_finding_the_upgrade_pending_rolls_back_never_upgrades_again() {
         clear_pending: Some(3),
     }));
     h2.feed(Input::HelmFinished(Ok(())));
+    h2.feed(ds());
     let r = h2.run();
     assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
     assert!(r.message.contains("interrupted"), "{}", r.message);

@@ -398,16 +398,19 @@ impl Machine {
         let run = self.state.run.as_ref().expect("run");
         let p = run.params.clone().unwrap_or_else(missing_params);
         let recorded = run.release.clone().unwrap_or_default();
+        if let Some(ds) = self.daemonset.take() {
+            return self.restored_template_observed(ds, &p, &recorded);
+        }
         if let Some(result) = self.helm.take() {
             return match result {
-                Ok(()) => self.rolled_back(&p, &recorded),
+                Ok(()) => self.observe_restored_template(&p),
                 Err(e) => self.rollback_failed(e, &p, &recorded),
             };
         }
         match self.release.take() {
             None => self.read_release(),
             Some(ReleaseRead::Found(rel)) if release::rolled_back(&recorded, &rel) => {
-                self.rolled_back(&p, &recorded)
+                self.observe_restored_template(&p)
             }
             Some(ReleaseRead::Found(rel)) => self.request(
                 Awaiting::Helm,
@@ -429,6 +432,50 @@ impl Machine {
             ),
             Some(ReleaseRead::Error(e)) => self.rollback_failed(e, &p, &recorded),
         }
+    }
+
+    /// The release is back at the recorded revision; before any restore turn deletes a pod,
+    /// the DaemonSet controller must have observed the restored template
+    /// (`observedGeneration`), or the pod it recreates could be at the upgraded revision — seen
+    /// after an API server outage, when kube-controller-manager's informers were still
+    /// reconnecting: the restore turn then failed and the node stayed cordoned.
+    fn observe_restored_template(&mut self, p: &crate::params::RunParams) {
+        self.request(
+            Awaiting::DaemonSet,
+            Effect::ReadDaemonSet {
+                namespace: p.helm_namespace.clone(),
+            },
+        );
+    }
+
+    fn restored_template_observed(
+        &mut self,
+        ds: Result<DaemonSetObservation, String>,
+        p: &crate::params::RunParams,
+        recorded: &ReleaseState,
+    ) {
+        let id = self.run_mut().id.clone();
+        match ds {
+            Ok(ds) if ds.hash == recorded.old_hash => {}
+            // Restore turns want the recorded revision; say why they will not find it.
+            Ok(ds) => self.event(
+                None,
+                true,
+                "RestoredTemplateDiffers",
+                format!(
+                    "run {id}: after the rollback the DaemonSet's revision is {}, not the recorded {}; restore turns wait for the recorded one",
+                    ds.hash, recorded.old_hash
+                ),
+            ),
+            // Restoring the nodes is still the best move; each restore turn reports what it sees.
+            Err(e) => self.event(
+                None,
+                true,
+                "RestoredTemplateNotObserved",
+                format!("run {id}: could not confirm the DaemonSet observed the restored template: {e}"),
+            ),
+        }
+        self.rolled_back(p, recorded);
     }
 
     fn rolled_back(&mut self, p: &crate::params::RunParams, recorded: &ReleaseState) {

@@ -155,6 +155,7 @@ fn restore_turns_are_not_held_by_a_closed_window() {
     assert_eq!(h.run().phase, RunPhase::RollingBack);
     h.feed(found(4, "3.28.0", "deployed"));
     h.feed(Input::HelmFinished(Ok(())));
+    h.feed(ds());
     let r = h.run();
     let turn = r.turn.expect("restore granted outside the window");
     assert_eq!(
@@ -321,4 +322,42 @@ fn a_new_run_waits_for_fresh_gate_observations() {
         pods: vec![],
     });
     assert_eq!(h.turn_node().as_deref(), Some("n1"));
+}
+
+/// Seen after an API server outage: kube-controller-manager had not yet observed the restored
+/// template when a restore turn deleted the node's kata-deploy pod, so the DaemonSet recreated
+/// it at the upgraded revision and the node stayed cordoned. No restore turn is granted until
+/// the DaemonSet read (which waits for `observedGeneration`) answers after the rollback.
+#[test]
+fn restore_turns_wait_until_the_daemonset_observed_the_restored_template() {
+    let mut h = H::new(&["n1", "n2"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.through_upgrade();
+    h.feed(observed(&h, "n1", NodeStatus::RollingBack));
+    h.feed(found(4, "3.28.0", "deployed"));
+    let fx = h.feed(Input::HelmFinished(Ok(())));
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::ReadDaemonSet { .. })),
+        "the DaemonSet is read after the rollback: {fx:?}"
+    );
+    assert_eq!(
+        h.run().turn,
+        None,
+        "no restore turn before the DaemonSet is observed"
+    );
+    h.feed(Input::Tick);
+    assert_eq!(
+        h.run().turn,
+        None,
+        "nor on a tick while the read is outstanding"
+    );
+    h.feed(ds());
+    let turn = h
+        .run()
+        .turn
+        .expect("restore granted once the template is observed");
+    assert_eq!(
+        (turn.node.as_str(), turn.kind),
+        ("n1", crate::TurnKind::Restore)
+    );
 }
