@@ -33,7 +33,7 @@ pub async fn run(
     let cfg = &agent.config;
     let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
     let mut events = watch_object(api, &cfg.trigger_configmap)
-        .default_backoff()
+        .backoff(klm_kube::retry::watch_backoff())
         .boxed();
     info!(
         configmap = %cfg.trigger_configmap,

@@ -92,7 +92,9 @@ pub async fn run(ctx: &mut TurnCtx<'_>) -> Result<(), StepError> {
     // `verification::judge`'s.
     let mut last = created;
     let mut deleted = false;
-    let mut events = watch_object(api.clone(), &name).default_backoff().boxed();
+    let mut events = watch_object(api.clone(), &name)
+        .backoff(klm_kube::retry::watch_backoff())
+        .boxed();
     let verdict = loop {
         let now = mono_ms();
         let cancel = ctx.cancel_requested();

@@ -94,7 +94,7 @@ impl NamedLease {
     /// Returns only API errors that retrying cannot fix (e.g. 403: RBAC is missing).
     pub async fn acquire(&self) -> kube::Result<HeldLease> {
         let mut events = watch_object(self.api.clone(), &self.name)
-            .default_backoff()
+            .backoff(crate::retry::watch_backoff())
             .boxed();
         let mut clock = LeaseClock::default();
         // The latest object seen, and whether the watch has delivered it once.

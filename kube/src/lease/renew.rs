@@ -162,7 +162,7 @@ async fn renew_loop(
     // Watch the Lease while we hold it: a takeover (holder or leaseTransitions changed) is
     // noticed at once instead of at the next renewal.
     let mut events = watch_object(lease.api.clone(), &lease.name)
-        .default_backoff()
+        .backoff(crate::retry::watch_backoff())
         .boxed();
     let lose = |reason: String| {
         warn!(lease = %lease.name, %reason, "lost the Lease");
