@@ -240,8 +240,12 @@ async fn a_healthy_turn_longer_than_the_turn_start_timeout_succeeds() -> Result<
 // 9.4 API server down longer than the Lease.
 // ---------------------------------------------------------------------------------------------
 
-/// kube-apiserver stopped for 45 s (Lease 6 s) while node-1 verifies: the run completes or
-/// fails cleanly, nothing is left cordoned, no node is processed twice.
+/// kube-apiserver stopped for 45 s (Lease 6 s) while node-1 verifies, and the leader exits
+/// with its Lease: an outage every agent survives fails no node. The run succeeds with one helm
+/// upgrade, nothing is left cordoned, no node is processed twice. Failed in CI before the agent's
+/// turn retries and every watch's reconnects were bounded to seconds: node-1 took its lapsed
+/// Lease back only after the new leader's grace (lost), or node-2 heard of its grant only after
+/// the turn-start timeout; and a restore turn raced kube-controller-manager's reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_longer_than_the_lease_mid_turn_ends_cleanly() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -271,19 +275,11 @@ async fn an_api_server_outage_longer_than_the_lease_mid_turn_ends_cleanly() -> R
 
     let run = finished_after(&p, before, Duration::from_secs(300)).await?;
     eprintln!("run ended {:?}: {}", run.phase, run.message);
-    assert!(
-        matches!(run.phase, RunPhase::Succeeded | RunPhase::Failed),
-        "{run:#?}"
-    );
-    let (_, version, status) = p.release().await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+    let (rev_after, version, status) = p.release().await?;
     assert_eq!(status, "deployed", "the release is not left pending");
-    if run.phase == RunPhase::Succeeded {
-        assert_eq!(version, "3.28.0");
-        assert_eq!(p.release().await?.0, rev_before + 1, "one helm upgrade");
-    } else {
-        assert_eq!(version, "3.27.0", "a failed run rolled back");
-        assert!(!run.message.is_empty());
-    }
+    assert_eq!(version, "3.28.0");
+    assert_eq!(rev_after, rev_before + 1, "one helm upgrade");
     assert!(
         p.kata_deploy_pods_seen(&n1) <= 2,
         "node-1's kata-deploy pod was restarted once at most: {:?}",
