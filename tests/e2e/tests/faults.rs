@@ -1111,6 +1111,78 @@ async fn a_coordinator_killed_during_helm_rollback_finishes_the_rollback() -> Re
     Ok(())
 }
 
+/// The leading coordinator — the only process that may evict — is SIGKILLed while node-1's
+/// drain is blocked by a PodDisruptionBudget, and a new leader starts. The drain request on the
+/// Node outlives the leader: the new one admits it again (its drain budget starts at its own
+/// admission), evicts the pod once the budget allows it, and the run succeeds; the drain is
+/// neither lost nor reported twice, nothing is left cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_drain_hands_the_drain_to_the_next_leader() -> Result<()> {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let _serial = SERIAL.lock().await;
+    let mut p = Product::start("coord-drain", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let n1 = p.node("node-1");
+    let guarded = format!("db-{}", p.slice.id());
+    let pods: Api<Pod> = Api::namespaced(p.slice.client(), "default");
+    pods.create(
+        &Default::default(),
+        &serde_json::from_value(serde_json::json!({
+            "metadata": {"name": guarded, "labels": {"app": guarded}},
+            "spec": {"nodeName": n1, "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "c", "image": "registry.example/db:1"}]}
+        }))?,
+    )
+    .await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(p.slice.client(), "default");
+    pdbs.create(
+        &Default::default(),
+        &serde_json::from_value(serde_json::json!({
+            "metadata": {"name": guarded},
+            "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": guarded}}}
+        }))?,
+    )
+    .await?;
+
+    let before = trigger(
+        &p,
+        "3.28.0",
+        &[
+            (trigger::DRAIN_ENABLED, "true"),
+            (trigger::DRAIN_TIMEOUT, "180s"),
+        ],
+    )
+    .await?;
+    p.wait_node_label(&n1, NodeStatus::Draining).await?;
+    p.kill_coordinator();
+    let mid = p.current_run().await?.context("a run")?;
+    assert_eq!(mid.phase, RunPhase::Running, "{mid:#?}");
+    assert!(
+        pods.get_opt(&guarded)
+            .await?
+            .is_some_and(|x| x.metadata.deletion_timestamp.is_none()),
+        "the budget held the pod while the first leader lived"
+    );
+    p.start_coordinator()?;
+    // The budget now allows the eviction; only the new leader can perform it.
+    pdbs.delete(&guarded, &Default::default()).await?;
+
+    let run = finished_after(&p, before, product::RUN_TIMEOUT)
+        .await
+        .context("the drain must not be orphaned by the dead leader")?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+    assert!(
+        pods.get_opt(&guarded)
+            .await?
+            .is_none_or(|x| x.metadata.deletion_timestamp.is_some()),
+        "the new leader evicted the pod"
+    );
+    let (_, version, _) = p.release().await?;
+    assert_eq!(version, "3.28.0");
+    assert_clean_end(&p, &run.plan).await?;
+    Ok(())
+}
+
 /// node-1 is deleted (and its agent with it) while it verifies: never silently skipped — the
 /// run fails naming node-1 and rolls back; node-2 is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,9 +14,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, stream};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -161,62 +161,66 @@ pub(crate) async fn run(
     let kd_api: Api<Pod> = Api::namespaced(client.clone(), &kata_deploy_ns);
     let verify_api: Api<Pod> = Api::all(client.clone());
 
-    let (kd_store, kd_writer) = reflector::store();
     let (verify_store, verify_writer) = reflector::store();
-    let kd_events = reflector(
-        kd_writer,
-        watcher(
-            kd_api,
-            watcher::Config::default().labels("name=kata-deploy"),
-        ),
-    )
-    .default_backoff()
-    .map(|ev| (Source::KataDeploy, ev));
-    let verify_events = reflector(
-        verify_writer,
-        watcher(
-            verify_api,
-            watcher::Config::default().labels(&format!("{VERIFICATION_LABEL}=true")),
-        ),
-    )
-    .default_backoff()
-    .map(|ev| (Source::Verification, ev));
-    let mut events = std::pin::pin!(stream::select(kd_events, verify_events));
+    let mut events = std::pin::pin!(
+        reflector(
+            verify_writer,
+            watcher(
+                verify_api,
+                watcher::Config::default().labels(&format!("{VERIFICATION_LABEL}=true")),
+            ),
+        )
+        .default_backoff()
+    );
 
     // Pods labelled by us whose update may not have reached the store yet.
     let mut labelled: HashSet<String> = HashSet::new();
     // Timers of SucceedAfter pods; dropped (aborted) with this task.
     let mut finishers = tokio::task::JoinSet::new();
-    let (mut kd_listed, mut verify_listed) = (false, false);
-    while let Some((which, event)) = events.next().await {
-        match (which, event) {
-            (Source::KataDeploy, Ok(watcher::Event::InitDone)) => kd_listed = true,
-            (Source::Verification, Ok(watcher::Event::InitDone)) => verify_listed = true,
-            (_, Err(e)) => eprintln!("klm-testkit: verification controller watch: {e}"),
+    let mut verify_listed = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::InitDone) => verify_listed = true,
+            Err(e) => eprintln!("klm-testkit: verification controller watch: {e}"),
             _ => {}
         }
-        // Decide only on complete pictures: before both initial lists are in, a node's
-        // kata-deploy pod may simply not be known yet. (The reflector swaps a re-list in whole.)
-        if !(kd_listed && verify_listed) {
+        // Decide only on a complete picture (the reflector swaps a re-list in whole).
+        if !verify_listed {
             continue;
         }
-        let kd_pods = kd_store.state();
-        for pod in verify_store.state() {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-                continue; // not scheduled yet; its binding will come as another event
-            };
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
-            if !node.starts_with(&node_prefix)
-                || pod.metadata.deletion_timestamp.is_some()
-                || labelled.contains(&uid)
-                || pod
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| l.contains_key(OUTCOME_LABEL))
-            {
+        if !verify_store
+            .state()
+            .iter()
+            .any(|p| undecided(p, &node_prefix, &labelled))
+        {
+            continue;
+        }
+        // The node's kata-deploy version from a fresh (quorum) read, not from a watch: the
+        // product creates a verification pod only after the new kata-deploy pod is Ready, and
+        // a watch of kata-deploy pods could still show the old one — the test's rule for the
+        // new version would then be missed (seen: a node meant to fail verification passed).
+        let kd_pods: Vec<Arc<Pod>> = match kd_api
+            .list(&ListParams::default().labels("name=kata-deploy"))
+            .await
+        {
+            Ok(list) => list.items.into_iter().map(Arc::new).collect(),
+            Err(e) => {
+                // The next event (at the latest the watch's re-list once the API is back)
+                // brings the undecided pods round again.
+                eprintln!("klm-testkit: cannot list kata-deploy pods: {e}");
                 continue;
             }
+        };
+        for pod in verify_store.state() {
+            if !undecided(&pod, &node_prefix, &labelled) {
+                continue;
+            }
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
             let version = kata_deploy_version_on(&kd_pods, &node);
             let outcome = scenario
                 .outcomes
@@ -261,6 +265,22 @@ pub(crate) async fn run(
     }
 }
 
+/// A verification pod of this slice, scheduled, not deleting, whose outcome nobody chose yet
+/// (`labelled`: pods we labelled whose update may not have reached the store).
+fn undecided(pod: &Pod, node_prefix: &str, labelled: &HashSet<String>) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| n.starts_with(node_prefix))
+        && pod.metadata.deletion_timestamp.is_none()
+        && !labelled.contains(pod.metadata.uid.as_deref().unwrap_or_default())
+        && !pod
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(OUTCOME_LABEL))
+}
+
 /// Lets kwok finish a [`Outcome::SucceedAfter`] pod once `after` has passed. The API server may
 /// be down just then (fault tests stop it): retry each second until it answers, for two minutes.
 async fn finish_after(api: Api<Pod>, name: String, after: Duration) {
@@ -282,10 +302,4 @@ async fn finish_after(api: Api<Pod>, name: String, after: Duration) {
         }
     }
     eprintln!("klm-testkit: gave up finishing verification pod {name}: API server unreachable");
-}
-
-#[derive(Clone, Copy)]
-enum Source {
-    KataDeploy,
-    Verification,
 }
