@@ -239,3 +239,63 @@ async fn a_bad_batch_size_is_refused_and_changes_nothing() -> Result<()> {
     }
     Ok(())
 }
+
+/// `action=pause` while a wave of two is in progress: both nodes finish their procedure, no
+/// node of the next wave starts while paused (its nodes carry no label of ours), and `resume`
+/// runs the next wave; never more than two in progress, grants in plan order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_mid_wave_lets_the_wave_finish_and_starts_no_new_node() -> Result<()> {
+    let all = ["node-1", "node-2", "node-3", "node-4"];
+    let p = Product::start("wavepause", 4, "3.27.0").await?;
+    p.allow_in_progress(2);
+    p.opt_in(&all).await?;
+    // The first wave verifies long enough for the pause to land while both are in progress.
+    for n in ["node-1", "node-2"] {
+        p.slice.set_verification_outcome(
+            n,
+            "3.28.0",
+            Outcome::SucceedAfter(Duration::from_secs(8)),
+        );
+    }
+    let before = p.current_run().await?.map(|r| r.id);
+    p.annotate(&[
+        (trigger::BATCH_SIZE, Some("2")),
+        (trigger::CANARY, Some("false")),
+        (trigger::TARGET_VERSION, Some("3.28.0")),
+    ])
+    .await?;
+    let in_wave = p
+        .wait_run(
+            |r| Some(&r.id) != before.as_ref() && r.turns().len() == 2,
+            product::RUN_TIMEOUT,
+        )
+        .await?;
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_PAUSE))])
+        .await?;
+    let paused = p
+        .wait_run(|r| r.paused && r.turns().is_empty(), product::RUN_TIMEOUT)
+        .await?;
+    assert_eq!(paused.id, in_wave.id);
+    assert_eq!(paused.phase, RunPhase::Running, "{paused:#?}");
+    assert!(paused.message.contains("paused"), "{}", paused.message);
+    p.assert_nodes_at(&["node-1", "node-2"], "completed", "3.28.0")
+        .await?;
+    p.assert_untouched(&["node-3", "node-4"]).await?;
+
+    p.annotate(&[(trigger::ACTION, Some(trigger::ACTION_RESUME))])
+        .await?;
+    let run = p.wait_finished_after(before).await?;
+    assert_eq!(run.phase, RunPhase::Succeeded, "{run:#?}\n{}", p.logs());
+    assert_eq!(run.progress(), "4/4");
+    p.assert_nodes_at(&all, "completed", "3.28.0").await?;
+    assert_grants_in_plan_order(&run)?;
+    p.assert_nothing_left_cordoned().await?;
+    let o = p.observed.lock().unwrap();
+    assert!(
+        o.concurrent.is_empty(),
+        "more than 2 in progress: {:?}",
+        o.concurrent
+    );
+    assert_eq!(o.peak_in_progress, 2, "a wave of two: {:?}", o.transitions);
+    Ok(())
+}
