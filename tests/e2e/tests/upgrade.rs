@@ -855,6 +855,36 @@ async fn a_node_lost_mid_turn_fails_safely_when_its_lease_expires() -> anyhow::R
     Ok(())
 }
 
+/// node-2's agent is gone before its turn (its DaemonSet pod not running there): nobody takes
+/// the granted turn, so after the turn-start timeout (20 s here) the node is failed by name,
+/// the run rolls back, node-1 is restored — and node-2, never touched by an agent, is not left
+/// cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_absent_when_its_turn_comes_fails_the_node_after_the_turn_start_timeout()
+-> anyhow::Result<()> {
+    let mut p = Product::start("absent", 2, "3.27.0").await?;
+    p.opt_in(&["node-1", "node-2"]).await?;
+    let n2 = p.node("node-2");
+    p.kill_agent(&n2);
+    let run = p.run("3.28.0", &[]).await?;
+    assert_eq!(run.phase, RunPhase::Failed, "{run:#?}");
+    let f = run.failure.clone().expect("failure");
+    assert_eq!(f.node.as_deref(), Some(n2.as_str()), "{run:#?}");
+    assert!(
+        f.reason.contains("did not take its turn within 20s"),
+        "{}",
+        f.reason
+    );
+    p.assert_nodes_at(&["node-1"], "rolled-back", "3.27.0")
+        .await?;
+    let (status, _) = p.node_labels("node-2").await?;
+    assert_eq!(status.as_deref(), Some("failed"), "never silently skipped");
+    assert_eq!(p.release().await?.1, "3.27.0");
+    p.assert_nothing_left_cordoned().await?;
+    p.assert_safe(&run.plan).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verification_pod_that_never_schedules_fails_with_the_reason() -> anyhow::Result<()> {
     let p = Product::start("unsched", 1, "3.27.0").await?;
