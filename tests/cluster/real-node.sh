@@ -19,6 +19,10 @@
 # (group system:nodes), so the Node authorizer and NodeRestriction apply to it as in production.
 
 RN_ENV="" # <dir>/real-node.env: what teardown needs, written before anything is created
+# Host paths a kubelet or containerd uses whatever it is told (device-plugins socket, CNI result
+# cache, shim sockets, /var/log/containers links) or a pod's hostPath makes (kata-deploy's chart
+# mounts /etc/crio): removed at teardown if this node created them and no other real node runs.
+RN_FIXED_HOST_DIRS="/var/lib/kubelet /var/lib/cni /run/containerd /var/log/containers /etc/crio"
 
 real_node_enabled() { [[ -n "${KLM_REAL_NODE:-}" ]]; }
 
@@ -62,7 +66,7 @@ RN_BRIDGE=$RN_BRIDGE
 RN_CGROUP=$RN_CGROUP
 RN_SUBNET=$RN_SUBNET
 RN_GATEWAY=$RN_GATEWAY
-RN_HOST_DIRS="$(for d in /etc/crio; do [[ -e "$d" ]] || printf '%s ' "$d"; done)"
+RN_HOST_DIRS="$(for d in $RN_FIXED_HOST_DIRS; do [[ -e "$d" ]] || printf '%s ' "$d"; done)"
 EOF
   log "real node $KLM_REAL_NODE: bridge $RN_BRIDGE, pods in $RN_SUBNET, cgroups /$RN_CGROUP"
 }
@@ -333,9 +337,15 @@ for r in roots:
             print(f"real node teardown: cannot remove cgroup {d}: {e}", file=sys.stderr)
 EOF
   ip link del "$RN_BRIDGE" 2>/dev/null || true
-  # Host directories a pod's hostPath made (containerd creates a missing one; kata-deploy's
-  # chart mounts /etc/crio), if they were not there before and are still empty.
-  local d
-  for d in ${RN_HOST_DIRS:-}; do rmdir "$d" 2>/dev/null || true; done
+  # The kubelet's links to this node's container logs.
+  local d l
+  for l in /var/log/containers/*.log; do
+    if [[ "$(readlink "$l" 2>/dev/null)" == "$RN_DIR"/* ]]; then rm -f "$l"; fi
+  done
+  # Fixed host paths this node created (RN_FIXED_HOST_DIRS), unless another real node (its
+  # cgroup) still runs and may use them.
+  if ! compgen -G "/sys/fs/cgroup/pids/klm-*" >/dev/null && ! compgen -G "/sys/fs/cgroup/memory/klm-*" >/dev/null; then
+    for d in ${RN_HOST_DIRS:-}; do rm -rf "$d"; done
+  fi
   rm -f "$env_file"
 }
