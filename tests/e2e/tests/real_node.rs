@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
@@ -32,7 +33,8 @@ use klm_testkit::real_node::REAL_NODE_LABEL;
 use klm_testkit::upstream::UpstreamRepo;
 use klm_testkit::wait::{is_pod_ready, wait_list};
 use klm_testkit::{Cluster, RealNode};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
@@ -465,6 +467,14 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
         "leader {leader} is not one of {coordinators:?}"
     );
 
+    // The agent's writes to its Node below pass this policy only with a token that names the
+    // node (the bound token of a pod on it): the real kubelet's projected token is one.
+    let policy = format!("{RELEASE}-agent-own-node");
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .get(&policy)
+        .await
+        .with_context(|| format!("admission policy binding {policy}"))?;
+
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watches = watch_into(seen.clone(), client.clone(), real.name.clone());
     let nodes: Api<Node> = Api::all(client.clone());
@@ -560,6 +570,51 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
             "kata-deploy at {TO} never seen Ready"
         );
     }
+
+    // Leader failover between the real pods: the leader, PID 1 of its container, stops on the
+    // kubelet's SIGTERM and hands the Lease over well within its 60 s grace period (a process
+    // ignoring SIGTERM, as PID 1 does without a handler, would be killed only after it); the
+    // standby leads the next run.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let stopped_at = std::time::Instant::now();
+    let leader_uid = pods.get(&leader).await?.metadata.uid.unwrap_or_default();
+    pods.delete(&leader, &DeleteParams::default()).await?;
+    let new_leader = wait_list(
+        &leases,
+        watcher::Config::default().fields(&format!("metadata.name={RELEASE}-coordinator")),
+        "the standby to take the leader Lease",
+        POD_TIMEOUT,
+        |ls| {
+            ls.first()
+                .and_then(|l| l.spec.as_ref()?.holder_identity.clone())
+                .filter(|h| *h != leader)
+        },
+    )
+    .await?;
+    ensure!(
+        coordinators.contains(&new_leader),
+        "new leader {new_leader} is not the standby"
+    );
+    tokio::time::timeout(
+        POD_TIMEOUT,
+        await_condition(pods.clone(), &leader, conditions::is_deleted(&leader_uid)),
+    )
+    .await
+    .context("the old leader pod was not deleted")??;
+    let stop_took = stopped_at.elapsed();
+    ensure!(
+        stop_took < Duration::from_secs(30),
+        "the leader pod took {stop_took:?} to stop: SIGTERM did not end it"
+    );
+    // The Deployment's replacement is Ready before the next run.
+    wait_list(
+        &pods,
+        watcher::Config::default().labels("app.kubernetes.io/component=coordinator"),
+        "two Ready coordinator pods again",
+        POD_TIMEOUT,
+        |ps| (ps.iter().filter(|p| is_pod_ready(p)).count() == 2).then_some(()),
+    )
+    .await?;
 
     // 2. The automatic rollback: the next version fails its verification on the node; the
     // release and the node are restored to the version recorded before the run.
