@@ -113,7 +113,7 @@ def main():
         dirs.append((parts[0], int(parts[1], 8), int(parts[2]) if len(parts) > 2 else 0))
 
     layer = layer_tar(files, dirs, args.base)
-    layer_gz = gzip.compress(layer, compresslevel=9, mtime=0)
+    layer_gz = gzip.compress(layer, compresslevel=6, mtime=0)
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + args.env
     config = {
         "created": "1970-01-01T00:00:00Z",
