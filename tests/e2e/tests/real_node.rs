@@ -8,8 +8,9 @@
 //! `kubectl` user would make.
 //!
 //! One upgrade (3.31.0 → 3.32.0: cordon, kata-deploy pod restarted at the new revision,
-//! verification, uncordon) and one automatic rollback (4.0.0 with a failing verification:
-//! the release and the node back at 3.32.0).
+//! verification, uncordon; the agent's pod replaced mid-verification), a leader failover, and
+//! one automatic rollback (4.0.0 with a failing verification: the release and the node back at
+//! 3.32.0).
 //!
 //! Needs root, Debian's containerd, runc and containernetworking-plugins (`make deps`) and
 //! `make images` (which `make e2e` runs first).
@@ -54,8 +55,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const POD_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The verification pod users give (`--set-file defaults.verificationPod=...`): the real
-/// container exits 0 (`pass`) or 1 (`fail`).
-fn verification_pod(verdict: &str) -> String {
+/// container exits 0 (`pass`) or 1 (`fail`), after `seconds`.
+fn verification_pod(verdict: &str, seconds: u32) -> String {
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -69,7 +70,7 @@ spec:
     - name: verify
       image: klm.test/verify:1
       imagePullPolicy: IfNotPresent
-      args: ["{verdict}"]
+      args: ["{verdict}", "{seconds}"]
       env:
         - name: NODE_NAME
           value: ${{NODE}}
@@ -238,7 +239,7 @@ fn watch_into(
 /// chart repository.
 fn install_product(cluster: &Cluster, real: &RealNode, repo: &str, dir: &Path) -> Result<()> {
     let pod_file = dir.join("verify-pod.yaml");
-    std::fs::write(&pod_file, verification_pod("pass"))?;
+    std::fs::write(&pod_file, verification_pod("pass", 0))?;
     let chart = root().join("charts/kata-lifecycle-manager");
     let selector = format!(
         "{}={}",
@@ -488,12 +489,50 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
 
     // 1. The upgrade: cordon, kata-deploy restarted at the new revision, verified, uncordoned.
-    trigger(&cms, json!({ trigger::TARGET_VERSION: TO })).await?;
+    // Mid-verification the agent's pod is deleted: the DaemonSet's replacement (a new pod uid,
+    // so a new Lease identity from the downward API) must finish the node's turn.
+    let slow = base64::engine::general_purpose::STANDARD.encode(verification_pod("pass", 20));
+    trigger(
+        &cms,
+        json!({ trigger::TARGET_VERSION: TO, trigger::VERIFICATION_POD: slow }),
+    )
+    .await?;
+    wait_list(
+        &nodes,
+        watcher::Config::default().fields(&format!("metadata.name={}", real.name)),
+        "the node to be verifying",
+        RUN_TIMEOUT,
+        |ns| {
+            ns.first()
+                .and_then(|n| n.metadata.labels.as_ref()?.get(node_keys::STATUS).cloned())
+                .filter(|s| s == "verifying")
+        },
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let agent_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await?;
+    let [old_agent] = agent_pods.items.as_slice() else {
+        bail!("expected one agent pod, found {}", agent_pods.items.len());
+    };
+    let old_agent = old_agent.metadata.name.clone().unwrap_or_default();
+    pods.delete(&old_agent, &DeleteParams::default()).await?;
     let run = wait_run(&cms, "the upgrade run to finish", |r| {
         r.target_version == TO && r.phase.is_finished()
     })
     .await?;
     ensure!(run.phase == RunPhase::Succeeded, "upgrade run: {run:#?}");
+    let agent_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await?;
+    ensure!(
+        agent_pods
+            .items
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some(old_agent.as_str())),
+        "the agent pod was not replaced"
+    );
     ensure!(run.plan == vec![real.name.clone()], "plan {:?}", run.plan);
     let report = &run.nodes[&real.name];
     ensure!(report.status == Some(NodeStatus::Completed), "{report:?}");
@@ -575,7 +614,6 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
     // kubelet's SIGTERM and hands the Lease over well within its 60 s grace period (a process
     // ignoring SIGTERM, as PID 1 does without a handler, would be killed only after it); the
     // standby leads the next run.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let stopped_at = std::time::Instant::now();
     let leader_uid = pods.get(&leader).await?.metadata.uid.unwrap_or_default();
     pods.delete(&leader, &DeleteParams::default()).await?;
@@ -618,7 +656,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
 
     // 2. The automatic rollback: the next version fails its verification on the node; the
     // release and the node are restored to the version recorded before the run.
-    let failing = base64::engine::general_purpose::STANDARD.encode(verification_pod("fail"));
+    let failing = base64::engine::general_purpose::STANDARD.encode(verification_pod("fail", 0));
     trigger(
         &cms,
         json!({ trigger::TARGET_VERSION: BAD, trigger::VERIFICATION_POD: failing }),
