@@ -406,6 +406,29 @@ async fn assert_product_pods_healthy(
     Ok(coordinators)
 }
 
+/// `kubectl logs` of every product pod, installed with `logFormat=text`: plain text (the
+/// container's stderr is a file, not a terminal: no ANSI colour codes) that says what happened.
+async fn assert_logs_readable(client: &kube::Client) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut leader_logged = false;
+    for p in pods.list(&ListParams::default()).await? {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let log = pods.logs(&name, &Default::default()).await?;
+        ensure!(!log.is_empty(), "{name} logged nothing");
+        ensure!(
+            !log.contains('\u{1b}'),
+            "{name}'s log has terminal escape codes: {:?}",
+            log.lines().next()
+        );
+        leader_logged |= log.contains("became leader");
+    }
+    ensure!(
+        leader_logged,
+        "no coordinator pod logged that it became leader"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Result<()> {
     let cluster = Cluster::with_real_node().await;
@@ -730,6 +753,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
 
     // The product pods went through both runs without a restart (probes held).
     assert_product_pods_healthy(&client, &real).await?;
+    assert_logs_readable(&client).await?;
     for w in watches {
         w.abort();
     }
