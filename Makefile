@@ -87,7 +87,7 @@ bench: tools ## benchmark: per-node orchestration overhead and API requests per 
 chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
 	bash tests/chart/test.sh
 
-cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes; KLM_CLUSTER_DIR=/tmp/klm-cluster)
+cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes; KLM_CLUSTER_DIR=/tmp/klm-cluster; KLM_REAL_NODE=real-node adds the real node, as root, after make images)
 	bash tests/cluster/cluster.sh up
 
 cluster-down: ## stop it
