@@ -181,57 +181,100 @@ struct Seen {
     cordoned_seen: bool,
 }
 
-fn watch_into(
+/// Watches `api` in the background, handing every object seen to `f`; returns once the initial
+/// listing is done, so nothing that happens after the call is missed.
+async fn spawn_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut f: impl FnMut(&K) + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut listed_tx = Some(listed_tx);
+        let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => f(&o),
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                // Deletions change nothing seen; errors are retried by the backoff.
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(POD_TIMEOUT, listed_rx)
+        .await
+        .context("a watch did not list in time")?
+        .context("a watch ended before listing")?;
+    Ok(task)
+}
+
+/// Starts the outside observers: pods of the kata-deploy and verification namespaces, and the
+/// real node's status label and cordon.
+async fn watch_into(
     seen: Arc<Mutex<Seen>>,
     client: kube::Client,
     node: String,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for ns in [KD_NS, VERIFY_NS] {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let seen = seen.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut stream = std::pin::pin!(
-                watcher(pods, watcher::Config::default())
-                    .default_backoff()
-                    .applied_objects()
-            );
-            while let Some(Ok(p)) = stream.next().await {
-                let uid = p.metadata.uid.clone().unwrap_or_default();
-                let s = SeenPod::of(&p);
-                let mut seen = seen.lock().unwrap();
-                if s.ready && s.name.starts_with("kata-deploy") {
-                    seen.ready_kata_deploy
-                        .entry(s.image.clone())
-                        .or_default()
-                        .insert(uid.clone());
-                }
-                seen.pods.insert(uid, s);
-            }
-        }));
+        tasks.push(
+            spawn_watch(
+                Api::<Pod>::namespaced(client.clone(), ns),
+                watcher::Config::default(),
+                move |p: &Pod| {
+                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    let s = SeenPod::of(p);
+                    let mut seen = seen.lock().unwrap();
+                    if s.ready && s.name.starts_with("kata-deploy") {
+                        seen.ready_kata_deploy
+                            .entry(s.image.clone())
+                            .or_default()
+                            .insert(uid.clone());
+                    }
+                    seen.pods.insert(uid, s);
+                },
+            )
+            .await?,
+        );
     }
-    let nodes: Api<Node> = Api::all(client);
-    tasks.push(tokio::spawn(async move {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-        let mut stream = std::pin::pin!(watcher(nodes, cfg).default_backoff().applied_objects());
-        while let Some(Ok(n)) = stream.next().await {
-            let status = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(node_keys::STATUS).cloned());
-            let mut seen = seen.lock().unwrap();
-            if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
-                seen.cordoned_seen = true;
-            }
-            if let Some(status) = status
-                && seen.statuses.last() != Some(&status)
-            {
-                seen.statuses.push(status);
-            }
-        }
-    }));
-    tasks
+    tasks.push(
+        spawn_watch(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            move |n: &Node| {
+                let status = n
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(node_keys::STATUS).cloned());
+                let mut seen = seen.lock().unwrap();
+                if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+                    seen.cordoned_seen = true;
+                }
+                if let Some(status) = status
+                    && seen.statuses.last() != Some(&status)
+                {
+                    seen.statuses.push(status);
+                }
+            },
+        )
+        .await?,
+    );
+    Ok(tasks)
 }
 
 /// Installs the chart as the README says, plus this cluster's specifics: the real node as the
@@ -500,7 +543,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
         .with_context(|| format!("admission policy binding {policy}"))?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let watches = watch_into(seen.clone(), client.clone(), real.name.clone());
+    let watches = watch_into(seen.clone(), client.clone(), real.name.clone()).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .patch(
