@@ -174,7 +174,7 @@ impl SeenPod {
 struct Seen {
     /// Every pod (by uid) of the kata-deploy and verification namespaces, latest state.
     pods: BTreeMap<String, SeenPod>,
-    /// Uids of kata-deploy pods that were ever Ready, per image.
+    /// Uids of kata-deploy pods on the real node that were ever Ready, per image.
     ready_kata_deploy: BTreeMap<String, BTreeSet<String>>,
     /// The real node's status label transitions and whether it was ever seen cordoned.
     statuses: Vec<String>,
@@ -231,6 +231,7 @@ async fn watch_into(
     let mut tasks = Vec::new();
     for ns in [KD_NS, VERIFY_NS] {
         let seen = seen.clone();
+        let node = node.clone();
         tasks.push(
             spawn_watch(
                 Api::<Pod>::namespaced(client.clone(), ns),
@@ -239,7 +240,8 @@ async fn watch_into(
                     let uid = p.metadata.uid.clone().unwrap_or_default();
                     let s = SeenPod::of(p);
                     let mut seen = seen.lock().unwrap();
-                    if s.ready && s.name.starts_with("kata-deploy") {
+                    // The kwok node's kata-deploy pod runs the same image: only the real node's.
+                    if s.ready && s.name.starts_with("kata-deploy") && s.node == node {
                         seen.ready_kata_deploy
                             .entry(s.image.clone())
                             .or_default()
@@ -381,6 +383,20 @@ async fn kata_deploy_ready(client: &kube::Client, node: &str, image: &str) -> Re
     .await
 }
 
+/// Waits (watch) until the three product pods (one agent, two coordinators) are Ready. `helm
+/// install --wait` is not enough: it counts the agent DaemonSet ready while `maxUnavailable`
+/// (10%, so one pod of one node) pods are not.
+async fn wait_product_pods_ready(client: &kube::Client) -> Result<()> {
+    wait_list(
+        &Api::<Pod>::namespaced(client.clone(), NS),
+        watcher::Config::default(),
+        "the agent and both coordinators Ready",
+        POD_TIMEOUT,
+        |ps| (ps.len() == 3 && ps.iter().all(|p| is_pod_ready(p))).then_some(()),
+    )
+    .await
+}
+
 /// Every product pod Ready on the real node, never restarted (liveness held), with the
 /// ServiceAccount token the kubelet projected and the locked-down security context.
 async fn assert_product_pods_healthy(
@@ -506,6 +522,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
     let first = kata_deploy_ready(&client, &real.name, &format!("{KD_IMAGE}:{FROM}")).await?;
 
     install_product(cluster, &real, repo.url(), &dir)?;
+    wait_product_pods_ready(&client).await?;
     let coordinators = assert_product_pods_healthy(&client, &real).await?;
     let agents_on_kwok = Api::<Pod>::namespaced(client.clone(), NS)
         .list(&ListParams::default().fields(&format!("spec.nodeName={kwok_node}")))
@@ -795,11 +812,13 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
     }
 
     // The product pods went through both runs without a restart (probes held).
+    wait_product_pods_ready(&client).await?;
     assert_product_pods_healthy(&client, &real).await?;
     assert_logs_readable(&client).await?;
     for w in watches {
         w.abort();
     }
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
