@@ -19,7 +19,7 @@ PYTHON ?= python3
 # 2 fits a 2-core machine running that control plane too.
 E2E_THREADS ?= 2
 
-.PHONY: help demo test bench deps tools build fmt fmt-check clippy unit e2e chart-test \
+.PHONY: help demo test bench deps tools build images fmt fmt-check clippy unit e2e chart-test \
         cluster-up cluster-down cluster-status test-e2e-env
 
 help: ## this list
@@ -45,6 +45,14 @@ deps: ## check (and on Debian as root, install) what the scripts need besides Ru
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check pyyaml; }
 	@if [[ -z "$${KLM_TOOLS_DIR:-}" ]] && ! command -v go >/dev/null; then \
 	  echo "deps: Go is needed to build the control-plane tools once (or set KLM_TOOLS_DIR to a directory with etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)" >&2; exit 1; fi
+	@# The real node of the e2e tests (tests/cluster/real-node.sh): containerd, runc, CNI plugins.
+	@if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [[ ! -x /usr/lib/cni/bridge ]]; then \
+	  if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+	    echo "deps: installing containerd runc containernetworking-plugins (the real-node test)"; \
+	    apt-get update -qq && apt-get install -y -qq containerd runc containernetworking-plugins >/dev/null; \
+	  else echo "deps: missing containerd, runc or the CNI plugins: install Debian's containerd, runc, containernetworking-plugins (the real-node test needs them, and root)" >&2; exit 1; fi; \
+	fi
+	@command -v gcc >/dev/null || { echo "deps: gcc is needed (the real-node test's images)" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
@@ -53,6 +61,9 @@ tools: deps ## build (cold: ~17 min) or reuse the control-plane tools
 
 build: ## build the binaries (klm-agent, klm-coordinator, kubectl-kata_lifecycle, klm-demo)
 	$(CARGO) build --bins
+
+images: tools ## the agent and coordinator images (+ the real-node test's) as OCI archives in target/images, no daemon
+	bash docker/build-images.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all
@@ -66,7 +77,7 @@ clippy: ## clippy on every target, warnings are errors
 unit: ## unit tests (no cluster)
 	$(CARGO) test --workspace --exclude klm-e2e
 
-e2e: tools build ## end-to-end tests: each test binary starts its own control plane
+e2e: tools build images ## end-to-end tests: each test binary starts its own control plane
 	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)
 
 bench: tools ## benchmark: per-node orchestration overhead and API requests per node on 10 simulated nodes
@@ -76,7 +87,7 @@ bench: tools ## benchmark: per-node orchestration overhead and API requests per 
 chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
 	bash tests/chart/test.sh
 
-cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes; KLM_CLUSTER_DIR=/tmp/klm-cluster)
+cluster-up: tools ## start a control plane in the background (KLM_NODES=3 nodes; KLM_CLUSTER_DIR=/tmp/klm-cluster; KLM_REAL_NODE=real-node adds the real node, as root, after make images)
 	bash tests/cluster/cluster.sh up
 
 cluster-down: ## stop it
@@ -87,6 +98,6 @@ cluster-status: ## its components, ports and memory (RSS)
 
 # Attaches to the cluster of `make cluster-up` when one is running; otherwise each test binary
 # starts (and ends) its own, as in `make e2e`.
-test-e2e-env: tools build ## run the end-to-end tests against the cluster of `make cluster-up` (or their own)
+test-e2e-env: tools build images ## run the end-to-end tests against the cluster of `make cluster-up` (or their own)
 	if bash tests/cluster/cluster.sh status >/dev/null 2>&1; then eval "$$(bash tests/cluster/cluster.sh env)"; fi; \
 	$(CARGO) test -p klm-e2e --no-fail-fast -- --test-threads=$(E2E_THREADS)

@@ -3,6 +3,8 @@
 #
 #   docker build -f docker/agent.Dockerfile -t <registry>/kata-lifecycle-manager-agent:0.1.0 .
 #
+# Without a container engine, `make images` (docker/build-images.sh) writes the same image
+# (same paths, user, entrypoint) as an OCI archive; the real-node test runs that one.
 # Build from the repository root (the whole Cargo workspace is the context). Multi-arch works
 # with buildx (--platform linux/amd64,linux/arm64): rust:alpine targets musl natively, so the
 # binary is static on every platform without naming a target triple.

@@ -5,6 +5,8 @@
 #
 #   docker build -f docker/coordinator.Dockerfile -t <registry>/kata-lifecycle-manager-coordinator:0.1.0 .
 #
+# Without a container engine, `make images` (docker/build-images.sh) writes the same image
+# (same paths, user, entrypoint) as an OCI archive; the real-node test runs that one.
 # Build from the repository root (the whole Cargo workspace is the context).
 
 ARG RUST_VERSION=1.95

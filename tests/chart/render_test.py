@@ -418,6 +418,8 @@ def schema_rejects_wrong_types():
         ("coordinator.replicas=0", "replicas"),
         ("defaults.helmNamespace=Not_A_Namespace", "helmNamespace"),
         ("defaults.drainEnable=true", "drainEnable"),  # a typo'd key is an error, not ignored
+        ("apiServer.host=https://10.0.0.1", "host"),  # a host, not a URL
+        ("apiServer.port=0", "port"),
     ]
     for setting, key in cases:
         err = template("--set", setting, expect_ok=False)
@@ -481,6 +483,23 @@ def agent_runs_everywhere_and_knows_its_node():
     spec = ds["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"kata": "yes"} and spec["priorityClassName"] == "system-node-critical"
     assert "tolerations" not in spec
+
+
+@test
+def api_server_address_is_the_in_cluster_default_unless_given():
+    # Default: nothing set, the kubelet's KUBERNETES_SERVICE_HOST/PORT (the `kubernetes` Service).
+    for w in template().workloads():
+        env = env_of(w)
+        assert "KUBERNETES_SERVICE_HOST" not in env and "KUBERNETES_SERVICE_PORT" not in env, env
+    # Without kube-proxy: both binaries are pointed at the given address.
+    r = template("--set", "apiServer.host=10.0.0.10", "--set", "apiServer.port=6443")
+    assert len(r.workloads()) == 2
+    for w in r.workloads():
+        env = env_of(w)
+        assert env["KUBERNETES_SERVICE_HOST"] == "10.0.0.10", w["metadata"]["name"]
+        assert env["KUBERNETES_SERVICE_PORT"] == "6443", w["metadata"]["name"]
+    env = env_of(template("--set", "apiServer.host=api.example.org").get("Deployment", f"{RELEASE}-coordinator"))
+    assert env["KUBERNETES_SERVICE_PORT"] == "443"
 
 
 @test

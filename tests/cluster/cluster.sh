@@ -22,6 +22,9 @@
 #   KLM_NODE_PREFIX  their names: <prefix>-1..N (default "worker")
 #   KLM_TOOLS_DIR    use these binaries instead of building the pinned ones (tests/tools/install.sh)
 #   KLM_START_TIMEOUT seconds to wait for readiness (default 180)
+#   KLM_REAL_NODE    also start a real node of this name: kubelet + containerd + runc, as root
+#                    (tests/cluster/real-node.sh); pods reach the API server at KLM_REAL_NODE_APISERVER
+#   KLM_IMAGES_DIR   image archives the real node imports (default target/images, `make images`)
 #
 # Teardown guarantees: every component runs under `setpriv --pdeathsig KILL`, so it dies with the
 # supervisor whatever kills the supervisor; the supervisor's traps kill them at once (the cluster
@@ -32,6 +35,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
+# shellcheck source=tests/cluster/real-node.sh
+source "$HERE/real-node.sh"
 DIR="${KLM_CLUSTER_DIR:-/tmp/klm-cluster}"
 MARKER=".klm-cluster" # only directories carrying it are ever removed
 
@@ -81,6 +86,8 @@ cleanup() {
   trap '' INT TERM HUP
   trap - EXIT
   if [[ -n "$TOOLS_PID" ]]; then kill -TERM -- "-$TOOLS_PID" 2>/dev/null || true; fi
+  # Containers outlive the processes below (their shims are not their children): first.
+  real_node_teardown
   local pids=("${!NAMES[@]}")
   if ((${#pids[@]})); then
     # The cluster is disposable (its data is deleted next), so no graceful shutdown: an
@@ -201,12 +208,13 @@ EOF
     rm -f "$p/$1.csr"
   }
   local client=$'keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth'
-  cert apiserver "/CN=kube-apiserver" $'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local'
+  cert apiserver "/CN=kube-apiserver" $'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,'"${RN_GATEWAY:+IP:$RN_GATEWAY,}"$'DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local'
   cert admin "/O=system:masters/CN=klm-admin" "$client"
   cert controller-manager "/CN=system:kube-controller-manager" "$client"
   cert scheduler "/CN=system:kube-scheduler" "$client"
   # kwok plays every kubelet and deletes pods: cluster-admin is the honest grant.
   cert kwok "/O=system:masters/CN=kwok" "$client"
+  if real_node_enabled; then real_node_pki; fi
   # Service-account tokens: RSA, the algorithm every client of the token-review path accepts.
   openssl genrsa -out "$p/sa.key" 2048 2>/dev/null
   openssl rsa -in "$p/sa.key" -pubout -out "$p/sa.pub" 2>/dev/null
@@ -264,6 +272,7 @@ run_supervisor() {
   if pid="$(supervisor_pid)" && [[ "$pid" != $$ ]]; then die "a cluster is already running in $DIR (pid $pid)"; fi
   if [[ -f "$DIR/$MARKER" ]]; then
     # Left over by a supervisor that was SIGKILLed: start from scratch (stale etcd data, ready marker).
+    real_node_teardown
     find "$DIR" -mindepth 1 -maxdepth 1 ! -name supervisor.log ! -name "$MARKER" -exec rm -rf {} +
   else
     # Never take over (and later delete) a directory that isn't ours.
@@ -288,6 +297,7 @@ run_supervisor() {
   [[ -x "$tools/kube-apiserver" ]] || die "install.sh printed '$tools', which has no kube-apiserver"
 
   read -r P_ETCD P_PEER P_API P_REPO < <(free_ports 4)
+  if real_node_enabled; then real_node_init "$tools"; fi
   gen_pki
   write_kubeconfig "$DIR/kubeconfig" klm-admin admin
   write_kubeconfig "$DIR/controller-manager.kubeconfig" system:kube-controller-manager controller-manager
@@ -314,7 +324,15 @@ run_supervisor() {
     --service-account-key-file="$DIR/pki/sa.pub" \
     --service-account-signing-key-file="$DIR/pki/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
-    --allow-privileged=true --profiling=false)
+    --allow-privileged=true --profiling=false \
+    --enable-admission-plugins=NodeRestriction)
+  if real_node_enabled; then
+    # Pods reach the API server at the real node's bridge address (no kube-proxy here), and
+    # the API server reaches the kubelet (logs) with a client certificate.
+    APISERVER_CMD+=(--bind-address=0.0.0.0 --kubelet-preferred-address-types=InternalIP
+      --kubelet-client-certificate="$DIR/pki/apiserver-kubelet-client.crt"
+      --kubelet-client-key="$DIR/pki/apiserver-kubelet-client.key")
+  fi
   start_apiserver
 
   # A leader that cannot renew its Lease within the renew deadline exits (by design). The tests
@@ -352,6 +370,7 @@ run_supervisor() {
   local n
   for ((n = 1; n <= ${KLM_NODES:-3}; n++)); do create_node "${KLM_NODE_PREFIX:-worker}-$n"; done
   for ((n = 1; n <= ${KLM_NODES:-3}; n++)); do wait_for "node ${KLM_NODE_PREFIX:-worker}-$n" node_ready "${KLM_NODE_PREFIX:-worker}-$n"; done
+  if real_node_enabled; then real_node_start "$tools"; fi
 
   cat >"$DIR/cluster.env" <<EOF
 KLM_CLUSTER_DIR=$DIR
@@ -359,6 +378,8 @@ KLM_KUBECONFIG=$DIR/kubeconfig
 KLM_CHART_REPO=http://127.0.0.1:$P_REPO
 KLM_TOOLS_DIR=$tools
 KLM_APISERVER=https://127.0.0.1:$P_API
+KLM_REAL_NODE=${KLM_REAL_NODE:-}
+KLM_REAL_NODE_APISERVER=${RN_GATEWAY:+$RN_GATEWAY:$P_API}
 EOF
   write_components
   touch "$DIR/ready"
@@ -397,7 +418,7 @@ cmd_up() {
   fi
   supervisor_pid >/dev/null && die "a cluster is starting in $DIR; wait for it or run: $0 down"
   # A stale directory of ours (supervisor SIGKILLed, machine rebooted): start clean.
-  if [[ -f "$DIR/$MARKER" ]]; then rm -rf "$DIR"; fi
+  if [[ -f "$DIR/$MARKER" ]]; then real_node_teardown; rm -rf "$DIR"; fi
   mkdir -p "$DIR"
   # Own session: the cluster outlives this shell until `cluster.sh down`.
   setsid "$0" run </dev/null >"$DIR/supervisor.log" 2>&1 &
@@ -422,6 +443,8 @@ cmd_down() {
     # A wedged supervisor: SIGKILL it; its components die with it (pdeathsig).
     kill -KILL "$pid" 2>/dev/null || true
   fi
+  # A real node whose supervisor was SIGKILLed left its containers running: stop them.
+  real_node_teardown
   if [[ -f "$DIR/$MARKER" ]]; then rm -rf "$DIR"; fi
   log "stopped ($DIR removed)"
 }

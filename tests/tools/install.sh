@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds (or reuses) the pinned control-plane tools the end-to-end tests and the demo need:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm and kwok.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm, kwok and the real node's
+# kubelet (tests/cluster/real-node.sh).
 #
 # Binaries are cached OUTSIDE the checkout, keyed by version, so a clean clone on the same
 # machine reuses them:   ${KLM_TOOLS_CACHE:-$HOME/.cache/kata-lifecycle-manager/tools}/<tool>-<version>/
@@ -47,10 +48,13 @@ scratch_module() {
   echo "$dir"
 }
 
-build_kubernetes() {
-  local key="kubernetes-$K8S_VERSION" out="$CACHE/kubernetes-$K8S_VERSION"
-  [[ -f "$(done_marker "$key")" ]] && { log "kubernetes $K8S_VERSION: cached"; return; }
-  log "kubernetes $K8S_VERSION: building kube-apiserver, kube-controller-manager, kube-scheduler (cold: tens of minutes)"
+build_kubernetes() { # cache-key-name cmd...
+  # Each set of commands gets its own cache entry, so adding one (kubelet, for the real node)
+  # does not rebuild the others.
+  local name="$1"; shift
+  local key="$name-$K8S_VERSION" out="$CACHE/$name-$K8S_VERSION"
+  [[ -f "$(done_marker "$key")" ]] && { log "$name $K8S_VERSION: cached"; return; }
+  log "$name $K8S_VERSION: building $* (cold: tens of minutes)"
   local mod; mod="$(scratch_module)"
   pushd "$mod" >/dev/null
   # k8s.io/kubernetes replaces its staging modules with local folders, which `go install`
@@ -62,10 +66,10 @@ build_kubernetes() {
   [[ -n "$staged" ]] || { log "found no staging replaces in $gomod"; exit 1; }
   go mod edit -require "k8s.io/kubernetes@$K8S_VERSION"
   for m in $staged; do go mod edit -replace "$m=$m@$K8S_STAGING_VERSION"; done
-  log "kubernetes: resolving modules ($(echo "$staged" | wc -l) staging replaces)"
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
-         "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
-         "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" >&2
+  log "$name: resolving modules ($(echo "$staged" | wc -l) staging replaces)"
+  local cmd pkgs=()
+  for cmd in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd@$K8S_VERSION"); done
+  go get "${pkgs[@]}" >&2
   local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   local ldflags="-s -w"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -73,13 +77,13 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   mkdir -p "$out"
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
-    log "kubernetes: compiling $cmd"
+  for cmd in "$@"; do
+    log "$name: compiling $cmd"
     go build -trimpath -ldflags "$ldflags" -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
   done
   popd >/dev/null; rm -rf "$mod"
   touch "$(done_marker "$key")"
-  log "kubernetes $K8S_VERSION: done"
+  log "$name $K8S_VERSION: done"
 }
 
 build_etcd() {
@@ -134,7 +138,9 @@ build_go_install helm "$HELM4_VERSION" helm.sh/helm/v4/cmd/helm \
   "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM4_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
 build_go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
-build_kubernetes
+build_kubernetes kubernetes kube-apiserver kube-controller-manager kube-scheduler
+# The real node's kubelet (tests/cluster, KLM_REAL_NODE): its own cache entry, built the same way.
+build_kubernetes kubelet kubelet
 
 # One directory of symlinks per version set, so callers need a single PATH entry.
 set_key="set-k8s$K8S_VERSION-etcd$ETCD_VERSION-helm$HELM_VERSION-$HELM_RECIPE-helm$HELM4_VERSION-kwok$KWOK_VERSION"
@@ -148,4 +154,5 @@ ln -sf "$CACHE/helm-$HELM_VERSION-$HELM_RECIPE/helm" "$bin/helm3"
 ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm4"
 ln -sf "$CACHE/helm-$HELM4_VERSION/helm" "$bin/helm"
 ln -sf "$CACHE/kwok-$KWOK_VERSION/kwok" "$bin/kwok"
+ln -sf "$CACHE/kubelet-$K8S_VERSION/kubelet" "$bin/kubelet"
 echo "$bin"

@@ -152,3 +152,17 @@ Mirrors protocol/src/pod_policy.rs.
               t.?matchExpressions.orValue([]).exists(r, r.key == 'kubernetes.io/hostname' && r.operator == 'In' && r.?values.orValue([]) == [variables.nodeName])
               || t.?matchFields.orValue([]).exists(r, r.key == 'metadata.name' && r.operator == 'In' && r.?values.orValue([]) == [variables.nodeName])))))
 {{- end }}
+
+{{/*
+In-cluster API server address (`apiServer.host`/`port`) for clusters whose `kubernetes` Service
+is unreachable (no kube-proxy). Both binaries build their client from KUBERNETES_SERVICE_HOST/PORT
+and the mounted token; a container's own env wins over the values the kubelet injects.
+*/}}
+{{- define "klm.apiServerEnv" -}}
+{{- with .Values.apiServer.host -}}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.apiServer.port | toString | quote }}
+{{- end }}
+{{- end }}

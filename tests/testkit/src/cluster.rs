@@ -21,6 +21,7 @@ use tokio::sync::OnceCell;
 
 use crate::paths;
 use crate::process::{Proc, spawn_tied};
+use crate::real_node::{REAL_NODE_NAME, RealNode};
 use crate::slice::Slice;
 
 /// A running loopback control plane (see `tests/cluster/cluster.sh`).
@@ -29,6 +30,8 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     chart_repo: String,
     tools_dir: PathBuf,
+    /// The node run by a real kubelet, when the cluster has one ([`Cluster::with_real_node`]).
+    real_node: Option<RealNode>,
     /// The supervisor, when this process started the cluster. Never dropped (it lives in a
     /// `static`): the kernel's parent-death signal ends it.
     supervisor: Option<Proc>,
@@ -45,11 +48,32 @@ impl Cluster {
     ///
     /// Panics when no cluster can be started: nothing in an end-to-end test can go on without one.
     pub async fn shared() -> &'static Cluster {
+        Cluster::shared_started(false).await
+    }
+
+    /// The shared cluster, started with a real node (kubelet, containerd, runc; see
+    /// `tests/cluster/real-node.sh`): needs root, Debian's containerd, runc and CNI plugins
+    /// (`make deps`) and the images of `make images`. A test binary uses either this or
+    /// [`Cluster::shared`], never both (whichever comes first starts the cluster).
+    ///
+    /// Panics when no such cluster can be started, or when the attached one has no real node.
+    pub async fn with_real_node() -> &'static Cluster {
+        let cluster = Cluster::shared_started(true).await;
+        if cluster.real_node.is_none() {
+            panic!(
+                "the test cluster has no real node: an attached cluster (KLM_KUBECONFIG) must be \
+                 started with KLM_REAL_NODE=<name>"
+            );
+        }
+        cluster
+    }
+
+    async fn shared_started(real_node: bool) -> &'static Cluster {
         SHARED
             .get_or_try_init(|| async {
                 match std::env::var_os("KLM_KUBECONFIG") {
                     Some(kc) if !kc.is_empty() => Cluster::attach(PathBuf::from(kc)),
-                    _ => tokio::task::spawn_blocking(Cluster::start)
+                    _ => tokio::task::spawn_blocking(move || Cluster::start(real_node))
                         .await
                         .map_err(|e| anyhow!("cluster start-up panicked: {e}"))?,
                 }
@@ -88,6 +112,7 @@ impl Cluster {
         Ok(Cluster {
             chart_repo: var("KLM_CHART_REPO")?,
             tools_dir: PathBuf::from(var("KLM_TOOLS_DIR")?),
+            real_node: RealNode::from_env(&env)?,
             dir,
             kubeconfig,
             supervisor: None,
@@ -95,7 +120,7 @@ impl Cluster {
     }
 
     /// Runs `cluster.sh run` in a fresh directory and waits for its READY line.
-    fn start() -> Result<Cluster> {
+    fn start(real_node: bool) -> Result<Cluster> {
         let dir = paths::unique_temp_dir("klm-test-cluster")?;
         let script = paths::workspace_root().join("tests/cluster/cluster.sh");
         let supervisor_log = dir.join("supervisor.log");
@@ -105,6 +130,7 @@ impl Cluster {
             .env("KLM_CLUSTER_DIR", &dir)
             // Slices make their own nodes.
             .env("KLM_NODES", "0")
+            .env("KLM_REAL_NODE", if real_node { REAL_NODE_NAME } else { "" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&supervisor_log)?);
@@ -158,6 +184,7 @@ impl Cluster {
             kubeconfig: PathBuf::from(get("KLM_KUBECONFIG")?),
             chart_repo: get("KLM_CHART_REPO")?,
             tools_dir: PathBuf::from(get("KLM_TOOLS_DIR")?),
+            real_node: RealNode::from_env(&env)?,
             dir,
             supervisor: Some(supervisor),
         })
@@ -241,6 +268,11 @@ impl Cluster {
     /// kwok and helm.
     pub fn tools_dir(&self) -> &Path {
         &self.tools_dir
+    }
+
+    /// The node run by a real kubelet, if the cluster has one ([`Cluster::with_real_node`]).
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.real_node.as_ref()
     }
 
     pub fn helm_path(&self) -> PathBuf {

@@ -35,6 +35,12 @@ impl UpstreamRepo {
     /// Serves the charts with `python3 -m http.server` on a port the kernel picks (read back
     /// from its banner, so no port is guessed).
     pub async fn serve() -> Result<UpstreamRepo> {
+        UpstreamRepo::serve_on("127.0.0.1").await
+    }
+
+    /// Like [`UpstreamRepo::serve`], on `host`: the real node's pods reach this host at its
+    /// bridge address, not at loopback ([`crate::RealNode::host_address`]).
+    pub async fn serve_on(host: &str) -> Result<UpstreamRepo> {
         let dir = charts_dir();
         ensure!(
             dir.join("index.yaml").exists(),
@@ -48,7 +54,7 @@ impl UpstreamRepo {
                 "http.server",
                 "0",
                 "--bind",
-                "127.0.0.1",
+                host,
                 "--directory",
             ])
             .arg(&dir)
@@ -72,7 +78,7 @@ impl UpstreamRepo {
             .to_string();
         Ok(UpstreamRepo {
             _server: server,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{host}:{port}"),
         })
     }
 
