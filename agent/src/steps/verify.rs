@@ -189,7 +189,7 @@ async fn create_or_adopt(
     ctx.fenced()?;
     match api.create(&PostParams::default(), pod).await {
         Ok(p) => {
-            info!(pod = %name, namespace = ?pod.metadata.namespace, "created the verification pod");
+            info!(pod = %name, namespace = pod.metadata.namespace.as_deref().unwrap_or_default(), "created the verification pod");
             Ok((p, true))
         }
         Err(e) if is_status(&e, 409) => {
