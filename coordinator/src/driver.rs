@@ -564,7 +564,12 @@ impl Coordinator {
     }
 
     async fn event(&self, node: Option<&str>, warning: bool, reason: &str, note: String) {
-        tracing::info!(reason, node, warning, "{note}");
+        // The log level follows the Event's type, so `Warning` Events stand out in the logs too.
+        if warning {
+            tracing::warn!(reason, node, "{note}");
+        } else {
+            tracing::info!(reason, node, "{note}");
+        }
         let cm_uid = self
             .trigger
             .get(&ObjectRef::new(&self.s.trigger_configmap).within(&self.s.namespace))
