@@ -649,20 +649,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
             == Some("OnDelete"),
         "the run's helm upgrade did not set OnDelete"
     );
-    let n = nodes.get(&real.name).await?;
-    let labels = n.metadata.labels.clone().unwrap_or_default();
-    ensure!(
-        labels.get(node_keys::STATUS).map(String::as_str) == Some("completed"),
-        "{labels:?}"
-    );
-    ensure!(
-        labels.get(node_keys::CURRENT_VERSION).map(String::as_str) == Some(TO),
-        "{labels:?}"
-    );
-    ensure!(
-        n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true),
-        "node left cordoned"
-    );
+    assert_node_at(&nodes, &real.name, "completed", TO).await?;
     ensure!(release_chart_version(cluster)? == TO);
     {
         let seen = seen.lock().unwrap();
@@ -781,20 +768,7 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
         release_chart_version(cluster)? == TO,
         "release not restored to {TO}"
     );
-    let n = nodes.get(&real.name).await?;
-    let labels = n.metadata.labels.clone().unwrap_or_default();
-    ensure!(
-        labels.get(node_keys::STATUS).map(String::as_str) == Some("rolled-back"),
-        "{labels:?}"
-    );
-    ensure!(
-        labels.get(node_keys::CURRENT_VERSION).map(String::as_str) == Some(TO),
-        "{labels:?}"
-    );
-    ensure!(
-        n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true),
-        "node left cordoned"
-    );
+    assert_node_at(&nodes, &real.name, "rolled-back", TO).await?;
     {
         let seen = seen.lock().unwrap();
         ensure!(
@@ -826,4 +800,23 @@ fn tempdir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("klm-real-node-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// The node carries our status and version labels and is not left cordoned.
+async fn assert_node_at(nodes: &Api<Node>, name: &str, status: &str, version: &str) -> Result<()> {
+    let n = nodes.get(name).await?;
+    let labels = n.metadata.labels.clone().unwrap_or_default();
+    ensure!(
+        labels.get(node_keys::STATUS).map(String::as_str) == Some(status),
+        "{labels:?}"
+    );
+    ensure!(
+        labels.get(node_keys::CURRENT_VERSION).map(String::as_str) == Some(version),
+        "{labels:?}"
+    );
+    ensure!(
+        n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true),
+        "node left cordoned"
+    );
+    Ok(())
 }

@@ -60,6 +60,22 @@ fn assert_grants_in_plan_order(run: &RunRecord) -> Result<()> {
     Ok(())
 }
 
+/// The safety monitor never saw more than two nodes in progress, and did see two at once (the
+/// waves were real).
+fn assert_waves_of_two(p: &Product) {
+    let o = p.observed.lock().unwrap();
+    assert!(
+        o.concurrent.is_empty(),
+        "more than 2 in progress: {:?}",
+        o.concurrent
+    );
+    assert_eq!(
+        o.peak_in_progress, 2,
+        "waves of two were seen: {:?}",
+        o.transitions
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_in_the_second_wave_reverts_both_waves() -> Result<()> {
     let all = ["node-1", "node-2", "node-3", "node-4", "node-5", "node-6"];
@@ -137,17 +153,7 @@ async fn a_failure_in_the_second_wave_reverts_both_waves() -> Result<()> {
     assert_grants_in_plan_order(&run)?;
     p.assert_nothing_left_cordoned().await?;
     p.assert_no_node_processed_twice()?;
-    let o = p.observed.lock().unwrap();
-    assert!(
-        o.concurrent.is_empty(),
-        "more than 2 in progress: {:?}",
-        o.concurrent
-    );
-    assert_eq!(
-        o.peak_in_progress, 2,
-        "waves of two were seen: {:?}",
-        o.transitions
-    );
+    assert_waves_of_two(&p);
     Ok(())
 }
 
@@ -173,17 +179,8 @@ async fn a_canary_goes_alone_then_waves_of_two() -> Result<()> {
     assert_eq!((rev, version.as_str()), (rev_before + 1, "3.28.0"));
     assert_grants_in_plan_order(&run)?;
     p.assert_nothing_left_cordoned().await?;
+    assert_waves_of_two(&p);
     let o = p.observed.lock().unwrap();
-    assert!(
-        o.concurrent.is_empty(),
-        "more than 2 in progress: {:?}",
-        o.concurrent
-    );
-    assert_eq!(
-        o.peak_in_progress, 2,
-        "waves of two were seen: {:?}",
-        o.transitions
-    );
     // The canary: node-1 went alone, from its start until it completed.
     let canary = p.node("node-1");
     let done = o
@@ -290,12 +287,6 @@ async fn a_pause_mid_wave_lets_the_wave_finish_and_starts_no_new_node() -> Resul
     p.assert_nodes_at(&all, "completed", "3.28.0").await?;
     assert_grants_in_plan_order(&run)?;
     p.assert_nothing_left_cordoned().await?;
-    let o = p.observed.lock().unwrap();
-    assert!(
-        o.concurrent.is_empty(),
-        "more than 2 in progress: {:?}",
-        o.concurrent
-    );
-    assert_eq!(o.peak_in_progress, 2, "a wave of two: {:?}", o.transitions);
+    assert_waves_of_two(&p);
     Ok(())
 }
