@@ -19,7 +19,7 @@
 //!   coordinator owns the node's outcome now.
 use crate::ctx::{Agent, Stop, TurnCtx, TurnRecord, TurnSignal};
 use crate::steps;
-use crate::turn::Assignment;
+use crate::turn::{self, Assignment, Reading};
 use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::Node;
 use klm_kube::lease::{HeldLease, RetakeError};
@@ -173,6 +173,20 @@ async fn attempt_turn(
             return Attempt::Retry(e);
         }
     };
+    // The grant must still name this turn on the Node as read now: the watch that started the
+    // turn may lag behind a revocation (the coordinator removes the grant before our first
+    // write, which is conditioned on this read, can land).
+    // (An unreadable grant says nothing about the turn, as in the driver.)
+    let revoked = match turn::read_node(Some(&node)) {
+        Reading::Turn(now) => now.key() != a.key(),
+        Reading::Idle => true,
+        Reading::Unusable(_) => false,
+    };
+    if revoked {
+        info!("the grant on our Node no longer names this turn; releasing the Lease");
+        log_release(held.release().await);
+        return Attempt::End(TurnEnd::Revoked);
+    }
     let at = match where_to_start(a, &node) {
         Resume::Finished(_) => {
             log_release(held.release().await);

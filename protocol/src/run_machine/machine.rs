@@ -227,7 +227,13 @@ impl Machine {
                 self.grants_asked.remove(&name);
                 continue;
             }
-            let ask = (snap.resource_version.clone(), grant);
+            // A grant is written on the version of the Node the decision saw; a removal at once,
+            // unconditionally: the record has already taken the turn back, and a removal refused
+            // because a stale view of the Node was in hand would leave the agent a grant the run
+            // no longer has (the model test found that). Only the coordinator writes grants, and
+            // in order, so an unconditional removal never takes away a newer grant.
+            let version = grant.as_ref().and(snap.resource_version.clone());
+            let ask = (version, grant);
             if self.grants_asked.get(&name) == Some(&ask) {
                 continue;
             }

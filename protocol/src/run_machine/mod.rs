@@ -238,8 +238,8 @@ pub enum Effect {
     },
     /// Set (or with `None` remove) the grant on this Node: the node's agent learns about its
     /// turn, its revocation and the run's cancel from it ([`crate::grant`]). Conditioned on
-    /// `resource_version`; a refused write (409) needs no answer: the newer Node, once
-    /// observed, is compared again.
+    /// `resource_version` when given (a grant; a removal is unconditional); a refused write
+    /// (409) needs no answer: the newer Node, once observed, is compared again.
     WriteGrant {
         node: String,
         grant: Option<crate::grant::Grant>,

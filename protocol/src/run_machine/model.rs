@@ -278,7 +278,7 @@ impl Sim {
                     resource_version,
                 } => {
                     let current = self.node_rv.get(&node).copied().unwrap_or(0).to_string();
-                    if resource_version.as_deref() != Some(current.as_str()) {
+                    if resource_version.is_some_and(|rv| rv != current) {
                         // 409: the Node changed since; the machine asks again once it sees it.
                         self.grant_conflicts += 1;
                         continue;

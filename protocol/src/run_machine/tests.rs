@@ -990,6 +990,11 @@ fn a_grant_is_written_on_the_granted_node_after_the_record_and_removed_when_its_
             ("n2".to_string(), Some((Upgrade, false)))
         ]
     );
+    // A removal is unconditional: the record already took the turn back.
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::WriteGrant { node, grant: None, resource_version: None } if node == "n1")),
+        "{fx:?}"
+    );
     h.feed(h.node_seen("n1", 9, Some((NodeStatus::Completed, Upgrade))));
     h.feed(h.node_seen("n2", 3, None));
     // n2 completes: the run is over and no node keeps a grant.

@@ -24,7 +24,7 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use klm_protocol::keys::node::{DRAIN_REQUEST, STATUS as STATUS_LABEL};
+use klm_protocol::keys::node::{DRAIN_REQUEST, GRANT, STATUS as STATUS_LABEL};
 use klm_testkit::Cluster;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -1429,6 +1429,20 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         attack("evict a pod in kube-system", EVICT, evict(&Api::namespaced(bound.clone(), "kube-system"), "kube-apiserver".into())),
         attack(format!("ask for the drain of {other}"), "may only change its own Node",
             patch_node(&nodes, other, json!({"metadata": {"annotations": {DRAIN_REQUEST: "upgrade/security-probe"}}}))),
+        // Issue 12: a node's turn is the coordinator's grant on its Node; an agent that could
+        // write it could give its node a turn (and with it the upgrade Lease) nobody granted.
+        attack(format!("grant {own} a turn"), "only the coordinator grants a node its turn",
+            patch_node(&nodes, own, json!({"metadata": {"annotations": {GRANT: r#"{"runId":"forged","kind":"upgrade"}"#}}}))),
+        attack(format!("grant {other} a turn"), "may only change its own Node",
+            patch_node(&nodes, other, json!({"metadata": {"annotations": {GRANT: r#"{"runId":"forged","kind":"upgrade"}"#}}}))),
+        // Nor does it read the run record any more: its turn is on its own Node.
+        attack("read the trigger ConfigMap (the run record)", "cannot get resource \"configmaps\"", {
+            let api: Api<ConfigMap> = Api::namespaced(bound.clone(), NS);
+            move || {
+                let api = api.clone();
+                async move { api.get(FULLNAME).await }
+            }
+        }),
         attack(format!("node-restriction.kubernetes.io label on {own}"), "may only change its own Node labels",
             patch_node(&nodes, own, json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
         attack(format!("foreign annotation on {own}"), "may only change its own Node annotations",
