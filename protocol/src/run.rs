@@ -130,26 +130,13 @@ pub struct Evidence {
     pub notes: Vec<String>,
 }
 
-/// Longest failure message kept in a node's short evidence in the record.
-pub const SHORT_MESSAGE_CHARS: usize = 240;
-
 impl Evidence {
-    /// The evidence without what grows without bound across a fleet: no log tail, no notes,
-    /// the failure message cut to [`SHORT_MESSAGE_CHARS`]. Kept per node in the run record.
+    /// The evidence without its bulk: no log tail (up to 2 KiB a node), no notes. Kept per node
+    /// in the run record; the failure's cause (reason, message, exit code) and the figures stay.
     pub fn short(&self) -> Evidence {
         let mut e = self.clone();
         e.log_tail = None;
         e.notes.clear();
-        if let Some(f) = e.failure.as_mut()
-            && f.message.chars().count() > SHORT_MESSAGE_CHARS
-        {
-            f.message = f
-                .message
-                .chars()
-                .take(SHORT_MESSAGE_CHARS)
-                .collect::<String>()
-                + "…";
-        }
         e
     }
 }
@@ -519,7 +506,7 @@ mod tests {
             notes: vec!["resumed".into()],
             failure: Some(crate::verification::FailureCause {
                 reason: "NonZeroExit".into(),
-                message: "y".repeat(1000),
+                message: "container verify exited with code 1".into(),
                 exit_code: Some(1),
             }),
             ..Default::default()
@@ -527,9 +514,7 @@ mod tests {
         let short = full.short();
         assert_eq!(short.log_tail, None);
         assert!(short.notes.is_empty());
-        let f = short.failure.as_ref().unwrap();
-        assert_eq!(f.message.chars().count(), SHORT_MESSAGE_CHARS + 1);
-        assert_eq!((f.reason.as_str(), f.exit_code), ("NonZeroExit", Some(1)));
+        assert_eq!(short.failure, full.failure);
         assert_eq!(short.pod, full.pod);
         assert_eq!(
             (short.verification_ms, short.node_ms),
