@@ -310,7 +310,9 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Agent, true,  "watch",  "coordination.k8s.io", "leases", NS, &last_slot_lease),
         row(Agent, false, "update", "coordination.k8s.io", "leases", NS, &beyond_slot_lease),
         row(Agent, false, "create", "coordination.k8s.io", "leases", NS, ""),
-        row(Agent, true,  "watch",  "", "configmaps", NS, FULLNAME),
+        // Issue 12: the agent's turn is the grant on its own Node; the run record is not its.
+        row(Agent, false, "watch",  "", "configmaps", NS, FULLNAME),
+        row(Agent, false, "get",    "", "configmaps", NS, FULLNAME),
         row(Agent, false, "update", "", "configmaps", NS, FULLNAME),
         row(Agent, false, "get",    "", "configmaps", NS, &verification_cm),
         row(Agent, true,  "create", "", "events", "default", ""),
