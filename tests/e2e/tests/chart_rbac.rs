@@ -2091,3 +2091,58 @@ async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<()> {
     .with_context(|| format!("node {name} not Ready within 120s"))??;
     Ok(())
 }
+
+/// Issue 12: the coordinator writes each node's grant on its Node. Its `patch nodes` right
+/// cannot be narrowed by RBAC; the chart's admission policy lets it change only its bookkeeping
+/// there (the grant, the drain report, a lost node's status and evidence), never a Node's spec,
+/// other labels or annotations.
+#[tokio::test]
+async fn coordinator_may_change_only_its_bookkeeping_on_nodes() -> Result<()> {
+    let inst = installed().await;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    let nodes: Api<Node> = Api::all(coordinator.clone());
+    let node = NODES[0];
+    let dry_patch = PatchParams::default().dry_run();
+    let patch_node = |patch: Value| {
+        let (api, pp) = (nodes.clone(), dry_patch.clone());
+        move || {
+            let (api, pp, patch) = (api.clone(), pp.clone(), Patch::Merge(patch.clone()));
+            async move { api.patch(node, &pp, &patch).await }
+        }
+    };
+    const SPEC: &str = "may not change a Node's spec";
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack(format!("cordon {node}"), SPEC, patch_node(json!({"spec": {"unschedulable": true}}))),
+        attack(format!("taint {node}"), SPEC,
+            patch_node(json!({"spec": {"taints": [{"key": "evil", "effect": "NoExecute"}]}}))),
+        attack(format!("node-restriction.kubernetes.io label on {node}"), "may only change its own Node labels",
+            patch_node(json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
+        attack(format!("foreign annotation on {node}"), "may only change its own Node annotations",
+            patch_node(json!({"metadata": {"annotations": {"example.com/owner": "me"}}}))),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} attempts were not refused by the API server:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+    // Its bookkeeping goes through (a dry run: nothing changes).
+    let grant = json!({"metadata": {
+        "annotations": {GRANT: r#"{"runId":"probe","kind":"upgrade"}"#,
+                        "lifecycle.katacontainers.io/drain-result": "{}"},
+        "labels": {STATUS_LABEL: "failed"}
+    }});
+    nodes
+        .patch(node, &dry_patch, &Patch::Merge(grant))
+        .await
+        .context("the coordinator could not write a grant, a drain report and a status")?;
+    Ok(())
+}
