@@ -350,8 +350,15 @@ impl RunRecord {
         self.params.as_ref().map_or(1, RunParams::wave_size)
     }
 
+    /// Pretty JSON, for people (`status --json`).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("run record serializes")
+    }
+
+    /// Compact JSON, as stored in the trigger ConfigMap: the record is rewritten on every step
+    /// and sent to each of its watchers, so its indentation alone would cost a third more bytes.
+    pub fn to_stored_json(&self) -> String {
+        serde_json::to_string(self).expect("run record serializes")
     }
 
     pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {

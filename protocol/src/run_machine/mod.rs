@@ -94,7 +94,7 @@ impl Persisted {
         );
         d.insert(keys::NOTICE.into(), self.notice.clone());
         if let Some(run) = &self.run {
-            d.insert(keys::RUN.into(), run.to_json());
+            d.insert(keys::RUN.into(), run.to_stored_json());
             d.insert(keys::PHASE.into(), run.phase.as_str().into());
             d.insert(keys::TARGET_VERSION.into(), run.target_version.clone());
             d.insert(keys::PROGRESS.into(), run.progress());

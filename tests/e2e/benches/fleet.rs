@@ -44,9 +44,19 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// A `/proc/<pid>/status` memory figure (`VmRSS`, `VmHWM`) in KiB.
+/// A `/proc/<pid>/status` memory figure (`VmRSS`, `VmHWM`, `RssAnon`) in KiB.
 fn memory_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    memory_kib_in(&format!("/proc/{pid}/status"), field)
+}
+
+/// A process's proportional set size in KiB (`/proc/<pid>/smaps_rollup`): its private pages
+/// plus its share of the pages it shares (the agents' binary is one set of pages for all).
+fn pss_kib(pid: u32) -> u64 {
+    memory_kib_in(&format!("/proc/{pid}/smaps_rollup"), "Pss")
+}
+
+fn memory_kib_in(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -144,6 +154,9 @@ struct Figures {
     cpu_coordinator_s: f64,
     cpu_apiserver_s: f64,
     agent_idle_rss_mib: f64,
+    /// The private (anonymous) part of that RSS, the rest being the shared binary's pages.
+    agent_idle_anon_mib: f64,
+    agents_idle_pss_sum_mib: f64,
     coordinator_peak_mib: f64,
     agents_peak_sum_mib: f64,
     watch_bytes_per_turn: f64,
@@ -167,6 +180,8 @@ async fn one_fleet(n: usize) -> Result<Figures> {
     let coordinator = p.coordinator.as_ref().context("no coordinator")?.pid();
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let idle_rss: Vec<u64> = agents.iter().map(|p| memory_kib(*p, "VmRSS")).collect();
+    let idle_anon: Vec<u64> = agents.iter().map(|p| memory_kib(*p, "RssAnon")).collect();
+    let idle_pss: u64 = agents.iter().map(|p| pss_kib(*p)).sum();
     let (agents0, coord0, api0) = (cpu(&agents), cpu(&[coordinator]), cpu(&apiserver));
     let bytes0 = watch_bytes(&client).await?;
 
@@ -248,6 +263,8 @@ async fn one_fleet(n: usize) -> Result<Figures> {
         cpu_coordinator_s: coord1 - coord0,
         cpu_apiserver_s: api1 - api0,
         agent_idle_rss_mib: idle_rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        agent_idle_anon_mib: idle_anon.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        agents_idle_pss_sum_mib: idle_pss as f64 / 1024.0,
         coordinator_peak_mib: coordinator_peak as f64 / 1024.0,
         agents_peak_sum_mib: agents_peak as f64 / 1024.0,
         watch_bytes_per_turn: watch_by_resource_per_turn.values().sum(),
@@ -279,6 +296,10 @@ fn print(f: &Figures) {
     println!(
         "RSS agent idle (max) / coordinator peak / agents' peaks summed {:.1} / {:.1} / {:.0} MiB",
         f.agent_idle_rss_mib, f.coordinator_peak_mib, f.agents_peak_sum_mib
+    );
+    println!(
+        "agent idle: RSS of which private (anon), max / PSS summed over agents {:.1} / {:.1} / {:.0} MiB",
+        f.agent_idle_rss_mib, f.agent_idle_anon_mib, f.agents_idle_pss_sum_mib
     );
     println!(
         "apiserver watch bytes per node turn    {:>10.0} B",
