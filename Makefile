@@ -20,7 +20,7 @@ PYTHON ?= python3
 E2E_THREADS ?= 2
 
 .PHONY: help demo test bench deps tools build images fmt fmt-check clippy unit e2e chart-test \
-        cluster-up cluster-down cluster-status test-e2e-env
+        cluster-up cluster-down cluster-status test-e2e-env bench-fleet
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -83,6 +83,10 @@ e2e: tools build images ## end-to-end tests: each test binary starts its own con
 bench: tools ## benchmark: per-node orchestration overhead and API requests per node on 10 simulated nodes
 	$(CARGO) build --release --bins
 	KLM_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench -p klm-e2e --bench orchestration
+
+bench-fleet: tools ## fleet benchmark: one upgrade over 100, 300 and 1000 simulated nodes, one agent process each (KLM_FLEET_SIZES=100,300 to choose)
+	$(CARGO) build --release --bins
+	KLM_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench -p klm-e2e --bench fleet
 
 chart-test: tools ## helm lint and rendering checks of charts/kata-lifecycle-manager
 	bash tests/chart/test.sh

@@ -23,13 +23,10 @@ pub struct Config {
     #[arg(long, env = "POD_UID")]
     pub instance_id: Option<String>,
 
-    /// Namespace of the trigger ConfigMap and the upgrade Lease (the chart's release namespace).
+    /// Namespace of the upgrade Lease (the chart's release namespace). The agent reads no
+    /// ConfigMap: its turn is the grant on its own Node.
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
-
-    /// The trigger ConfigMap whose data["run.json"] carries the run record.
-    #[arg(long, env = "KLM_TRIGGER_CONFIGMAP", default_value = defaults::TRIGGER_CONFIGMAP)]
-    pub trigger_configmap: String,
 
     /// The upgrade Lease (created by the coordinator).
     #[arg(long, env = "KLM_LEASE_NAME", default_value = defaults::UPGRADE_LEASE)]
@@ -81,7 +78,6 @@ mod tests {
     fn defaults_and_overrides() {
         let c = Config::try_parse_from(["klm-agent", "--node-name", "n1", "--namespace", "klm"])
             .unwrap();
-        assert_eq!(c.trigger_configmap, "kata-lifecycle-manager");
         assert_eq!(c.lease_name, "kata-lifecycle-manager-upgrade");
         assert_eq!(c.health_addr, "0.0.0.0:8080");
         assert_eq!(c.log_format, LogFormat::Json);

@@ -78,7 +78,7 @@ impl Agent {
     }
 
     /// The upgrade Lease of a wave slot, held as this process: slot 0 is `lease`, the others
-    /// are named by `klm_protocol::lease::slot_lease_name` (the turn in the run record says
+    /// are named by `klm_protocol::lease::slot_lease_name` (the grant on our Node says
     /// which slot is this node's).
     pub fn slot_lease(&self, slot: u32) -> NamedLease {
         if slot == 0 {
@@ -97,10 +97,10 @@ impl Agent {
     }
 }
 
-/// What the run record currently says about a running turn (sent by the driver).
+/// What the grant on our Node currently says about a running turn (sent by the driver).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TurnSignal {
-    /// The record no longer names this turn.
+    /// The grant no longer names this turn (removed, or now another turn).
     pub revoked: bool,
     /// The run asks this (upgrade) turn to stop at its next safe point.
     pub cancel: bool,
@@ -113,7 +113,7 @@ pub enum Stop {
     LeaseLost(String),
     /// SIGTERM: stop between steps and park the Lease for the restarted agent.
     Shutdown,
-    /// The run no longer names this node (the coordinator moved on).
+    /// The grant no longer names this turn (the coordinator moved on).
     Revoked,
     /// Our Node object is gone.
     NodeGone,

@@ -1,12 +1,13 @@
-//! The agent's main loop: one watch on the trigger ConfigMap. When the run record names this
-//! node for a turn, a turn task runs it; the task is told when the record stops naming it, and
-//! when the run asks it to stop (cancel).
-//! Idle cost: that single watch.
+//! The agent's main loop: one watch on its own Node (by name: a field selector, so it receives
+//! only that object's changes, whatever the size of the fleet). When the grant the coordinator
+//! wrote there (`klm_protocol::grant`) names a turn, a turn task runs it; the task is told when
+//! the grant is taken back or changed, and when the run asks it to stop (cancel).
+//! Idle cost: that single watch. The upgrade Lease is watched only while a turn takes or holds it.
 use crate::ctx::{Agent, TurnSignal};
 use crate::runner::{self, TurnEnd};
-use crate::turn::{Assignment, Reading, TurnKey, read_configmap};
+use crate::turn::{Assignment, Reading, TurnKey, read_node};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::Node;
 use klm_kube::health::Heartbeat;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -31,21 +32,21 @@ pub async fn run(
     heartbeat: Heartbeat,
 ) {
     let cfg = &agent.config;
-    let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), &cfg.namespace);
-    let mut events = watch_object(api, &cfg.trigger_configmap)
+    let api: Api<Node> = Api::all(agent.client.clone());
+    let mut events = watch_object(api, &cfg.node_name)
         .backoff(klm_kube::retry::watch_backoff())
         .boxed();
     info!(
-        configmap = %cfg.trigger_configmap,
+        node = %cfg.node_name,
         namespace = %cfg.namespace,
         lease = %cfg.lease_name,
-        "watching the trigger ConfigMap for this node's turn"
+        "watching this node's Node for its turn (the coordinator's grant)"
     );
 
     let mut reading = Reading::Idle;
     let mut listed = false;
     let mut running: Option<Running> = None;
-    // The last turn a task ran to its end: not started again for the same record.
+    // The last turn a task ran to its end: not started again for the same grant.
     let mut ended: Option<TurnKey> = None;
     let mut swept = false;
     let mut said = String::new();
@@ -64,18 +65,10 @@ pub async fn run(
             }
             ev = events.next() => {
                 let changed = match ev {
-                    Some(Ok(cm)) => {
-                        reading = match cm {
-                            Some(cm) => read_configmap(&cm, &agent.config.node_name),
-                            // A deleted trigger ConfigMap is no record, not a record that moved
-                            // on: a turn in progress goes on under its Lease (the coordinator
-                            // recreates the ConfigMap from its own state).
-                            None if running.is_some() => {
-                                warn!("the trigger ConfigMap was deleted; the turn in progress goes on under the upgrade Lease");
-                                reading
-                            }
-                            None => Reading::Idle,
-                        };
+                    Some(Ok(node)) => {
+                        // A deleted Node carries no grant: a turn in progress stops (its next
+                        // Node write finds the Node gone too).
+                        reading = read_node(node.as_ref());
                         if !listed {
                             listed = true;
                             let _ = ready.send(true);
@@ -83,7 +76,7 @@ pub async fn run(
                         true
                     }
                     Some(Err(e)) => {
-                        warn!(error = %e, "watch on the trigger ConfigMap failed; retrying (the agent needs get/list/watch on configmaps in its namespace)");
+                        warn!(error = %e, "watch on this node's Node failed; retrying (the agent needs get/list/watch on nodes)");
                         false
                     }
                     None => false,
@@ -110,7 +103,7 @@ pub async fn run(
         let want = assignment.map(Assignment::key);
 
         // Tell a running turn whether it is still ours, and whether the run asks it to stop. An
-        // unreadable record says nothing about the turn (someone overwrote it; the coordinator,
+        // unreadable grant says nothing about the turn (someone overwrote it; the coordinator,
         // its only writer, puts it back): a running turn keeps going rather than being revoked.
         if let Some(r) = &running
             && !matches!(reading, Reading::Unusable(_))

@@ -1,10 +1,10 @@
 //! kata-lifecycle-manager agent: runs on every node (DaemonSet) and does the node-local work of
 //! an upgrade for its own node only — cordon, drain, restart kata-deploy, verify, uncordon, or
-//! restore — when the coordinator's run record gives this node its turn and the upgrade Lease
-//! is ours. See the README, "How it works".
+//! restore — when the coordinator's grant on this node's Node gives it its turn and the upgrade
+//! Lease is ours. See the README, "How it works".
 //!
-//! Modules: `config` (flags), `turn` (reads the run record), `driver` (watches the trigger
-//! ConfigMap, starts turns), `runner` (one turn: resume point, Lease, release, resume after a
+//! Modules: `config` (flags), `turn` (reads the grant on our Node), `driver` (watches our own
+//! Node, starts turns), `runner` (one turn: resume point, Lease, release, resume after a
 //! lapse), `steps` (the walk and each step's observe → decide → act loop; the decisions are
 //! `klm_protocol`'s), `ctx` (the process's handles and the turn's record, fencing,
 //! interruption, Node writes and Events).

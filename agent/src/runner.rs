@@ -3,7 +3,7 @@
 //!
 //! - **Lease lost** (a renewal or the watch saw another holder, or renewals failed until the
 //!   fence lapsed — e.g. the API server was down longer than the Lease): stop mutating at once.
-//!   Then read the Lease again (retrying until the API answers, for as long as the run names
+//!   Then read the Lease again (retrying until the API answers, for as long as the grant names
 //!   this turn): if nobody took it meanwhile — same holder, same `leaseTransitions` — take it
 //!   again and resume from the status on the Node (`klm_protocol::lease::after_lapse`); if
 //!   someone did, stop for good and say whether the node is left cordoned by us.
@@ -13,13 +13,13 @@
 //!   (`klm_protocol::lease::claim`), resumes at the status the Node shows
 //!   (`procedure::resume`); if none comes back within the Lease duration plus the
 //!   coordinator's grace, the coordinator fails the node.
-//! - **Turn revoked** (the run record stops naming this node for this turn before we finished):
+//! - **Turn revoked** (the grant on our Node stops naming this turn before we finished):
 //!   the coordinator has given up on us; stop and release the Lease so the run can go on.
 //! - **Superseded** (a Node write found the coordinator's verdict on the Node): stop; the
 //!   coordinator owns the node's outcome now.
 use crate::ctx::{Agent, Stop, TurnCtx, TurnRecord, TurnSignal};
 use crate::steps;
-use crate::turn::Assignment;
+use crate::turn::{self, Assignment, Reading};
 use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::Node;
 use klm_kube::lease::{HeldLease, RetakeError};
@@ -186,6 +186,20 @@ async fn attempt_turn(
             return Attempt::Retry(e);
         }
     };
+    // The grant must still name this turn on the Node as read now: the watch that started the
+    // turn may lag behind a revocation (the coordinator removes the grant before our first
+    // write, which is conditioned on this read, can land).
+    // (An unreadable grant says nothing about the turn, as in the driver.)
+    let revoked = match turn::read_node(Some(&node)) {
+        Reading::Turn(now) => now.key() != a.key(),
+        Reading::Idle => true,
+        Reading::Unusable(_) => false,
+    };
+    if revoked {
+        info!("the grant on our Node no longer names this turn; releasing the Lease");
+        log_release(held.release().await);
+        return Attempt::End(TurnEnd::Revoked);
+    }
     let at = match where_to_start(a, &node) {
         Resume::Finished(_) => {
             log_release(held.release().await);
@@ -253,7 +267,7 @@ async fn finish(
         }
         Err(Stop::Revoked) => {
             warn!(
-                "the run no longer names this node for this turn; stopping and releasing the Lease"
+                "the grant on our Node no longer names this turn; stopping and releasing the Lease"
             );
             log_release(held.release().await);
             TurnEnd::Revoked

@@ -1,6 +1,7 @@
 //! The coordinator's I/O loop: observe (the trigger ConfigMap, Nodes and the upgrade Leases —
 //! one per wave slot — from reflector stores; helm, the DaemonSet and direct reads when asked) → step the pure run
-//! machine (`klm_protocol::run_machine`) → perform its effects → feed the answers back. Every
+//! machine (`klm_protocol::run_machine`) → perform its effects (among them the grants written
+//! on each Node, which is how an agent learns about its turn) → feed the answers back. Every
 //! decision about the run is the machine's; this file only translates.
 use crate::daemonset;
 use crate::gates::{AlertGate, PodGate};
@@ -17,7 +18,7 @@ use klm_protocol::lifecycle::Wake;
 use klm_protocol::params::MAX_BATCH_SIZE;
 use klm_protocol::run_machine::release::{ReleaseObservation, ReleaseRead, ReleaseStatus};
 use klm_protocol::run_machine::{self, Effect, Env, Input, Machine, TriggerView};
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use std::collections::{BTreeMap, VecDeque};
@@ -523,6 +524,33 @@ impl Coordinator {
                     direct: true,
                 });
             }
+            Effect::WriteGrant {
+                node,
+                grant,
+                resource_version,
+            } => {
+                self.check_leader()?;
+                let patch = klm_protocol::grant::patch(grant.as_ref(), resource_version.as_deref());
+                match self
+                    .node_api
+                    .patch(&node, &grant_params(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => tracing::debug!(
+                        node,
+                        granted = grant.is_some(),
+                        "grant written on the Node"
+                    ),
+                    // Deleted: nothing to grant on. Changed since observed (409): the newer
+                    // Node, once the watch delivers it, is compared again by the machine.
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+                        tracing::debug!(node, code = e.code, "grant not written; the Node moved on")
+                    }
+                    Err(e) => return Err(anyhow::Error::from(e).context(format!(
+                        "writing the grant on Node {node} (the coordinator needs patch on nodes)"
+                    ))),
+                }
+            }
             Effect::MarkNodeFailed {
                 node,
                 kind,
@@ -606,6 +634,14 @@ fn alert_gated(run: Option<&klm_protocol::RunRecord>) -> Option<&str> {
                 .is_some_and(|p| !p.alert_filter.is_empty())
         })
         .map(|r| r.id.as_str())
+}
+
+/// Grants are written as the coordinator (the chart's admission policy lets only it write them).
+fn grant_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some("kata-lifecycle-manager-coordinator".into()),
+        ..Default::default()
+    }
 }
 
 /// What the machine is told of wave slot `slot`'s Lease.

@@ -29,6 +29,12 @@ pub fn snapshot(node: &Node) -> NodeSnapshot {
     NodeSnapshot {
         facts: facts(node),
         observed: observe(Some(node)),
+        grant: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(klm_protocol::grant::ANNOTATION).cloned()),
+        resource_version: node.metadata.resource_version.clone(),
     }
 }
 

@@ -1,13 +1,17 @@
 //! The run at a glance, for any cluster: the view behind `klm-coordinator status` and
 //! `kubectl kata-lifecycle status` (`watch` follows it as it changes). Reads the trigger
-//! ConfigMap's run record and the planned Nodes' labels; `render` is pure and unit-tested.
+//! ConfigMap's run record (a bounded summary) and, for the per-node detail, the planned Nodes:
+//! their status and version labels and the evidence their agents wrote there; `render` is pure
+//! and unit-tested.
 use crate::time::now_ms;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use klm_protocol::RunRecord;
 use klm_protocol::keys::{node as node_keys, status_data};
+use klm_protocol::node_record::NodeRecord;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
+use std::collections::BTreeMap;
 
 /// Where the run lives and how to show it.
 #[derive(Debug, Clone)]
@@ -102,10 +106,7 @@ async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) {
         println!("{}", run.to_json());
         return;
     }
-    print!(
-        "{}",
-        render(&run, &live_versions(nodes, &run).await, now_ms())
-    );
+    print!("{}", render(&run, &live_nodes(nodes, &run).await, now_ms()));
     // The last request the coordinator refused outside a run (e.g. a rollback-node it cannot do).
     if let Some(notice) = cm
         .data
@@ -117,39 +118,51 @@ async fn print_once(cm: &ConfigMap, nodes: &Api<Node>, json: bool) {
     }
 }
 
-/// Status and version labels of the planned nodes, from one list of the Nodes.
-async fn live_versions(
-    nodes: &Api<Node>,
-    run: &RunRecord,
-) -> Vec<(String, Option<String>, Option<String>)> {
-    let listed = nodes
+/// One planned node as its Node shows it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveNode {
+    pub name: String,
+    /// The status label.
+    pub status: Option<String>,
+    /// The kata-current-version label.
+    pub version: Option<String>,
+    /// The failure its agent recorded in its evidence on the Node during this run.
+    pub failure: Option<String>,
+}
+
+/// The planned nodes as their Nodes show them, from one list of the Nodes.
+async fn live_nodes(nodes: &Api<Node>, run: &RunRecord) -> Vec<LiveNode> {
+    let listed: BTreeMap<String, Node> = nodes
         .list(&Default::default())
         .await
         .map(|l| l.items)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+        .collect();
     run.plan
         .iter()
         .map(|n| {
-            let labels = listed
-                .iter()
-                .find(|x| x.metadata.name.as_deref() == Some(n.as_str()))
-                .and_then(|x| x.metadata.labels.as_ref());
+            let node = listed.get(n);
+            let labels = node.and_then(|x| x.metadata.labels.as_ref());
             let label = |k: &str| labels.and_then(|l| l.get(k).cloned());
-            (
-                n.clone(),
-                label(node_keys::STATUS),
-                label(node_keys::CURRENT_VERSION),
-            )
+            let failure = node
+                .and_then(|x| NodeRecord::of(x).evidence)
+                .filter(|e| e.run_id == run.id)
+                .and_then(|e| e.failure)
+                .map(|f| format!("{}: {}", f.reason, f.message));
+            LiveNode {
+                name: n.clone(),
+                status: label(node_keys::STATUS),
+                version: label(node_keys::CURRENT_VERSION),
+                failure,
+            }
         })
         .collect()
 }
 
 /// The table users read. Pure, so it is unit-tested.
-pub fn render(
-    run: &RunRecord,
-    live: &[(String, Option<String>, Option<String>)],
-    now: i64,
-) -> String {
+pub fn render(run: &RunRecord, live: &[LiveNode], now: i64) -> String {
     let mut s = String::new();
     s.push_str(&format!("run:      {} ({:?})\n", run.id, run.kind));
     s.push_str(&format!("phase:    {}\n", run.phase));
@@ -197,20 +210,21 @@ pub fn render(
         "\n{:<28} {:<14} {:<12} {:>9}  {}\n",
         "NODE", "STATUS", "VERSION", "ELAPSED", "NOTE"
     ));
-    for (name, status, version) in live {
+    for LiveNode {
+        name,
+        status,
+        version,
+        failure,
+    } in live
+    {
         let report = run.nodes.get(name);
         let elapsed = report
             .and_then(|r| r.started_at_ms.map(|st| elapsed(st, r.finished_at_ms, now)))
             .unwrap_or_else(|| "-".into());
+        // The coordinator's note on the node, else the failure its agent recorded on the Node.
         let note = report
-            .and_then(|r| {
-                r.note.clone().or_else(|| {
-                    r.evidence
-                        .as_ref()
-                        .and_then(|e| e.failure.as_ref())
-                        .map(|f| format!("{}: {}", f.reason, f.message))
-                })
-            })
+            .and_then(|r| r.note.clone())
+            .or_else(|| failure.clone())
             .unwrap_or_default();
         s.push_str(&format!(
             "{:<28} {:<14} {:<12} {:>9}  {}\n",
@@ -327,14 +341,26 @@ mod tests {
             evidence: None,
         });
         let live = vec![
-            (
-                "n1".to_string(),
-                Some("rolled-back".to_string()),
-                Some("3.27.0".to_string()),
-            ),
-            ("n2".to_string(), Some("rolled-back".to_string()), None),
+            LiveNode {
+                name: "n1".to_string(),
+                status: Some("rolled-back".to_string()),
+                version: Some("3.27.0".to_string()),
+                failure: None,
+            },
+            LiveNode {
+                name: "n2".to_string(),
+                status: Some("rolled-back".to_string()),
+                version: None,
+                failure: Some("NonZeroExit: container verify exited with code 1".to_string()),
+            },
         ];
         let out = render(&r, &live, 10_000);
+        // The per-node failure comes from the evidence on the Node, not from the record.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("n2") && l.contains("NonZeroExit: container verify")),
+            "{out}"
+        );
         assert!(
             out.contains("progress: [##########..........] 1/2"),
             "{out}"

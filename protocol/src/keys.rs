@@ -116,6 +116,9 @@ pub mod node {
     pub const DRAIN_REQUEST: &str = "lifecycle.katacontainers.io/drain-request";
     /// The coordinator's report on that drain (JSON `drain_request::DrainResult`).
     pub const DRAIN_RESULT: &str = "lifecycle.katacontainers.io/drain-result";
+    /// The node's turn, written by the coordinator only (JSON `grant::Grant`): its agent learns
+    /// about its turn from its own Node, not from a record every agent receives.
+    pub const GRANT: &str = "lifecycle.katacontainers.io/grant";
     /// Value of CORDONED_BY.
     pub const CORDON_OWNER: &str = "kata-lifecycle-manager";
 }

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod drain;
 pub mod drain_request;
 pub mod duration;
+pub mod grant;
 pub mod grant_gate;
 pub mod helm_values;
 pub mod install;

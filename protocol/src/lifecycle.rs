@@ -369,7 +369,18 @@ fn check_turn(
     // No upgrade starts once the run stops (a cancel, or a failure elsewhere in the wave).
     let stopping = stopping(run);
     let stop_seen = watched.stop_seen_ms;
-    if stopping && turn.kind == TurnKind::Upgrade && !ours && !lease.held_by(&turn.node) {
+    // A node this run already saw in its upgrade turn (the record has its status) started,
+    // whatever an older view of it delivered since says.
+    let seen_started = run
+        .nodes
+        .get(&turn.node)
+        .is_some_and(|r| r.status.is_some());
+    if stopping
+        && turn.kind == TurnKind::Upgrade
+        && !ours
+        && !seen_started
+        && !lease.held_by(&turn.node)
+    {
         // Not started, as far as we can see: take the turn back rather than let the node
         // begin, but only on a direct read made after the stop (the watch may not show yet
         // that the agent started).
@@ -385,10 +396,11 @@ fn check_turn(
         return Check::InFlight(vec![Effect::ReadNode(turn.node.clone())]);
     }
     let report = run.nodes.entry(turn.node.clone()).or_default();
+    // The evidence in short: its log tail and notes stay on the Node (the record stays bounded).
     if ours && obs.status.is_some() {
         report.status = obs.status;
-        if obs.evidence.as_ref().is_some_and(|e| e.run_id == run.id) {
-            report.evidence = obs.evidence.clone();
+        if let Some(e) = obs.evidence.as_ref().filter(|e| e.run_id == run.id) {
+            report.evidence = Some(e.short());
         }
     }
     if !obs.exists {

@@ -1,5 +1,10 @@
-//! The run record: the single source of truth for a run, stored as JSON in the trigger
-//! ConfigMap (`data["run.json"]`). The coordinator writes it; agents read their turn from it.
+//! The run record: the coordinator's source of truth for a run, stored as JSON in the trigger
+//! ConfigMap (`data["run.json"]`). Only the coordinator reads and writes it: an agent learns
+//! about its turn from the grant on its own Node (`crate::grant`). Per node it keeps a short
+//! report (status, times, [`Evidence::short`]: no log tail, no notes), so its size per node is
+//! bounded; the failing node's full evidence is in [`RunFailure`]. Each node's full evidence
+//! (log tail, notes) lives on its Node (`lifecycle.katacontainers.io/evidence`) and in Events,
+//! where the status views read it.
 use crate::params::RunParams;
 use crate::status::{NodeStatus, RunPhase};
 use crate::verification::FailureCause;
@@ -90,7 +95,8 @@ pub struct ReleaseState {
     pub mode: crate::kata_deploy::DeploymentMode,
 }
 
-/// Evidence of a node's outcome, written by its agent to the Node and copied into the run.
+/// Evidence of a node's outcome, written by its agent to the Node; the run record keeps its
+/// [`Evidence::short`] form per node and the failing node's in full ([`RunFailure`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Evidence {
@@ -124,7 +130,19 @@ pub struct Evidence {
     pub notes: Vec<String>,
 }
 
-/// The coordinator's view of one planned node.
+impl Evidence {
+    /// The evidence without its bulk: no log tail (up to 2 KiB a node), no notes. Kept per node
+    /// in the run record; the failure's cause (reason, message, exit code) and the figures stay.
+    pub fn short(&self) -> Evidence {
+        let mut e = self.clone();
+        e.log_tail = None;
+        e.notes.clear();
+        e
+    }
+}
+
+/// The coordinator's view of one planned node: bounded in size (no log tail, no notes), so the
+/// record grows by a few hundred bytes per node, not by each node's log tail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeReport {
@@ -134,6 +152,7 @@ pub struct NodeReport {
     pub started_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// [`Evidence::short`] of the node's last outcome in this run (the full one is on the Node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,8 +350,15 @@ impl RunRecord {
         self.params.as_ref().map_or(1, RunParams::wave_size)
     }
 
+    /// Pretty JSON, for people (`status --json`).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("run record serializes")
+    }
+
+    /// Compact JSON, as stored in the trigger ConfigMap: the record is rewritten on every step
+    /// and sent to each of its watchers, so its indentation alone would cost a third more bytes.
+    pub fn to_stored_json(&self) -> String {
+        serde_json::to_string(self).expect("run record serializes")
     }
 
     pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
@@ -471,6 +497,37 @@ mod tests {
         assert_eq!(r.turn_of("a"), None);
         r.finish(RunPhase::Succeeded, "done", 9);
         assert!(r.turns().is_empty());
+    }
+
+    /// Issue 12: the record's per-node evidence has a bounded size whatever the node's log.
+    #[test]
+    fn short_evidence_drops_what_grows_and_keeps_the_figures() {
+        let full = Evidence {
+            run_id: "r".into(),
+            node: "n1".into(),
+            step: "verifying".into(),
+            pod: Some("verify-n1".into()),
+            log_tail: Some("x".repeat(2048)),
+            verification_ms: Some(1500),
+            node_ms: Some(2500),
+            notes: vec!["resumed".into()],
+            failure: Some(crate::verification::FailureCause {
+                reason: "NonZeroExit".into(),
+                message: "container verify exited with code 1".into(),
+                exit_code: Some(1),
+            }),
+            ..Default::default()
+        };
+        let short = full.short();
+        assert_eq!(short.log_tail, None);
+        assert!(short.notes.is_empty());
+        assert_eq!(short.failure, full.failure);
+        assert_eq!(short.pod, full.pod);
+        assert_eq!(
+            (short.verification_ms, short.node_ms),
+            (Some(1500), Some(2500))
+        );
+        assert!(serde_json::to_string(&short).unwrap().len() < 500);
     }
 
     #[test]

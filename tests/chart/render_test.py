@@ -238,12 +238,15 @@ def names_handed_to_the_binaries_match_the_objects_and_rbac():
         agent = env_of(r.get("DaemonSet", f"{fullname}-agent"))
         coord = env_of(r.get("Deployment", f"{fullname}-coordinator"))
         for env in (agent, coord):
-            assert env["KLM_TRIGGER_CONFIGMAP"] == fullname
             assert env["KLM_LEASE_NAME"] == f"{fullname}-upgrade"
+        assert coord["KLM_TRIGGER_CONFIGMAP"] == fullname
+        # Issue 12: the agent learns about its turn from its own Node, never from the record.
+        assert "KLM_TRIGGER_CONFIGMAP" not in agent
         assert coord["KLM_LEADER_LEASE_NAME"] == f"{fullname}-coordinator"
         agent_rules = rules_of(r, "Role", f"{fullname}-agent", NAMESPACE)
         assert allows(agent_rules, "coordination.k8s.io", "leases", "update", f"{fullname}-upgrade")
-        assert allows(agent_rules, "", "configmaps", "watch", fullname)
+        assert not allows(agent_rules, "", "configmaps", "watch", fullname)
+        assert not allows(agent_rules, "", "configmaps", "get", fullname)
         coord_rules = rules_of(r, "Role", f"{fullname}-coordinator", NAMESPACE)
         for lease in (f"{fullname}-upgrade", f"{fullname}-coordinator"):
             assert allows(coord_rules, "coordination.k8s.io", "leases", "update", lease), lease
@@ -580,7 +583,7 @@ def no_wildcards_and_no_secrets_for_the_agent():
     agent = component_rules(r, "agent")
     resources = {res for _, rule in agent for res in rule["resources"]}
     # jobs: kata-deploy's per-node install Jobs in job mode, read only, in its namespace only.
-    assert resources == {"nodes", "pods", "pods/log", "events", "leases", "configmaps", "jobs"}, resources
+    assert resources == {"nodes", "pods", "pods/log", "events", "leases", "jobs"}, resources
     assert not any("apps" in rule["apiGroups"] for _, rule in agent)
     for ns, rule in agent:
         if "jobs" in rule["resources"]:

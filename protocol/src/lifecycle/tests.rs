@@ -612,3 +612,65 @@ fn a_wake_sleeps_on_its_own_clock() {
         "a past wake is due now"
     );
 }
+
+/// Issue 12 (found by the run machine's model test with grants): once the run saw a node in its
+/// upgrade turn, an older view of that node delivered after the stop (not started yet, Lease
+/// already released as the turn ended) does not take the turn back: the node would otherwise
+/// be left upgraded and never restored.
+#[test]
+fn a_stale_view_never_takes_back_a_turn_the_run_saw_started() {
+    let w = World::new(&["n1", "n2"]);
+    let mut r = running(&["n1", "n2"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Verifying);
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    assert_eq!(r.nodes["n1"].status, Some(NodeStatus::Verifying));
+    r.cancel_requested = true;
+    // A view of n1 from before its turn, read "after" the stop, with the Lease free.
+    let stale = ObservedNode {
+        exists: true,
+        read_at_ms: Some(i64::MAX),
+        ..Default::default()
+    };
+    reduce(&mut r, &n1_is(&stale), &w.lease, 2, TIMING);
+    assert_eq!(
+        turn_of(&r),
+        Some(("n1".into(), TurnKind::Upgrade)),
+        "the turn stays until n1 itself is seen to end it"
+    );
+    // n1 finished its step after all: it is restored with the rest.
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::Completed);
+    reduce(&mut r, &w.observe(), &w.lease, 3, TIMING);
+    assert_eq!(r.nodes["n1"].status, Some(NodeStatus::Completed));
+    assert_eq!(r.restore_queue, ["n1"]);
+}
+
+/// Issue 12: the record keeps each node's evidence short; the failing node's full evidence
+/// (its log tail) stays in the run's failure.
+#[test]
+fn the_record_keeps_short_evidence_per_node_and_the_failure_in_full() {
+    let w = World::new(&["n1", "n2"]);
+    let mut r = running(&["n1", "n2"]);
+    reduce(&mut r, &w.observe(), &w.lease, 0, TIMING);
+    w.set(&r, "n1", TurnKind::Upgrade, NodeStatus::RollingBack);
+    w.nodes
+        .borrow_mut()
+        .get_mut("n1")
+        .unwrap()
+        .evidence
+        .as_mut()
+        .unwrap()
+        .log_tail = Some("log line\n".repeat(200));
+    reduce(&mut r, &w.observe(), &w.lease, 1, TIMING);
+    let kept = r.nodes["n1"].evidence.as_ref().expect("short evidence");
+    assert_eq!(kept.log_tail, None);
+    assert_eq!(kept.failure.as_ref().unwrap().reason, "NonZeroExit");
+    let failure = r.failure.as_ref().expect("the run failed");
+    assert!(
+        failure
+            .evidence
+            .as_ref()
+            .and_then(|e| e.log_tail.as_ref())
+            .is_some_and(|t| t.len() > 1000)
+    );
+}

@@ -51,6 +51,12 @@ pub struct Machine {
     blocking_pods: Option<(String, Vec<crate::grant_gate::BlockingPod>)>,
     /// The last poll of Prometheus's firing alerts (`None`: not answered yet).
     firing_alerts: Option<Result<Vec<String>, String>>,
+    /// Nodes whose grant annotation was last seen present (so revoking a grant needs no scan
+    /// of the whole fleet).
+    granted: std::collections::BTreeSet<String>,
+    /// Grant writes asked and not yet seen, by node: the Node's version they were conditioned
+    /// on and the grant. Asked again only once a newer version of the Node still differs.
+    grants_asked: BTreeMap<String, (Option<String>, Option<crate::grant::Grant>)>,
     env: Env,
     fx: Vec<Effect>,
 }
@@ -83,6 +89,8 @@ impl Machine {
             requests_at_start: 0,
             blocking_pods: None,
             firing_alerts: None,
+            granted: Default::default(),
+            grants_asked: BTreeMap::new(),
             env: Env::default(),
             fx: Vec::new(),
         }
@@ -104,6 +112,7 @@ impl Machine {
         self.awaiting = None;
         self.reading_node = None;
         self.action_seen_in = None;
+        self.grants_asked.clear();
     }
 
     /// Folds one observation in and decides.
@@ -111,7 +120,14 @@ impl Machine {
         self.env = env;
         match input {
             Input::Trigger(view) => self.on_trigger(view),
-            Input::NodesListed(all) => self.nodes = Some(all.into_iter().collect()),
+            Input::NodesListed(all) => {
+                self.granted = all
+                    .iter()
+                    .filter(|(_, n)| n.grant.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                self.nodes = Some(all.into_iter().collect());
+            }
             Input::Node { name, node, direct } => self.on_node(name, node, direct),
             Input::Lease(view) => self.on_lease(view),
             Input::SlotLease { slot: 0, lease } => self.on_lease(lease),
@@ -127,6 +143,9 @@ impl Machine {
             self.advance();
         }
         self.persist();
+        if self.loaded && self.paused.is_none() {
+            self.sync_grants();
+        }
         // A step may pass a phase twice (a wave's upgrade turn ended mid-step) and ask for the
         // same wake twice: the driver needs each once.
         let mut fx = std::mem::take(&mut self.fx);
@@ -185,6 +204,48 @@ impl Machine {
             .is_some_and(|r| !r.phase.is_finished())
     }
 
+    /// Writes on each Node the grant the run decides for it now ([`crate::grant::desired`]),
+    /// after the record that decides it was persisted (a restarted coordinator derives the same
+    /// grants from that record): set on the nodes whose turn it is, changed when the run asks a
+    /// turn to stop, removed once the turn ended, was taken back, or the run finished. Only the
+    /// nodes with a turn or a grant are looked at, not the whole fleet.
+    fn sync_grants(&mut self) {
+        let Some(nodes) = self.nodes.as_ref() else {
+            return;
+        };
+        let mut want = crate::grant::desired(self.state.run.as_ref());
+        let names: std::collections::BTreeSet<String> =
+            want.keys().chain(&self.granted).cloned().collect();
+        for name in names {
+            let grant = want.remove(&name);
+            // A deleted Node carries nothing; the lifecycle deals with its turn.
+            let Some(snap) = nodes.get(&name) else {
+                self.grants_asked.remove(&name);
+                continue;
+            };
+            if crate::grant::carries(snap.grant.as_deref(), grant.as_ref()) {
+                self.grants_asked.remove(&name);
+                continue;
+            }
+            // A grant is written on the version of the Node the decision saw; a removal at once,
+            // unconditionally: the record has already taken the turn back, and a removal refused
+            // because a stale view of the Node was in hand would leave the agent a grant the run
+            // no longer has (the model test found that). Only the coordinator writes grants, and
+            // in order, so an unconditional removal never takes away a newer grant.
+            let version = grant.as_ref().and(snap.resource_version.clone());
+            let ask = (version, grant);
+            if self.grants_asked.get(&name) == Some(&ask) {
+                continue;
+            }
+            self.grants_asked.insert(name.clone(), ask.clone());
+            self.fx.push(Effect::WriteGrant {
+                node: name,
+                grant: ask.1,
+                resource_version: ask.0,
+            });
+        }
+    }
+
     // ---- observations -------------------------------------------------------------------
 
     fn on_node(&mut self, name: String, node: Option<NodeSnapshot>, direct: bool) {
@@ -193,6 +254,10 @@ impl Machine {
         }
         let Some(nodes) = self.nodes.as_mut() else {
             return; // not listed yet: the list brings it
+        };
+        match &node {
+            Some(snap) if snap.grant.is_some() => self.granted.insert(name.clone()),
+            _ => self.granted.remove(&name),
         };
         match node {
             Some(mut snap) => {

@@ -94,7 +94,7 @@ impl Persisted {
         );
         d.insert(keys::NOTICE.into(), self.notice.clone());
         if let Some(run) = &self.run {
-            d.insert(keys::RUN.into(), run.to_json());
+            d.insert(keys::RUN.into(), run.to_stored_json());
             d.insert(keys::PHASE.into(), run.phase.as_str().into());
             d.insert(keys::TARGET_VERSION.into(), run.target_version.clone());
             d.insert(keys::PROGRESS.into(), run.progress());
@@ -125,6 +125,10 @@ pub struct TriggerView {
 pub struct NodeSnapshot {
     pub facts: NodeFacts,
     pub observed: ObservedNode,
+    /// The Node's grant annotation as written ([`crate::grant::ANNOTATION`]; `None`: absent).
+    pub grant: Option<String>,
+    /// The Node's `resourceVersion`: a grant is written on condition that it is unchanged.
+    pub resource_version: Option<String>,
 }
 
 /// Everything the machine is told. (Each input is built and consumed once per step, so the
@@ -185,7 +189,8 @@ pub struct Env {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Merge this into the trigger ConfigMap's data (create the ConfigMap if it was deleted).
-    /// Granting and taking back a turn is this: agents read their turn from `run.json`.
+    /// A granted or taken-back turn is persisted here first, then written on its Node
+    /// ([`Effect::WriteGrant`]).
     Persist(BTreeMap<String, String>),
     /// Remove this annotation from the trigger ConfigMap (a consumed request).
     RemoveAnnotation(&'static str),
@@ -230,6 +235,15 @@ pub enum Effect {
         /// this revision, which clears the pending state without bringing back `RollingUpdate`
         /// (see [`release::unpending_revision`]).
         clear_pending: Option<u32>,
+    },
+    /// Set (or with `None` remove) the grant on this Node: the node's agent learns about its
+    /// turn, its revocation and the run's cancel from it ([`crate::grant`]). Conditioned on
+    /// `resource_version` when given (a grant; a removal is unconditional); a refused write
+    /// (409) needs no answer: the newer Node, once observed, is compared again.
+    WriteGrant {
+        node: String,
+        grant: Option<crate::grant::Grant>,
+        resource_version: Option<String>,
     },
     /// Read the Node directly; answer with [`Input::Node`] `direct: true`.
     ReadNode(String),

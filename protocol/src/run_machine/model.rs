@@ -2,7 +2,9 @@
 //! random interleavings: observations delivered late, twice or stale, helm answers delayed,
 //! helm killed mid-operation, and the coordinator restarted from its persisted record at any
 //! point. Runs with batch-size 1 to 4 (waves, with or without a canary), each wave slot with its
-//! own Lease. Invariants are checked after every effect batch and at the end.
+//! own Lease. Agents act only on the grant their own Node carries (written by the machine's
+//! `WriteGrant`, refused when the Node changed since the version it names), never on the run
+//! record. Invariants are checked after every effect batch and at the end.
 use super::release::{
     DaemonSetObservation, KATA_DEPLOY_CHART, ReleaseObservation, ReleaseRead, ReleaseStatus,
 };
@@ -66,7 +68,14 @@ struct Sim {
     agents: BTreeMap<String, Agent>,
     stage: BTreeMap<(String, crate::TurnKind), Stage>,
     truth: BTreeMap<String, ObservedNode>,
-    node_history: BTreeMap<String, Vec<ObservedNode>>,
+    /// Every version each Node went through (for stale deliveries).
+    node_history: BTreeMap<String, Vec<NodeSnapshot>>,
+    /// The grant annotation on each Node (written only by `WriteGrant`).
+    grants: BTreeMap<String, String>,
+    /// Each Node's `resourceVersion`, bumped by every write.
+    node_rv: BTreeMap<String, u64>,
+    /// Grant writes refused because the Node had changed (409).
+    grant_conflicts: u32,
     /// The upgrade Lease of each wave slot (slot 0 is the upgrade Lease).
     leases: Vec<LeaseView>,
     /// Whether each slot's Lease exists (slot 0 does; the coordinator creates the others).
@@ -133,6 +142,9 @@ impl Sim {
             stage: BTreeMap::new(),
             truth,
             node_history: BTreeMap::new(),
+            grants: BTreeMap::new(),
+            node_rv: BTreeMap::new(),
+            grant_conflicts: 0,
             leases: vec![lease.clone(); batch],
             lease_exists: (0..batch).map(|s| s == 0).collect(),
             lease_history: vec![(0, lease)],
@@ -184,6 +196,8 @@ impl Sim {
                 taints: vec![],
             },
             observed: self.truth[n].clone(),
+            grant: self.grants.get(n).cloned(),
+            resource_version: Some(self.node_rv.get(n).copied().unwrap_or(0).to_string()),
         }
     }
 
@@ -258,6 +272,23 @@ impl Sim {
                     self.rv += 1;
                 }
                 Effect::Event { .. } | Effect::WakeAt(_) | Effect::EnsureLease => {}
+                Effect::WriteGrant {
+                    node,
+                    grant,
+                    resource_version,
+                } => {
+                    let current = self.node_rv.get(&node).copied().unwrap_or(0).to_string();
+                    if resource_version.is_some_and(|rv| rv != current) {
+                        // 409: the Node changed since; the machine asks again once it sees it.
+                        self.grant_conflicts += 1;
+                        continue;
+                    }
+                    match grant {
+                        Some(g) => self.grants.insert(node.clone(), g.to_json()),
+                        None => self.grants.remove(&node),
+                    };
+                    self.node_changed(&node);
+                }
                 Effect::HelmInstall { .. } => {
                     panic!("the model's release is in daemonset mode: no scoped install")
                 }
@@ -517,8 +548,17 @@ impl Sim {
         let o = self.truth.get_mut(n).expect("node");
         f(o);
         o.read_at_ms = None;
-        let o = o.clone();
-        self.node_history.entry(n.to_string()).or_default().push(o);
+        self.node_changed(n);
+    }
+
+    /// Every write moves the Node to a new version, kept for stale deliveries.
+    fn node_changed(&mut self, n: &str) {
+        *self.node_rv.entry(n.to_string()).or_default() += 1;
+        let snap = self.snapshot(n);
+        self.node_history
+            .entry(n.to_string())
+            .or_default()
+            .push(snap);
     }
 
     fn set_lease(&mut self, slot: usize, holder: Option<&str>) {
@@ -540,18 +580,26 @@ impl Sim {
         }
     }
 
-    /// Every agent the persisted record gives a turn does its next stage.
+    /// Every agent whose Node carries a grant does its next stage of that turn.
     fn agent_acts(&mut self) {
-        let Some(r) = self.record() else { return };
-        for t in r.turns() {
-            self.agent_turn(&r, t);
+        let granted: Vec<(String, String)> = self
+            .grants
+            .iter()
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        for (node, text) in granted {
+            let grant = crate::grant::Grant::from_json(&text).expect("the machine writes grants");
+            self.agent_turn(&node, grant);
         }
     }
 
-    fn agent_turn(&mut self, r: &RunRecord, t: crate::Turn) {
-        if !matches!(r.phase, RunPhase::Running | RunPhase::RollingBack) {
-            return;
-        }
+    fn agent_turn(&mut self, node: &str, g: crate::grant::Grant) {
+        let t = crate::Turn {
+            node: node.to_string(),
+            kind: g.kind,
+            granted_at_ms: g.granted_at_ms,
+            slot: g.slot,
+        };
         let slot = t.slot as usize;
         if slot >= self.batch {
             return;
@@ -559,7 +607,7 @@ impl Sim {
         // The run stops (a cancel, or a failure elsewhere in the wave): an upgrade turn not
         // started does not start; one in progress ends at its next safe point, or (half of
         // the nodes) had passed its last one and completes.
-        let stopping = r.cancel_requested || r.phase == RunPhase::RollingBack;
+        let stopping = g.cancel_requested;
         let completes_anyway = self.names.iter().position(|n| *n == t.node).unwrap_or(0) % 2 == 0;
         let agent = self.agents[&t.node];
         let key = (t.node.clone(), t.kind);
@@ -569,7 +617,7 @@ impl Sim {
         if dead || !self.lease_free_for(slot, &t.node) {
             return;
         }
-        let id = r.id.clone();
+        let id = g.run_id.clone();
         let set = |s: &mut Sim, st: NodeStatus, failure: Option<&str>| {
             s.write_node(&t.node, |o| {
                 o.run_id = Some(id.clone());
@@ -630,12 +678,18 @@ impl Sim {
         // does not take its turn within the turn-start timeout is rightly failed, so a schedule
         // that starves it that long is not a healthy run (proptest found one: four clock steps
         // summing 60 s with no agent step between them).
-        if let Some(r) = self.record() {
-            for t in r.turns() {
-                let key = (t.node.clone(), t.kind);
-                if self.stage.get(&key).is_none_or(|s| *s == Stage::Idle) {
-                    self.agent_turn(&r, t);
-                }
+        let granted: Vec<(String, crate::grant::Grant)> = self
+            .grants
+            .iter()
+            .map(|(n, g)| {
+                let grant = crate::grant::Grant::from_json(g).expect("the machine writes grants");
+                (n.clone(), grant)
+            })
+            .collect();
+        for (node, grant) in granted {
+            let key = (node.clone(), grant.kind);
+            if self.stage.get(&key).is_none_or(|s| *s == Stage::Idle) {
+                self.agent_turn(&node, grant);
             }
         }
         self.now += ms;
@@ -661,13 +715,11 @@ impl Sim {
     fn deliver_node(&mut self, i: usize, stale: bool) {
         let n = self.names[i % self.names.len()].clone();
         let hist = self.node_history.get(&n).cloned().unwrap_or_default();
-        let observed = if stale && !hist.is_empty() {
+        let snap = if stale && !hist.is_empty() {
             hist[i % hist.len()].clone()
         } else {
-            self.truth[&n].clone()
+            self.snapshot(&n)
         };
-        let mut snap = self.snapshot(&n);
-        snap.observed = observed;
         self.feed(Input::Node {
             name: n,
             node: Some(snap),
@@ -871,6 +923,12 @@ proptest! {
         s.settle();
         let r = s.record().expect("a run");
         prop_assert!(r.phase.is_finished(), "run did not finish: {:?} {}", r.phase, r.message);
+        // A finished run leaves no grant on any Node (once every Node was seen as it is: a
+        // refused removal is asked again on the newer version).
+        for i in 0..s.names.len() {
+            s.deliver_node(i, false);
+        }
+        prop_assert!(s.grants.is_empty(), "grants left after the run: {:?}", s.grants.keys());
         // At most one upgrade per run, across restarts.
         prop_assert!(s.upgrades.values().all(|n| *n <= 1), "{:?}", s.upgrades);
         // Upgrade turns follow the plan order, each node at most once.

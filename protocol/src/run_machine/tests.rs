@@ -74,6 +74,7 @@ fn node(name: &str) -> (String, NodeSnapshot) {
                 exists: true,
                 ..Default::default()
             },
+            ..Default::default()
         },
     )
 }
@@ -892,4 +893,210 @@ fn job_mode_installs_node_by_node_once_each_and_restores_only_upgraded_nodes() {
     let r = h.run();
     assert_eq!(r.phase, RunPhase::Failed, "{}", r.message);
     assert!(!r.nodes.contains_key("n3") || r.nodes["n3"].status.is_none());
+}
+
+/// Issue 12: the grant writes in `fx`, as (node, kind and cancel of the grant, or `None` for a
+/// removal).
+fn grant_writes(fx: &[Effect]) -> Vec<(String, Option<(crate::TurnKind, bool)>)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::WriteGrant { node, grant, .. } => Some((
+                node.clone(),
+                grant.as_ref().map(|g| (g.kind, g.cancel_requested)),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+impl H {
+    /// Node `name` as the watch shows it after the grant writes so far (the last one for it in
+    /// `fx`) and, when given, with this status for the current run.
+    fn node_seen(
+        &self,
+        name: &str,
+        rv: u64,
+        status: Option<(NodeStatus, crate::TurnKind)>,
+    ) -> Input {
+        let grant = self.fx.iter().rev().find_map(|e| match e {
+            Effect::WriteGrant { node, grant, .. } if node == name => Some(grant.clone()),
+            _ => None,
+        });
+        let (_, mut snap) = node(name);
+        snap.grant = grant.flatten().map(|g| g.to_json());
+        snap.resource_version = Some(rv.to_string());
+        if let Some((st, kind)) = status {
+            snap.observed.status = Some(st);
+            snap.observed.run_id = Some(self.run().id);
+            snap.observed.turn = Some(kind);
+        }
+        Input::Node {
+            name: name.into(),
+            node: Some(snap),
+            direct: false,
+        }
+    }
+}
+
+#[test]
+fn a_grant_is_written_on_the_granted_node_after_the_record_and_removed_when_its_turn_ends() {
+    use crate::TurnKind::Upgrade;
+    let mut h = H::new(&["n1", "n2"]);
+    h.annotate(trigger::TARGET_VERSION, "3.28.0");
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(ds());
+    h.feed(found(3, "3.27.0", "deployed"));
+    h.feed(Input::HelmFinished(Ok(())));
+    assert!(grant_writes(&h.fx).is_empty(), "no grant before Running");
+    h.feed(found(4, "3.28.0", "deployed"));
+    let fx = h.feed(ds());
+    assert_eq!(
+        grant_writes(&fx),
+        [("n1".to_string(), Some((Upgrade, false)))]
+    );
+    // The turn is on record before its grant is on the Node (a restarted coordinator derives
+    // the grant from the record).
+    let persisted = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(_)))
+        .expect("the turn persisted");
+    let written = fx
+        .iter()
+        .position(|e| matches!(e, Effect::WriteGrant { .. }))
+        .unwrap();
+    assert!(persisted < written, "{fx:?}");
+    let Some(Effect::WriteGrant {
+        grant: Some(g),
+        resource_version,
+        ..
+    }) = fx.get(written)
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        resource_version, &None,
+        "conditioned on the version observed"
+    );
+    assert_eq!((g.run_id.as_str(), g.slot), (h.run().id.as_str(), 0));
+    assert_eq!(g.release.new_hash.as_deref(), Some("h"));
+    // Not asked again while the write is not observed yet; once observed, nothing to write.
+    assert!(grant_writes(&h.feed(Input::Tick)).is_empty());
+    assert!(grant_writes(&h.feed(h.node_seen("n1", 7, None))).is_empty());
+    // n1 completes: its grant goes, n2's comes.
+    let fx = h.feed(h.node_seen("n1", 8, Some((NodeStatus::Completed, Upgrade))));
+    assert_eq!(
+        grant_writes(&fx),
+        [
+            ("n1".to_string(), None),
+            ("n2".to_string(), Some((Upgrade, false)))
+        ]
+    );
+    // A removal is unconditional: the record already took the turn back.
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::WriteGrant { node, grant: None, resource_version: None } if node == "n1")),
+        "{fx:?}"
+    );
+    h.feed(h.node_seen("n1", 9, Some((NodeStatus::Completed, Upgrade))));
+    h.feed(h.node_seen("n2", 3, None));
+    // n2 completes: the run is over and no node keeps a grant.
+    let fx = h.feed(h.node_seen("n2", 4, Some((NodeStatus::Completed, Upgrade))));
+    assert_eq!(h.run().phase, RunPhase::Succeeded);
+    assert_eq!(grant_writes(&fx), [("n2".to_string(), None)]);
+}
+
+#[test]
+fn a_refused_grant_write_is_asked_again_on_the_newer_node_and_garbage_is_replaced() {
+    use crate::TurnKind::Upgrade;
+    let mut h = H::to_running(&["n1", "n2"]);
+    assert_eq!(grant_writes(&h.fx).len(), 1);
+    // The write was refused (409): the Node moved on to version 5 without the grant.
+    let (_, mut moved) = node("n1");
+    moved.resource_version = Some("5".into());
+    let fx = h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(moved.clone()),
+        direct: false,
+    });
+    assert_eq!(
+        grant_writes(&fx),
+        [("n1".to_string(), Some((Upgrade, false)))]
+    );
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::WriteGrant { resource_version, .. }
+            if resource_version.as_deref() == Some("5"))),
+        "{fx:?}"
+    );
+    // Someone wrote garbage in its place: the coordinator puts its grant back.
+    moved.grant = Some("{garbage".into());
+    moved.resource_version = Some("6".into());
+    let fx = h.feed(Input::Node {
+        name: "n1".into(),
+        node: Some(moved.clone()),
+        direct: false,
+    });
+    assert_eq!(
+        grant_writes(&fx),
+        [("n1".to_string(), Some((Upgrade, false)))]
+    );
+    // Garbage on a node without a turn is removed; n2 has none.
+    let (_, mut n2) = node("n2");
+    n2.grant = Some("{garbage".into());
+    let fx = h.feed(Input::Node {
+        name: "n2".into(),
+        node: Some(n2),
+        direct: false,
+    });
+    assert_eq!(grant_writes(&fx), [("n2".to_string(), None)]);
+}
+
+#[test]
+fn cancel_changes_the_grant_and_a_lost_node_has_its_grant_taken_back() {
+    use crate::TurnKind::Upgrade;
+    let mut h = H::to_running(&["n1", "n2"]);
+    h.feed(h.node_seen("n1", 2, Some((NodeStatus::Verifying, Upgrade))));
+    let fx = h.annotate(trigger::ACTION, trigger::ACTION_CANCEL);
+    assert_eq!(
+        grant_writes(&fx),
+        [("n1".to_string(), Some((Upgrade, true)))]
+    );
+    h.annotations.remove(trigger::ACTION);
+    h.feed(h.node_seen("n1", 3, Some((NodeStatus::Verifying, Upgrade))));
+
+    // Another run: n1's agent goes silent mid-turn; once declared lost, its grant is removed.
+    let mut h = H::to_running(&["n1", "n2"]);
+    h.feed(Input::Lease(Some(LeaseView {
+        holder: Some("n1/pod-a".into()),
+        renew_ms: Some(h.now),
+        duration_seconds: 30,
+        transitions: 1,
+    })));
+    h.feed(h.node_seen("n1", 2, Some((NodeStatus::Verifying, Upgrade))));
+    h.now += 41_000;
+    h.feed(Input::Tick);
+    h.feed(Input::Lease(Some(LeaseView {
+        holder: Some("n1/pod-a".into()),
+        renew_ms: Some(h.now - 41_000),
+        duration_seconds: 30,
+        transitions: 1,
+    })));
+    let Input::Node { node, .. } = h.node_seen("n1", 2, Some((NodeStatus::Verifying, Upgrade)))
+    else {
+        unreachable!()
+    };
+    let fx = h.feed(Input::Node {
+        name: "n1".into(),
+        node,
+        direct: true,
+    });
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::MarkNodeFailed { node, .. } if node == "n1")),
+        "{fx:?}"
+    );
+    assert_eq!(grant_writes(&fx), [("n1".to_string(), None)]);
+    assert!(
+        grant_writes(&h.fx).iter().all(|(n, _)| n == "n1"),
+        "n2 never granted"
+    );
 }

@@ -24,7 +24,7 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use klm_protocol::keys::node::{DRAIN_REQUEST, STATUS as STATUS_LABEL};
+use klm_protocol::keys::node::{DRAIN_REQUEST, GRANT, STATUS as STATUS_LABEL};
 use klm_testkit::Cluster;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -310,7 +310,9 @@ async fn service_accounts_have_least_privilege() -> Result<()> {
         row(Agent, true,  "watch",  "coordination.k8s.io", "leases", NS, &last_slot_lease),
         row(Agent, false, "update", "coordination.k8s.io", "leases", NS, &beyond_slot_lease),
         row(Agent, false, "create", "coordination.k8s.io", "leases", NS, ""),
-        row(Agent, true,  "watch",  "", "configmaps", NS, FULLNAME),
+        // Issue 12: the agent's turn is the grant on its own Node; the run record is not its.
+        row(Agent, false, "watch",  "", "configmaps", NS, FULLNAME),
+        row(Agent, false, "get",    "", "configmaps", NS, FULLNAME),
         row(Agent, false, "update", "", "configmaps", NS, FULLNAME),
         row(Agent, false, "get",    "", "configmaps", NS, &verification_cm),
         row(Agent, true,  "create", "", "events", "default", ""),
@@ -1429,6 +1431,20 @@ async fn agent_token_reaches_only_its_own_node() -> Result<()> {
         attack("evict a pod in kube-system", EVICT, evict(&Api::namespaced(bound.clone(), "kube-system"), "kube-apiserver".into())),
         attack(format!("ask for the drain of {other}"), "may only change its own Node",
             patch_node(&nodes, other, json!({"metadata": {"annotations": {DRAIN_REQUEST: "upgrade/security-probe"}}}))),
+        // Issue 12: a node's turn is the coordinator's grant on its Node; an agent that could
+        // write it could give its node a turn (and with it the upgrade Lease) nobody granted.
+        attack(format!("grant {own} a turn"), "only the coordinator grants a node its turn",
+            patch_node(&nodes, own, json!({"metadata": {"annotations": {GRANT: r#"{"runId":"forged","kind":"upgrade"}"#}}}))),
+        attack(format!("grant {other} a turn"), "may only change its own Node",
+            patch_node(&nodes, other, json!({"metadata": {"annotations": {GRANT: r#"{"runId":"forged","kind":"upgrade"}"#}}}))),
+        // Nor does it read the run record any more: its turn is on its own Node.
+        attack("read the trigger ConfigMap (the run record)", "cannot get resource \"configmaps\"", {
+            let api: Api<ConfigMap> = Api::namespaced(bound.clone(), NS);
+            move || {
+                let api = api.clone();
+                async move { api.get(FULLNAME).await }
+            }
+        }),
         attack(format!("node-restriction.kubernetes.io label on {own}"), "may only change its own Node labels",
             patch_node(&nodes, own, json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
         attack(format!("foreign annotation on {own}"), "may only change its own Node annotations",
@@ -2073,5 +2089,60 @@ async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<()> {
     )
     .await
     .with_context(|| format!("node {name} not Ready within 120s"))??;
+    Ok(())
+}
+
+/// Issue 12: the coordinator writes each node's grant on its Node. Its `patch nodes` right
+/// cannot be narrowed by RBAC; the chart's admission policy lets it change only its bookkeeping
+/// there (the grant, the drain report, a lost node's status and evidence), never a Node's spec,
+/// other labels or annotations.
+#[tokio::test]
+async fn coordinator_may_change_only_its_bookkeeping_on_nodes() -> Result<()> {
+    let inst = installed().await;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let coordinator = impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await?;
+    let nodes: Api<Node> = Api::all(coordinator.clone());
+    let node = NODES[0];
+    let dry_patch = PatchParams::default().dry_run();
+    let patch_node = |patch: Value| {
+        let (api, pp) = (nodes.clone(), dry_patch.clone());
+        move || {
+            let (api, pp, patch) = (api.clone(), pp.clone(), Patch::Merge(patch.clone()));
+            async move { api.patch(node, &pp, &patch).await }
+        }
+    };
+    const SPEC: &str = "may not change a Node's spec";
+    #[rustfmt::skip]
+    let attacks = vec![
+        attack(format!("cordon {node}"), SPEC, patch_node(json!({"spec": {"unschedulable": true}}))),
+        attack(format!("taint {node}"), SPEC,
+            patch_node(json!({"spec": {"taints": [{"key": "evil", "effect": "NoExecute"}]}}))),
+        attack(format!("node-restriction.kubernetes.io label on {node}"), "may only change its own Node labels",
+            patch_node(json!({"metadata": {"labels": {"node-restriction.kubernetes.io/trusted": "true"}}}))),
+        attack(format!("foreign annotation on {node}"), "may only change its own Node annotations",
+            patch_node(json!({"metadata": {"annotations": {"example.com/owner": "me"}}}))),
+    ];
+    let wrong = unrefused(&attacks, settle).await;
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} attempts were not refused by the API server:\n{}",
+        wrong.len(),
+        attacks.len(),
+        wrong.join("\n")
+    );
+    // Its bookkeeping goes through (a dry run: nothing changes).
+    let grant = json!({"metadata": {
+        "annotations": {GRANT: r#"{"runId":"probe","kind":"upgrade"}"#,
+                        "lifecycle.katacontainers.io/drain-result": "{}"},
+        "labels": {STATUS_LABEL: "failed"}
+    }});
+    nodes
+        .patch(node, &dry_patch, &Patch::Merge(grant))
+        .await
+        .context("the coordinator could not write a grant, a drain report and a status")?;
     Ok(())
 }

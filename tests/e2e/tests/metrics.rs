@@ -298,10 +298,12 @@ async fn a_restarted_agent_counts_its_lease_takeover() -> anyhow::Result<()> {
     // The one API failure of this run is the verification pod's log read when the simulated
     // node serves no logs (the API server answers 500): the evidence says so, and the counter
     // has exactly that one; nothing was denied, throttled or unanswered.
-    let log_tail = run.nodes[&n1]
-        .evidence
-        .as_ref()
-        .and_then(|e| e.log_tail.clone())
+    // The log tail is on the Node (the run record keeps each node's evidence without it).
+    let log_tail = p
+        .node_evidence(&n1)
+        .await?
+        .filter(|e| e.run_id == run.id)
+        .and_then(|e| e.log_tail)
         .unwrap_or_default();
     let log_read_failed = log_tail.starts_with("logs unavailable");
     assert_eq!(

@@ -253,11 +253,11 @@ struct Sim {
 
 impl Sim {
     async fn set_node_label(&mut self, node: &str, value: Option<&str>) {
+        // A keyed lookup, not a scan: this runs for every ready pod on every event, so a scan
+        // of the slice's Nodes made each event cost N² at fleet size (the fleet benchmark).
         let current = self
             .nodes
-            .state()
-            .into_iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node))
+            .get(&reflector::ObjectRef::new(node))
             .map(|n| labels(&n.metadata).get(KATA_RUNTIME_LABEL).cloned());
         let want = value.map(str::to_owned);
         let ours = self.written.get(node).is_none_or(|w| *w == want);

@@ -455,6 +455,13 @@ impl Product {
         }
     }
 
+    /// The full evidence its agent wrote on the Node (log tail and notes included; the run
+    /// record keeps a short form per node).
+    pub async fn node_evidence(&self, node: &str) -> Result<Option<klm_protocol::Evidence>> {
+        let n = self.slice.node(&self.node(node)).await?;
+        Ok(klm_protocol::node_record::NodeRecord::of(&n).evidence)
+    }
+
     /// Status label and current-version label of a node.
     pub async fn node_labels(&self, suffix: &str) -> Result<(Option<String>, Option<String>)> {
         let n = self.slice.node(&self.node(suffix)).await?;
