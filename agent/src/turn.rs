@@ -28,6 +28,7 @@ mod tests {
             params: RunParams::default(),
             release: ReleaseState::default(),
             cancel_requested: false,
+            issuer: String::new(),
         }
     }
 

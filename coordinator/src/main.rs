@@ -90,6 +90,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 cap: ROLLBACK_RETRY_CAP,
             },
             seed: rand::random(),
+            issuer: format!("{ns}/{}", args.common.trigger_configmap),
         },
         rollout_observe_timeout: args.rollout_observe_timeout,
         rollback_timeout: args.rollback_timeout,

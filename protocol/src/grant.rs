@@ -37,6 +37,10 @@ pub struct Grant {
     /// reason `Cancelled`. A restore turn always finishes.
     #[serde(default, rename = "cancel")]
     pub cancel_requested: bool,
+    /// The coordinator that made it (its trigger ConfigMap, `<namespace>/<name>`): one
+    /// coordinator never takes back another installation's grants.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub issuer: String,
 }
 
 /// A turn is identified by its run and kind: an upgrade turn and the later restore turn of the
@@ -95,6 +99,7 @@ pub fn desired(run: Option<&RunRecord>) -> BTreeMap<String, Grant> {
                 params: params.clone(),
                 release: run.release.clone().unwrap_or_default(),
                 cancel_requested: stopping || run.cancel_requested,
+                issuer: String::new(),
             };
             Some((t.node, grant))
         })

@@ -123,7 +123,7 @@ impl Machine {
             Input::NodesListed(all) => {
                 self.granted = all
                     .iter()
-                    .filter(|(_, n)| n.grant.is_some())
+                    .filter(|(name, n)| self.grant_is_ours(name, n.grant.as_deref()))
                     .map(|(name, _)| name.clone())
                     .collect();
                 self.nodes = Some(all.into_iter().collect());
@@ -214,6 +214,9 @@ impl Machine {
             return;
         };
         let mut want = crate::grant::desired(self.state.run.as_ref());
+        for grant in want.values_mut() {
+            grant.issuer = self.cfg.issuer.clone();
+        }
         let names: std::collections::BTreeSet<String> =
             want.keys().chain(&self.granted).cloned().collect();
         for name in names {
@@ -248,17 +251,39 @@ impl Machine {
 
     // ---- observations -------------------------------------------------------------------
 
+    /// A grant on `node` this coordinator must keep right: one it made, or text that is no
+    /// grant at all on a node of its run's plan (an agent there reads nothing from it).
+    fn grant_is_ours(&self, node: &str, annotation: Option<&str>) -> bool {
+        let Some(text) = annotation else {
+            return false;
+        };
+        match crate::grant::Grant::from_json(text) {
+            Ok(g) => g.issuer == self.cfg.issuer,
+            Err(_) => self
+                .state
+                .run
+                .as_ref()
+                .is_some_and(|r| r.plan.iter().any(|n| n == node)),
+        }
+    }
+
     fn on_node(&mut self, name: String, node: Option<NodeSnapshot>, direct: bool) {
         if direct && self.reading_node.as_deref() == Some(name.as_str()) {
             self.reading_node = None;
         }
-        let Some(nodes) = self.nodes.as_mut() else {
+        if self.nodes.is_none() {
             return; // not listed yet: the list brings it
-        };
+        }
+        // Only grants this coordinator made are its to take back: several installations may
+        // share a cluster (the end-to-end tests run one coordinator per slice), and removing
+        // another's grant would revoke a turn it gave (seen: an agent's turn revoked twice).
         match &node {
-            Some(snap) if snap.grant.is_some() => self.granted.insert(name.clone()),
+            Some(snap) if self.grant_is_ours(&name, snap.grant.as_deref()) => {
+                self.granted.insert(name.clone())
+            }
             _ => self.granted.remove(&name),
         };
+        let nodes = self.nodes.as_mut().expect("listed");
         match node {
             Some(mut snap) => {
                 let previous_read = nodes.get(&name).and_then(|n| n.observed.read_at_ms);

@@ -50,6 +50,9 @@ pub struct Config {
     pub rollback_retry: RetryPolicy,
     /// Seeds run ids (tests pass a fixed seed).
     pub seed: u64,
+    /// Who this coordinator is, written into every grant it makes (its trigger ConfigMap,
+    /// `<namespace>/<name>`): it removes only grants it made, never another installation's.
+    pub issuer: String,
 }
 
 /// What the coordinator keeps across restarts, in the trigger ConfigMap's `data`.

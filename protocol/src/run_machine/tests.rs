@@ -27,6 +27,7 @@ pub(super) fn config() -> Config {
             cap: Duration::from_secs(60),
         },
         seed: 1,
+        issuer: "kube-system/kata-lifecycle-manager".into(),
     }
 }
 
@@ -1098,5 +1099,58 @@ fn cancel_changes_the_grant_and_a_lost_node_has_its_grant_taken_back() {
     assert!(
         grant_writes(&h.fx).iter().all(|(n, _)| n == "n1"),
         "n2 never granted"
+    );
+}
+
+/// Several installations may share a cluster (the end-to-end tests run one coordinator per
+/// slice): a coordinator takes back only grants it made. Before grants named their issuer, a
+/// coordinator removed every grant on a Node outside its own run — another installation's agent
+/// saw its turn revoked mid-verification and the run failed (`metrics.rs`, with its tests run
+/// side by side). Its own stale grant is still removed, and garbage on a node it does not grant
+/// is left alone.
+#[test]
+fn a_coordinator_takes_back_only_the_grants_it_made() {
+    let mut h = H::new(&["n1"]);
+    let theirs = crate::grant::Grant {
+        issuer: "other-namespace/kata-lifecycle-manager".into(),
+        ..crate::grant::Grant::from_json(
+            r#"{"runId":"theirs","kind":"upgrade","grantedAtMs":1,"targetVersion":"3.28.0",
+                "params":{"targetVersion":"3.28.0","helmRelease":"kata-deploy","helmNamespace":"kube-system",
+                "nodeSelector":"","nodeTaintKey":"","nodeTaintValue":"","verificationNamespace":"default",
+                "verificationPod":"","drainEnabled":false,"drainTimeoutSeconds":1,"verificationTimeoutSeconds":1},
+                "release":{"recordedRevision":1,"recordedVersion":"3.27.0","oldHash":"h"}}"#,
+        )
+        .expect("a grant")
+    };
+    let mine_stale = crate::grant::Grant {
+        run_id: "an-earlier-run-of-ours".into(),
+        issuer: config().issuer,
+        ..theirs.clone()
+    };
+    let seen = |name: &str, grant: Option<String>| {
+        let (_, mut snap) = node(name);
+        snap.grant = grant;
+        snap.resource_version = Some("5".into());
+        Input::Node {
+            name: name.into(),
+            node: Some(snap),
+            direct: false,
+        }
+    };
+    let fx = h.feed(seen("other-1", Some(theirs.to_json())));
+    assert!(
+        grant_writes(&fx).is_empty(),
+        "another installation's grant: {fx:?}"
+    );
+    let fx = h.feed(seen("other-2", Some("garbage".into())));
+    assert!(
+        grant_writes(&fx).is_empty(),
+        "garbage nobody granted: {fx:?}"
+    );
+    let fx = h.feed(seen("n1", Some(mine_stale.to_json())));
+    assert_eq!(
+        grant_writes(&fx),
+        [("n1".to_string(), None)],
+        "our own stale grant goes"
     );
 }

@@ -619,10 +619,10 @@ async fn the_chart_upgrades_then_rolls_back_kata_deploy_on_a_real_node() -> Resu
     ensure!(run.plan == vec![real.name.clone()], "plan {:?}", run.plan);
     let report = &run.nodes[&real.name];
     ensure!(report.status == Some(NodeStatus::Completed), "{report:?}");
-    let evidence = report
+    // The run record keeps short evidence; the whole of it, log tail included, is on the Node.
+    let evidence = klm_protocol::node_record::NodeRecord::of(&nodes.get(&real.name).await?)
         .evidence
-        .as_ref()
-        .context("no evidence for the node")?;
+        .context("no evidence on the Node")?;
     ensure!(evidence.succeeded, "{evidence:?}");
     let tail = evidence.log_tail.clone().unwrap_or_default();
     ensure!(
