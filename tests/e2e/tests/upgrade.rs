@@ -991,14 +991,19 @@ async fn let_verification_succeed(p: &Product, node: &str) -> anyhow::Result<()>
     use k8s_openapi::api::core::v1::Pod;
     let pods: kube::Api<Pod> =
         kube::Api::namespaced(p.slice.client(), &p.slice.verification_namespace());
-    let list = pods
-        .list(&kube::api::ListParams::default().labels(&format!(
-            "{}={node}",
-            klm_protocol::keys::verification::NODE_LABEL
-        )))
-        .await?;
-    anyhow::ensure!(list.items.len() == 1, "one verification pod on {node}");
-    let name = list.items[0].metadata.name.clone().unwrap_or_default();
+    // The agent shows `verifying` before its pod exists: wait (watch) for the one pod.
+    let selector = format!("{}={node}", klm_protocol::keys::verification::NODE_LABEL);
+    let name = klm_testkit::wait::wait_list(
+        &pods,
+        kube::runtime::watcher::Config::default().labels(&selector),
+        &format!("the verification pod on {node}"),
+        std::time::Duration::from_secs(60),
+        |pods| match pods {
+            [one] => one.metadata.name.clone(),
+            _ => None,
+        },
+    )
+    .await?;
     pods.patch(
         &name,
         &kube::api::PatchParams::default(),
