@@ -581,14 +581,19 @@ impl Sim {
     }
 
     /// Every agent whose Node carries a grant does its next stage of that turn.
-    fn agent_acts(&mut self) {
-        let granted: Vec<(String, String)> = self
-            .grants
+    /// The grants on the Nodes now, as the agents read them.
+    fn granted(&self) -> Vec<(String, crate::grant::Grant)> {
+        self.grants
             .iter()
-            .map(|(n, g)| (n.clone(), g.clone()))
-            .collect();
-        for (node, text) in granted {
-            let grant = crate::grant::Grant::from_json(&text).expect("the machine writes grants");
+            .map(|(n, g)| {
+                let grant = crate::grant::Grant::from_json(g).expect("the machine writes grants");
+                (n.clone(), grant)
+            })
+            .collect()
+    }
+
+    fn agent_acts(&mut self) {
+        for (node, grant) in self.granted() {
             self.agent_turn(&node, grant);
         }
     }
@@ -678,15 +683,7 @@ impl Sim {
         // does not take its turn within the turn-start timeout is rightly failed, so a schedule
         // that starves it that long is not a healthy run (proptest found one: four clock steps
         // summing 60 s with no agent step between them).
-        let granted: Vec<(String, crate::grant::Grant)> = self
-            .grants
-            .iter()
-            .map(|(n, g)| {
-                let grant = crate::grant::Grant::from_json(g).expect("the machine writes grants");
-                (n.clone(), grant)
-            })
-            .collect();
-        for (node, grant) in granted {
+        for (node, grant) in self.granted() {
             let key = (node.clone(), grant.kind);
             if self.stage.get(&key).is_none_or(|s| *s == Stage::Idle) {
                 self.agent_turn(&node, grant);

@@ -438,11 +438,7 @@ fn a_failing_rollback_is_retried_then_says_what_a_human_must_do() {
         turn: Some(crate::TurnKind::Upgrade),
         ..Default::default()
     };
-    h.feed(Input::Node {
-        name: "n1".into(),
-        node: Some(snap),
-        direct: false,
-    });
+    h.feed(watched("n1", snap));
     assert_eq!(h.run().phase, RunPhase::RollingBack);
     let mut waits = Vec::new();
     for attempt in 1..=3 {
@@ -589,11 +585,7 @@ fn a_node_declared_lost_has_its_lease_taken_back() {
     n1.observed.status = Some(NodeStatus::Verifying);
     n1.observed.run_id = Some(h.run().id.clone());
     n1.observed.turn = Some(crate::TurnKind::Upgrade);
-    h.feed(Input::Node {
-        name: "n1".into(),
-        node: Some(n1.clone()),
-        direct: false,
-    });
+    h.feed(watched("n1", n1.clone()));
     assert_eq!(h.count(|e| matches!(e, Effect::RevokeLease { .. })), 0);
     // Past the Lease duration and the grace, a direct read still shows the silent hold.
     h.now += 41_000;
@@ -638,11 +630,7 @@ fn pause_holds_the_next_turn_until_resume() {
     n1.observed.status = Some(NodeStatus::Completed);
     n1.observed.run_id = Some(h.run().id.clone());
     n1.observed.turn = Some(crate::TurnKind::Upgrade);
-    h.feed(Input::Node {
-        name: "n1".into(),
-        node: Some(n1),
-        direct: false,
-    });
+    h.feed(watched("n1", n1));
     h.now += 600_000;
     h.feed(Input::Tick);
     let r = h.run();
@@ -898,6 +886,15 @@ fn job_mode_installs_node_by_node_once_each_and_restores_only_upgraded_nodes() {
 
 /// Issue 12: the grant writes in `fx`, as (node, kind and cancel of the grant, or `None` for a
 /// removal).
+/// Node `name` as a watch delivers it.
+fn watched(name: &str, snap: NodeSnapshot) -> Input {
+    Input::Node {
+        name: name.into(),
+        node: Some(snap),
+        direct: false,
+    }
+}
+
 fn grant_writes(fx: &[Effect]) -> Vec<(String, Option<(crate::TurnKind, bool)>)> {
     fx.iter()
         .filter_map(|e| match e {
@@ -931,11 +928,7 @@ impl H {
             snap.observed.run_id = Some(self.run().id);
             snap.observed.turn = Some(kind);
         }
-        Input::Node {
-            name: name.into(),
-            node: Some(snap),
-            direct: false,
-        }
+        watched(name, snap)
     }
 }
 
@@ -1013,11 +1006,7 @@ fn a_refused_grant_write_is_asked_again_on_the_newer_node_and_garbage_is_replace
     // The write was refused (409): the Node moved on to version 5 without the grant.
     let (_, mut moved) = node("n1");
     moved.resource_version = Some("5".into());
-    let fx = h.feed(Input::Node {
-        name: "n1".into(),
-        node: Some(moved.clone()),
-        direct: false,
-    });
+    let fx = h.feed(watched("n1", moved.clone()));
     assert_eq!(
         grant_writes(&fx),
         [("n1".to_string(), Some((Upgrade, false)))]
@@ -1031,11 +1020,7 @@ fn a_refused_grant_write_is_asked_again_on_the_newer_node_and_garbage_is_replace
     // Someone wrote garbage in its place: the coordinator puts its grant back.
     moved.grant = Some("{garbage".into());
     moved.resource_version = Some("6".into());
-    let fx = h.feed(Input::Node {
-        name: "n1".into(),
-        node: Some(moved.clone()),
-        direct: false,
-    });
+    let fx = h.feed(watched("n1", moved.clone()));
     assert_eq!(
         grant_writes(&fx),
         [("n1".to_string(), Some((Upgrade, false)))]
@@ -1043,11 +1028,7 @@ fn a_refused_grant_write_is_asked_again_on_the_newer_node_and_garbage_is_replace
     // Garbage on a node without a turn is removed; n2 has none.
     let (_, mut n2) = node("n2");
     n2.grant = Some("{garbage".into());
-    let fx = h.feed(Input::Node {
-        name: "n2".into(),
-        node: Some(n2),
-        direct: false,
-    });
+    let fx = h.feed(watched("n2", n2));
     assert_eq!(grant_writes(&fx), [("n2".to_string(), None)]);
 }
 
@@ -1131,11 +1112,7 @@ fn a_coordinator_takes_back_only_the_grants_it_made() {
         let (_, mut snap) = node(name);
         snap.grant = grant;
         snap.resource_version = Some("5".into());
-        Input::Node {
-            name: name.into(),
-            node: Some(snap),
-            direct: false,
-        }
+        watched(name, snap)
     };
     let fx = h.feed(seen("other-1", Some(theirs.to_json())));
     assert!(
