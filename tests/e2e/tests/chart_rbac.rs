@@ -1602,11 +1602,7 @@ async fn the_coordinator_evicts_what_no_agent_may() -> Result<()> {
         "the pod survived the agent's attempt"
     );
 
-    let coordinator = impersonating(
-        inst.cluster.kubeconfig_path(),
-        &identity(&coordinator_sa()).0,
-    )
-    .await?;
+    let coordinator = as_coordinator(inst).await?;
     Api::<Pod>::namespaced(coordinator, "default")
         .evict(name, &EvictParams::default())
         .await
@@ -1719,6 +1715,15 @@ async fn template_check_and_agent_admission_policy_agree() -> Result<()> {
 }
 
 /// A client for the test cluster acting as `user` (the admin impersonating it).
+/// A client with the coordinator ServiceAccount's rights (impersonated).
+async fn as_coordinator(inst: &Installed) -> Result<kube::Client> {
+    impersonating(
+        inst.cluster.kubeconfig_path(),
+        &identity(&coordinator_sa()).0,
+    )
+    .await
+}
+
 async fn impersonating(admin_kubeconfig: &Path, user: &str) -> Result<kube::Client> {
     let kubeconfig = Kubeconfig::read_from(admin_kubeconfig)?;
     let mut config =
@@ -1758,11 +1763,7 @@ async fn coordinator_cannot_make_itself_cluster_admin_through_kata_deploy_rbac()
             .await,
     )?;
 
-    let coordinator = impersonating(
-        inst.cluster.kubeconfig_path(),
-        &identity(&coordinator_sa()).0,
-    )
-    .await?;
+    let coordinator = as_coordinator(inst).await?;
     let roles: Api<ClusterRole> = Api::all(coordinator.clone());
     let bindings: Api<ClusterRoleBinding> = Api::all(coordinator.clone());
     let dry_patch = PatchParams::default().dry_run();
@@ -1855,11 +1856,7 @@ async fn coordinator_cannot_make_itself_cluster_admin_through_kata_deploy_rbac()
 async fn coordinator_cannot_hand_out_its_kata_deploy_namespace_rights() -> Result<()> {
     let inst = installed().await;
     let settle = tokio::time::Instant::now() + Duration::from_secs(30);
-    let coordinator = impersonating(
-        inst.cluster.kubeconfig_path(),
-        &identity(&coordinator_sa()).0,
-    )
-    .await?;
+    let coordinator = as_coordinator(inst).await?;
     let roles: Api<Role> = Api::namespaced(coordinator.clone(), KD_NS);
     let bindings: Api<RoleBinding> = Api::namespaced(coordinator.clone(), KD_NS);
     let role = |rules: Value| -> Result<Role> {
@@ -2100,11 +2097,7 @@ async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<()> {
 async fn coordinator_may_change_only_its_bookkeeping_on_nodes() -> Result<()> {
     let inst = installed().await;
     let settle = tokio::time::Instant::now() + Duration::from_secs(30);
-    let coordinator = impersonating(
-        inst.cluster.kubeconfig_path(),
-        &identity(&coordinator_sa()).0,
-    )
-    .await?;
+    let coordinator = as_coordinator(inst).await?;
     let nodes: Api<Node> = Api::all(coordinator.clone());
     let node = NODES[0];
     let dry_patch = PatchParams::default().dry_run();
